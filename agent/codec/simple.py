@@ -1,0 +1,128 @@
+"""A simple columnar codec: per series, delta-encoded integer columns and raw float64
+values, serialized with msgpack and compressed with zstd (id 1) or lz4 (id 2).
+
+It is the portable baseline; specialised codecs register further ids.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from itertools import accumulate
+from typing import Any
+
+import lz4.frame
+import msgspec
+import zstandard
+
+from pymigrate.errors import DecodeError
+from pymigrate.types import AggInfo, Priority, Reading
+
+MAX_DECODED = 64 * 1024 * 1024  # refuse to inflate a payload past this (decompression bombs)
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
+
+
+def _deltas(xs: list[int]) -> list[int]:
+    return [xs[0]] + [b - a for a, b in zip(xs, xs[1:])] if xs else []
+
+
+def _columns(readings: Sequence[Reading]) -> list[Any]:
+    groups: dict[tuple[str, str, str], list[Reading]] = {}
+    for r in readings:
+        key = (r.sensor, r.agg.rule, r.agg.fn) if r.agg else (r.sensor, "", "")
+        groups.setdefault(key, []).append(r)
+    out: list[Any] = []
+    for (sensor, rule, fn), rs in groups.items():
+        vals = struct.pack(f"<{len(rs)}d", *[r.value for r in rs])
+        col: list[Any] = [
+            sensor,
+            _deltas([r.ts_ms for r in rs]),
+            vals,
+            _deltas([r.seq for r in rs]),
+            [r.quality for r in rs] if any(r.quality for r in rs) else None,
+            [r.uncert_ms for r in rs] if any(r.uncert_ms for r in rs) else None,
+            [r.raw_ts_ms for r in rs] if any(r.raw_ts_ms is not None for r in rs) else None,
+        ]
+        if rule or fn:
+            col.append([rule, fn, [r.agg.window_end_ms for r in rs if r.agg],
+                        [r.agg.count for r in rs if r.agg]])
+        out.append(col)
+    return out
+
+
+def _readings(cols: Any, device_id: str, priority: Priority) -> list[Reading]:
+    out: list[Reading] = []
+    try:
+        for col in cols:
+            sensor, dts, vals, dseq, qual, unc, raw = col[:7]
+            n = len(dts)
+            if len(vals) != 8 * n or len(dseq) != n:
+                raise DecodeError("column length mismatch", reason="malformed")
+            values = struct.unpack(f"<{n}d", vals)
+            tss = list(accumulate(dts))
+            seqs = list(accumulate(dseq))
+            agg = col[7] if len(col) > 7 else None
+            for i in range(n):
+                out.append(Reading(
+                    device_id=device_id, sensor=sensor, ts_ms=tss[i], value=values[i],
+                    priority=priority, seq=seqs[i],
+                    raw_ts_ms=raw[i] if raw else None,
+                    quality=qual[i] if qual else 0,
+                    uncert_ms=unc[i] if unc else 0,
+                    agg=AggInfo(agg[0], agg[1], agg[2][i], agg[3][i]) if agg else None,
+                ))
+    except DecodeError:
+        raise
+    except (TypeError, ValueError, IndexError, struct.error) as exc:
+        raise DecodeError(f"malformed chunk payload: {exc}", reason="malformed") from exc
+    return out
+
+
+class MsgpackZstdCodec:
+    codec_id = 1
+    name = "columnar-zstd"
+
+    def __init__(self, level: int = 3) -> None:
+        self._c = zstandard.ZstdCompressor(level=level)
+        self._d = zstandard.ZstdDecompressor()
+
+    def encode(self, readings: Sequence[Reading]) -> bytes:
+        return self._c.compress(_enc.encode(_columns(readings)))
+
+    def decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
+        try:
+            raw = self._d.decompress(payload, max_output_size=MAX_DECODED)
+            cols = _dec.decode(raw)
+        except (zstandard.ZstdError, msgspec.DecodeError) as exc:
+            raise DecodeError(f"cannot decode chunk: {exc}", reason="malformed") from exc
+        return _readings(cols, device_id, priority)
+
+
+class MsgpackLz4Codec(MsgpackZstdCodec):
+    codec_id = 2
+    name = "columnar-lz4"
+
+    def encode(self, readings: Sequence[Reading]) -> bytes:
+        return bytes(lz4.frame.compress(_enc.encode(_columns(readings))))
+
+    def decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
+        try:
+            raw = lz4.frame.decompress(payload)
+            if len(raw) > MAX_DECODED:
+                raise DecodeError("chunk inflates past the limit", reason="oversized")
+            cols = _dec.decode(raw)
+        except (RuntimeError, msgspec.DecodeError) as exc:
+            raise DecodeError(f"cannot decode chunk: {exc}", reason="malformed") from exc
+        return _readings(cols, device_id, priority)
+
+
+def _register() -> None:
+    from agent.codec.base import register
+
+    register(MsgpackZstdCodec())
+    register(MsgpackLz4Codec())
+
+
+_register()

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench NAME [args]``; each prints one JSON object."""
