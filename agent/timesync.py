@@ -1,0 +1,371 @@
+"""Timestamp reconciliation: estimate the local clock's offset and drift from the ack
+samples and correct reading timestamps with that model.
+
+Time bases
+    The agent's monotonic clock (``clock.monotonic()``) is the base of the model; the
+    wall clock (``clock.time_ms()``, the gateway RTC that also stamps readings) is only
+    related to it. Every call observes both; ``wall - monotonic`` stays constant while
+    the RTC runs normally (slow slewing is tracked). A change larger than
+    ``step_threshold_ms`` is a *jump* (backwards step, forward step, or a reset to an
+    implausible year such as 1970): it opens a new *regime* (a wall->monotonic
+    relation). Readings are mapped to monotonic time through the regime their raw
+    timestamp fits in (newest first), so readings stamped just before a jump still map
+    correctly after it.
+
+Samples
+    ``add_sample(t1, t2, t3, t4)`` (local send, server receive, server send, local
+    receive; t1/t4 on the local wall clock) gives an NTP sample at the monotonic
+    midpoint ``m``: ``offset = ((t2 - m1) + (t3 - m4)) / 2`` (server minus monotonic)
+    and ``delay = (m4 - m1) - (t3 - t2)``. Samples with a negative delay, a delay above
+    ``max_delay_ms`` or a jump between t1 and t4 are rejected and counted.
+
+Fit (min-delay filter + robust line)
+    Of the samples in the window, only the ``keep_fraction`` with the lowest delay are
+    used (the true offset lies within +-delay/2 of a sample, so low delay = low error).
+    The drift is the Theil-Sen slope of those samples (median of pairwise slopes,
+    weighted by the pair's time span), estimated once they span ``min_drift_span_s``
+    (0 before, clamped to +-``max_drift_ppm``); the offset is the median intercept.
+
+Correction and flags
+    With a model, ``ts = m + offset(m)`` and ``Quality.TIME_CORRECTED`` is set;
+    ``uncert_ms`` = min delay / 2 + 2 sigma of the residuals (MAD) + extrapolation
+    * drift uncertainty. A reading whose regime's RTC is untrusted (implausible year, or
+    a jump not yet followed by a sync sample) also gets ``Quality.TIME_ANCHORED``.
+    Without a model: a reading of a trusted regime keeps its raw time with
+    ``TIME_UNCERTAIN`` (``uncert_ms`` 0 = unknown); an untrusted one is anchored on the
+    last trusted regime (last good wall anchor + monotonic elapsed) with
+    ``TIME_ANCHORED | TIME_UNCERTAIN``. A raw time that fits no regime (future, or an
+    RTC unrelated to the gateway's) is anchored at its arrival. ``raw_ts_ms`` always
+    keeps the device's original time.
+
+The corrector is in-memory; after an agent restart it needs one ack to sync again
+(send a small sync ping at start).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+
+from pymigrate.clock import Clock
+from pymigrate.errors import ConfigError
+from pymigrate.types import Quality, Reading
+
+__all__ = ["TimeCorrector", "TimeSyncConfig"]
+
+_TIME_FLAGS = int(Quality.TIME_CORRECTED | Quality.TIME_ANCHORED | Quality.TIME_UNCERTAIN)
+_CORRECTED = int(Quality.TIME_CORRECTED)
+_ANCHORED = int(Quality.TIME_ANCHORED)
+_UNCERTAIN = int(Quality.TIME_UNCERTAIN)
+_MAX_REGIMES = 8
+
+
+class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[timesync]`` section: clock model and RTC jump detection."""
+
+    enabled: bool = True
+    max_samples: int = 64  # samples kept (count bound of the window)
+    window_s: float = 4 * 3600.0  # samples older than this go once 3 newer exist
+    keep_fraction: float = 0.5  # min-delay filter: share of lowest-delay samples fitted
+    max_delay_ms: float = 10_000.0  # round trips above this are rejected outright
+    min_drift_span_s: float = 600.0  # estimate drift once fitted samples span this long
+    max_drift_ppm: float = 500.0  # clamp of the drift estimate
+    drift_uncert_ppm: float = 2.0  # assumed error of an estimated drift (uncertainty)
+    unsynced_drift_ppm: float = 200.0  # assumed drift when none is estimated
+    step_threshold_ms: float = 2000.0  # wall-vs-monotonic change that counts as a jump
+    min_year: int = 2020  # RTC times outside [min_year, max_year] are implausible
+    max_year: int = 2100
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("max_samples", 2 <= self.max_samples <= 4096, "between 2 and 4096"),
+            ("window_s", self.window_s > 0, "> 0"),
+            ("keep_fraction", 0 < self.keep_fraction <= 1, "in (0, 1]"),
+            ("max_delay_ms", self.max_delay_ms > 0, "> 0"),
+            ("min_drift_span_s", self.min_drift_span_s > 0, "> 0"),
+            ("max_drift_ppm", self.max_drift_ppm > 0, "> 0"),
+            ("drift_uncert_ppm", self.drift_uncert_ppm >= 0, ">= 0"),
+            ("unsynced_drift_ppm", self.unsynced_drift_ppm >= 0, ">= 0"),
+            ("step_threshold_ms", self.step_threshold_ms > 0, "> 0"),
+            ("min_year", 1970 <= self.min_year < self.max_year <= 9999,
+             "a year >= 1970 below max_year"),
+        ]
+        for key, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"timesync.{key}", f"must be {what}, got {getattr(self, key)}")
+
+
+class _Regime:
+    """One wall->monotonic relation: ``wall = mono + rmm`` between start and end."""
+
+    __slots__ = ("end", "plausible", "rmm", "start", "trusted")
+
+    def __init__(self, rmm: float, start: float, plausible: bool, trusted: bool) -> None:
+        self.rmm = rmm
+        self.start = start
+        self.end: float | None = None
+        self.plausible = plausible
+        self.trusted = trusted
+
+
+class _Model:
+    """``server_ms = m + a + b * (m - ref)`` with ``m`` monotonic milliseconds."""
+
+    __slots__ = ("a", "b", "d_min", "drift_known", "ref", "sigma")
+
+    def __init__(self, a: float, b: float, ref: float, d_min: float, sigma: float,
+                 drift_known: bool) -> None:
+        self.a, self.b, self.ref = a, b, ref
+        self.d_min, self.sigma, self.drift_known = d_min, sigma, drift_known
+
+    def at(self, m: float) -> float:
+        return m + self.a + self.b * (m - self.ref)
+
+
+def _year_ms(year: int) -> int:
+    return int(datetime(year, 1, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+def _weighted_median(pairs: list[tuple[float, float]]) -> float:
+    pairs.sort()
+    half = sum(w for _, w in pairs) / 2.0
+    acc = 0.0
+    for v, w in pairs:
+        acc += w
+        if acc >= half:
+            return v
+    return pairs[-1][0]  # pragma: no cover - float rounding only
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2.0
+
+
+class TimeCorrector:
+    """Clock offset/drift model from ack samples; corrects reading timestamps."""
+
+    def __init__(self, config: TimeSyncConfig, *, clock: Clock) -> None:
+        self.config = config
+        self._clock = clock
+        self._lo_ms = _year_ms(config.min_year)
+        self._hi_ms = _year_ms(config.max_year)
+        self._regimes: list[_Regime] = []
+        self._last_obs: float = 0.0
+        self._samples: list[tuple[float, float, float]] = []  # (m, offset, delay) by m
+        self._model: _Model | None = None
+        self._dirty = False
+        self.counters: dict[str, int] = {
+            "samples_accepted": 0, "samples_rejected_delay": 0, "samples_rejected_jump": 0,
+            "jumps": 0, "rtc_resets": 0, "backward_steps": 0, "forward_steps": 0,
+            "corrected": 0, "anchored": 0, "uncertain": 0,
+        }
+
+    # -- samples --------------------------------------------------------------------
+    def add_sample(self, t1_local_ms: int, t2_server_recv_ms: int, t3_server_send_ms: int,
+                   t4_local_ms: int) -> bool:
+        """Add one NTP-style sample from an ack; False when it was rejected."""
+        if not self.config.enabled:
+            return False
+        now = self._observe()
+        p1 = self._locate(t1_local_ms, now)
+        p4 = self._locate(t4_local_ms, now)
+        if p1 is None or p4 is None or p1[1] is not p4[1]:
+            self.counters["samples_rejected_jump"] += 1
+            return False
+        m1, m4 = p1[0], p4[0]
+        delay = (m4 - m1) - (t3_server_send_ms - t2_server_recv_ms)
+        if delay < 0 or delay > self.config.max_delay_ms or m4 < m1:
+            self.counters["samples_rejected_delay"] += 1
+            return False
+        offset = ((t2_server_recv_ms - m1) + (t3_server_send_ms - m4)) / 2.0
+        mid = (m1 + m4) / 2.0
+        bisect.insort(self._samples, (mid, offset, delay))
+        self._trim(now)
+        regime = p4[1]
+        regime.trusted = regime.plausible
+        self.counters["samples_accepted"] += 1
+        self._dirty = True
+        return True
+
+    def _trim(self, now: float) -> None:
+        s = self._samples
+        horizon = now - self.config.window_s * 1000.0
+        recent = len(s) - bisect.bisect_left(s, (horizon,))
+        if recent >= 3:
+            del s[: len(s) - recent]
+        if len(s) > self.config.max_samples:
+            del s[: len(s) - self.config.max_samples]
+
+    # -- model ----------------------------------------------------------------------
+    def _fit(self) -> _Model | None:
+        if self._dirty:
+            self._dirty = False
+            self._model = self._build() if self._samples else None
+        return self._model
+
+    def _build(self) -> _Model:
+        cfg = self.config
+        by_delay = sorted(self._samples, key=lambda s: s[2])
+        k = max(min(len(by_delay), 3), math.ceil(cfg.keep_fraction * len(by_delay)))
+        chosen = sorted(by_delay[:k])
+        d_min = by_delay[0][2]
+        ref = chosen[-1][0]
+        b = 0.0
+        drift_known = False
+        if len(chosen) >= 2 and chosen[-1][0] - chosen[0][0] >= cfg.min_drift_span_s * 1000:
+            slopes: list[tuple[float, float]] = []
+            for i, (mi, oi, _) in enumerate(chosen):
+                for mj, oj, _ in chosen[i + 1:]:
+                    dm = mj - mi
+                    if dm > 0:
+                        slopes.append(((oj - oi) / dm, dm))
+            lim = cfg.max_drift_ppm * 1e-6
+            b = min(lim, max(-lim, _weighted_median(slopes)))
+            drift_known = True
+        a = _median([o - b * (m - ref) for m, o, _ in chosen])
+        sigma = 1.4826 * _median([abs(o - a - b * (m - ref)) for m, o, _ in chosen])
+        return _Model(a, b, ref, d_min, sigma, drift_known)
+
+    def _uncert(self, model: _Model, m: float) -> int:
+        ppm = (self.config.drift_uncert_ppm if model.drift_known
+               else self.config.unsynced_drift_ppm)
+        ext = abs(m - model.ref) * ppm * 1e-6
+        return math.ceil(model.d_min / 2.0 + 2.0 * model.sigma + ext)
+
+    # -- regimes --------------------------------------------------------------------
+    def _plausible(self, wall_ms: float) -> bool:
+        return self._lo_ms <= wall_ms < self._hi_ms
+
+    def _observe(self) -> float:
+        """Read both clocks; open a new regime on a jump. Returns monotonic ms."""
+        now = self._clock.monotonic() * 1000.0
+        wall = self._clock.time_ms()
+        rmm = wall - now
+        plausible = self._plausible(wall)
+        if not self._regimes:
+            self._regimes.append(_Regime(rmm, -math.inf, plausible, plausible))
+        else:
+            cur = self._regimes[-1]
+            step = rmm - cur.rmm
+            if abs(step) > self.config.step_threshold_ms:
+                self.counters["jumps"] += 1
+                if cur.plausible and not plausible:
+                    self.counters["rtc_resets"] += 1
+                elif step < 0:
+                    self.counters["backward_steps"] += 1
+                else:
+                    self.counters["forward_steps"] += 1
+                cur.end = now
+                # the jump happened after the previous observation: readings may start there
+                self._regimes.append(_Regime(rmm, self._last_obs, plausible, False))
+                del self._regimes[:-_MAX_REGIMES]
+            else:
+                cur.rmm = rmm  # follow slow slewing
+                cur.plausible = plausible
+                if not plausible:
+                    cur.trusted = False
+        self._last_obs = now
+        return now
+
+    def _locate(self, wall_ms: int, now: float) -> tuple[float, _Regime] | None:
+        slack = self.config.step_threshold_ms / 2.0
+        for g in reversed(self._regimes):
+            m = wall_ms - g.rmm
+            hi = (now if g.end is None else g.end) + slack
+            if g.start - slack <= m <= hi:
+                return m, g
+        return None
+
+    def _anchor(self) -> _Regime | None:
+        for g in reversed(self._regimes):
+            if g.trusted:
+                return g
+        return None
+
+    # -- correction -----------------------------------------------------------------
+    def correct(self, readings: Sequence[Reading]) -> list[Reading]:
+        """Corrected copies of ``readings`` (same order); see the module docstring."""
+        if not self.config.enabled:
+            return list(readings)
+        now = self._observe()
+        model = self._fit()
+        anchor = self._anchor()
+        counters = self.counters
+        out: list[Reading] = []
+        replace = msgspec.structs.replace
+        for r in readings:
+            raw = r.ts_ms if r.raw_ts_ms is None else r.raw_ts_ms
+            loc = self._locate(raw, now)
+            if loc is None:
+                m, trusted, flags = now, False, _ANCHORED
+            else:
+                m, trusted, flags = loc[0], loc[1].trusted, 0
+            if model is not None:
+                ts = round(model.at(m))
+                flags |= _CORRECTED | (0 if trusted else _ANCHORED)
+                uncert = self._uncert(model, m)
+                counters["corrected"] += 1
+            elif trusted:
+                ts, flags, uncert = raw, flags | _UNCERTAIN, 0
+                counters["uncertain"] += 1
+            elif anchor is not None:
+                ts = round(m + anchor.rmm)
+                end = now if anchor.end is None else anchor.end
+                uncert = math.ceil(abs(m - end) * self.config.unsynced_drift_ppm * 1e-6
+                                   + self.config.step_threshold_ms)
+                flags = _ANCHORED | _UNCERTAIN
+                counters["anchored"] += 1
+            else:
+                ts, flags, uncert = raw, _UNCERTAIN, 0
+                counters["uncertain"] += 1
+            out.append(replace(r, ts_ms=ts, raw_ts_ms=raw, uncert_ms=uncert,
+                               quality=(r.quality & ~_TIME_FLAGS) | flags))
+        return out
+
+    # -- introspection --------------------------------------------------------------
+    def synced(self) -> bool:
+        """True once at least one good sample is in the model."""
+        return self._fit() is not None
+
+    def now_ms(self) -> int:
+        """Best estimate of true time now (the local wall clock when unsynced)."""
+        now = self._observe()
+        model = self._fit()
+        return round(model.at(now)) if model is not None else self._clock.time_ms()
+
+    def offset_ms(self) -> float | None:
+        """Estimated ``true - local wall`` now (NTP sign convention), None when unsynced."""
+        now = self._observe()
+        model = self._fit()
+        if model is None:
+            return None
+        return model.at(now) - self._clock.time_ms()
+
+    def drift_ppm(self) -> float | None:
+        """Estimated rate error of the local clock (+ = runs fast), None until estimated."""
+        model = self._fit()
+        if model is None or not model.drift_known:
+            return None
+        return -model.b / (1.0 + model.b) * 1e6
+
+    def status(self) -> dict[str, object]:
+        """Health view: state (unsynced / synced / anchored), model and counters."""
+        now = self._observe()
+        model = self._fit()
+        cur = self._regimes[-1]
+        state = "unsynced" if model is None else ("synced" if cur.trusted else "anchored")
+        return {
+            "state": state,
+            "rtc_trusted": cur.trusted,
+            "samples": len(self._samples),
+            "offset_ms": self.offset_ms(),
+            "drift_ppm": self.drift_ppm(),
+            "uncert_ms": self._uncert(model, now) if model is not None else None,
+            **self.counters,
+        }
