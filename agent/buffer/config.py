@@ -1,0 +1,72 @@
+"""Typed, frozen configuration of the durable buffer (phase one of the two-phase config)."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from agent.codec import CODECS, DEFAULT_CODEC
+from pymigrate.errors import ConfigError
+from pymigrate.types import Priority
+
+
+class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Time to live of buffered data per priority, in seconds; 0 or None keeps forever."""
+
+    critical: float | None = None
+    high: float | None = None
+    normal: float | None = None
+    low: float | None = None
+
+    def ttl_ms(self, priority: Priority) -> int | None:
+        """TTL of ``priority`` in milliseconds, or None for keep-forever."""
+        v = getattr(self, priority.name.lower())
+        return int(v * 1000) if v else None
+
+
+class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Durable buffer settings; every field has a default.
+
+    ``path`` is resolved against the data directory by the caller. ``commit_window_ms``
+    and ``commit_max_readings`` shape group commit; ``chunk_max_readings`` and
+    ``chunk_max_age_s`` decide when an open chunk is sealed. ``degrade_low_priority``
+    compacts old LOW chunks through the degrader passed to the buffer before evicting.
+    """
+
+    path: str = "buffer.db"
+    budget_bytes: int = 64 * 1024 * 1024
+    commit_window_ms: int = 100
+    commit_max_readings: int = 1000
+    chunk_max_readings: int = 600
+    chunk_max_age_s: float = 60.0
+    codec: str = DEFAULT_CODEC
+    retention_s: Retention = msgspec.field(default_factory=Retention)
+    cache_kib: int = 512
+    degrade_low_priority: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(key: str, problem: str) -> ConfigError:
+            return ConfigError(f"buffer.{key}", problem)
+
+        if not self.path:
+            raise bad("path", "must not be empty")
+        if self.budget_bytes < 64 * 1024:
+            raise bad("budget_bytes", f"must be at least 65536, got {self.budget_bytes}")
+        if not 0 <= self.commit_window_ms <= 10_000:
+            raise bad("commit_window_ms", f"must be in 0..10000, got {self.commit_window_ms}")
+        if self.commit_max_readings < 1:
+            raise bad("commit_max_readings", f"must be >= 1, got {self.commit_max_readings}")
+        if not 1 <= self.chunk_max_readings <= 100_000:
+            raise bad("chunk_max_readings",
+                      f"must be in 1..100000, got {self.chunk_max_readings}")
+        if not (math.isfinite(self.chunk_max_age_s) and self.chunk_max_age_s > 0):
+            raise bad("chunk_max_age_s", f"must be > 0, got {self.chunk_max_age_s}")
+        if self.codec not in CODECS:
+            raise bad("codec", f"unknown codec {self.codec!r} (known: {', '.join(sorted(CODECS))})")
+        for p in Priority:
+            v = getattr(self.retention_s, p.name.lower())
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise bad(f"retention_s.{p.name.lower()}", f"must be >= 0 seconds, got {v}")
+        if not 64 <= self.cache_kib <= 1024 * 1024:
+            raise bad("cache_kib", f"must be in 64..1048576, got {self.cache_kib}")

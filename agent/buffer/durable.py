@@ -1,0 +1,729 @@
+"""The durable buffer: SQLite (WAL) holding sealed compressed chunks, with group commit.
+
+A reading is *accepted* once the group commit that holds it is durable (fsynced WAL).
+Accepted readings of one (device, priority) accumulate in an open chunk whose new readings
+are staged on disk as one small encoded blob per group commit; when the chunk is full or
+old enough it is sealed into ``chunks`` and its staging rows go in the same transaction.
+Only the write task and the uploader-side calls touch the database, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import sqlite3
+import zlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+import structlog
+
+from agent.buffer import evict, schema
+from agent.buffer.config import BufferConfig
+from agent.buffer.ledger import Effects, Key, Ledger, Removed
+from agent.buffer.types import BufferStats, StoredChunk
+from agent.codec import codec_by_id, codec_by_name, seal_chunk
+from pymigrate.clock import Clock
+from pymigrate.errors import BufferFull, PyMigrateError
+from pymigrate.types import Chunk, Priority, Reading
+
+log = structlog.get_logger("agent.buffer")
+
+EventSink = Callable[[str, dict[str, Any]], None]
+_DISK_FULL_RETRIES = 8
+
+
+@dataclass(slots=True)
+class _Open:
+    """The open chunk of one (device, priority): committed readings not yet sealed."""
+
+    readings: list[Reading]
+    deadline: float  # monotonic time at which it is sealed by age
+
+
+@dataclass(slots=True)
+class _Append:
+    readings: Sequence[Reading]
+    fut: asyncio.Future[list[Reading]]
+
+
+@dataclass
+class _Plan:
+    """One group commit worked out in memory before touching the database."""
+
+    callers: list[_Append]
+    results: list[list[Reading]] = field(default_factory=list)
+    next_seq: dict[str, int] = field(default_factory=dict)
+    new_open: dict[Key, _Open | None] = field(default_factory=dict)
+    seal: list[Chunk] = field(default_factory=list)
+    clear_staging: set[Key] = field(default_factory=set)
+    stage: list[tuple[Key, bytes]] = field(default_factory=list)
+    states: dict[str, bytes] = field(default_factory=dict)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    critical: bool = False
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(len(c.payload) for c in self.seal) + sum(len(b) for _, b in self.stage)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
+            "full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``aws`` completes; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class DurableBuffer:
+    """Durable, bounded store of accepted readings between the pipeline and the uploader.
+
+    ``degrader`` (optional) compacts old LOW chunks (e.g. into aggregates) before they are
+    evicted, when ``config.degrade_low_priority`` is set; it must keep device and priority.
+    ``on_event(name, data)`` is told about evictions, quarantines and salvages.
+    """
+
+    def __init__(self, config: BufferConfig, *, clock: Clock,
+                 on_event: EventSink | None = None,
+                 degrader: evict.Degrader | None = None) -> None:
+        self._cfg = config
+        self._clock = clock
+        self._on_event = on_event
+        self._degrader = degrader if config.degrade_low_priority else None
+        self._codec = codec_by_name(config.codec)
+        self._path = Path(config.path)
+        self._sidecar = schema.SeqSidecar(self._path)
+        self._ttl = [config.retention_s.ttl_ms(p) for p in Priority]
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._ledger = Ledger()
+        self._next_seq: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}
+        self._open: dict[Key, _Open] = {}
+        self._pending: deque[_Append] = deque()
+        self._pending_n = 0
+        self._first_pending = 0.0
+        self._states: dict[str, bytes] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flush_req = False
+        self._wake = asyncio.Event()  # there is work for the writer
+        self._kick = asyncio.Event()  # ... and it should not wait for the window
+        self._timer_evt = asyncio.Event()  # deadlines changed
+        self._data_evt = asyncio.Event()  # replaced each time data becomes available
+        self._stats = BufferStats()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        """Open (creating or migrating) the database; move aside and salvage a bad one."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self._path.exists() or self._path.stat().st_size == 0
+        try:
+            self._db = await self._connect()
+        except sqlite3.DatabaseError as exc:
+            fresh = True
+            await self._recover(exc)
+            self._db = await self._connect()
+        await self._load(fresh)
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="buffer[writer]"),
+            asyncio.create_task(self._timer(), name="buffer[timer]"),
+        ]
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            for p in schema.pragmas(self._cfg.cache_kib):
+                await db.execute(p)
+            await db.executescript(schema.SCHEMA)
+            rows = list(await db.execute_fetchall("PRAGMA quick_check"))
+            if [tuple(r) for r in rows] != [("ok",)]:
+                raise sqlite3.DatabaseError(f"integrity check failed: {rows[:3]}")
+            await db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def _recover(self, exc: BaseException) -> None:
+        aside = schema.move_aside(self._path, self._clock.time_ms())
+        res = await asyncio.to_thread(schema.salvage, aside, self._path, self._cfg.cache_kib)
+        self._stats.moved_aside += 1
+        self._stats.salvaged += res.salvaged
+        self._stats.unreadable += res.unreadable
+        log.error("buffer.moved_aside", path=str(self._path), moved_to=str(aside),
+                  error=str(exc), salvaged=res.salvaged, unreadable=res.unreadable)
+        self._emit("salvaged", {"moved_to": str(aside), "salvaged": res.salvaged,
+                                "unreadable": res.unreadable})
+
+    async def _load(self, fresh: bool) -> None:
+        db = self._require_db()
+        led = self._ledger
+        for p, n, cnt, nb in await db.execute_fetchall(
+                "SELECT priority, count(*), sum(count), sum(nbytes) FROM chunks GROUP BY 1"):
+            led.chunks[p], led.readings[p] = int(n), int(cnt)
+            led.payload += int(nb)
+        await self._refresh_heads(set(range(len(Priority))))
+        self._next_seq = {str(d): int(n) for d, n in
+                          await db.execute_fetchall("SELECT device_id, next_seq FROM seqs")}
+        self._reserved = self._sidecar.read()
+        if fresh:  # a new or moved-aside database continues above the recorded high water
+            for dev, mark in self._reserved.items():
+                self._next_seq[dev] = max(self._next_seq.get(dev, 1), mark)
+        await self._recover_staging()
+
+    async def _recover_staging(self) -> None:
+        """Seal what earlier runs staged but never sealed (their open chunks)."""
+        db = self._require_db()
+        by_key: dict[Key, list[Reading]] = {}
+        for dev, prio, codec, crc, payload in await db.execute_fetchall(
+                "SELECT device_id, priority, codec, checksum, payload FROM staging ORDER BY id"):
+            try:
+                if zlib.crc32(payload) != crc:
+                    raise PyMigrateError("staging checksum mismatch", reason="corrupt")
+                rs = codec_by_id(codec).decode(payload, dev, Priority(prio))
+            except (PyMigrateError, ValueError) as exc:
+                self._stats.unreadable += 1
+                log.error("buffer.staging_unreadable", device=dev, priority=prio, error=str(exc))
+                continue
+            by_key.setdefault((str(dev), int(prio)), []).extend(rs)
+        if not by_key and not await db.execute_fetchall("SELECT 1 FROM staging LIMIT 1"):
+            return
+        plan = _Plan(callers=[])
+        for key, rs in by_key.items():
+            rs.sort(key=lambda r: r.seq)
+            step = self._cfg.chunk_max_readings
+            plan.seal.extend(seal_chunk(rs[i:i + step], self._codec)
+                             for i in range(0, len(rs), step))
+            plan.next_seq[key[0]] = max(self._next_seq.get(key[0], 1), rs[-1].seq + 1)
+        await self._commit_plan(plan, clear_all_staging=True)
+        self._next_seq.update(plan.next_seq)
+        log.info("buffer.staging_recovered", chunks=len(plan.seal),
+                 readings=sum(c.count for c in plan.seal))
+
+    async def close(self) -> None:
+        """Seal open chunks, stop the background tasks and close the database."""
+        if self._db is None:
+            return
+        with contextlib.suppress(PyMigrateError):
+            await self.flush()
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for a in self._pending:
+            if not a.fut.done():
+                a.fut.set_exception(BufferFull("buffer closed", reason="closed"))
+        self._pending.clear()
+        db, self._db = self._db, None
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await db.close()
+
+    def _require_db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("buffer is not open")
+        return self._db
+
+    # ---------------------------------------------------------------- ingest side
+
+    async def append(self, readings: Sequence[Reading]) -> list[Reading]:
+        """Accept ``readings``: returns them with ``seq`` set once they are durable.
+
+        Raises BufferFull when they cannot be stored even after eviction; then none of
+        them was accepted.
+        """
+        self._require_db()
+        if self._closing:
+            raise BufferFull("buffer closed", reason="closed")
+        if not readings:
+            return []
+        fut: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            self._first_pending = self._clock.monotonic()
+        self._pending.append(_Append(readings, fut))
+        self._pending_n += len(readings)
+        self._wake.set()
+        if self._pending_n >= self._cfg.commit_max_readings:
+            self._kick.set()
+        return await fut
+
+    async def flush(self) -> None:
+        """Seal every open chunk now (and commit anything pending)."""
+        self._flush_req = True
+        await self._request()
+
+    async def put_state(self, key: str, value: bytes) -> None:
+        """Persist a small state blob; it rides on the next group commit."""
+        self._states[key] = bytes(value)
+        await self._request(urgent=False)
+
+    async def get_state(self, key: str) -> bytes | None:
+        """The last value stored with :meth:`put_state`, or None."""
+        if key in self._states:
+            return self._states[key]
+        db = self._require_db()
+        async with self._lock:
+            rows = list(await db.execute_fetchall("SELECT value FROM state WHERE key = ?",
+                                                  (key,)))
+        return bytes(rows[0][0]) if rows else None
+
+    async def _request(self, urgent: bool = True) -> None:
+        self._require_db()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        if not self._pending:
+            self._first_pending = self._clock.monotonic()
+        self._wake.set()
+        if urgent:
+            self._kick.set()
+        await fut
+
+    async def _writer(self) -> None:
+        window = self._cfg.commit_window_ms / 1000.0
+        while True:
+            await self._wake.wait()
+            if window > 0 and not self._kick.is_set():
+                deadline = self._first_pending + window
+                if self._clock.monotonic() < deadline:
+                    await _first(self._clock.sleep_until(deadline), self._kick.wait())
+            async with self._lock:
+                self._wake.clear()
+                self._kick.clear()
+                plan = self._grab()
+                await self._run(plan)
+
+    def _grab(self) -> _Plan:
+        """Take the pending work of one group commit (up to commit_max_readings)."""
+        callers: list[_Append] = []
+        n = 0
+        while self._pending and (not callers or n < self._cfg.commit_max_readings):
+            a = self._pending.popleft()
+            callers.append(a)
+            n += len(a.readings)
+        self._pending_n -= n
+        if self._pending:
+            self._wake.set()
+            self._kick.set()
+        plan = _Plan(callers=callers, states=self._states, waiters=self._waiters)
+        self._states, self._waiters = {}, []
+        flush, self._flush_req = self._flush_req, False
+        self._build(plan, flush)
+        return plan
+
+    def _build(self, plan: _Plan, flush: bool) -> None:
+        """Assign sequence numbers, grow open chunks, and seal what is full or due."""
+        now = self._clock.monotonic()
+        age = self._cfg.chunk_max_age_s
+        cmax = self._cfg.chunk_max_readings
+        replace = msgspec.structs.replace
+        counters = plan.next_seq
+        fresh: dict[Key, list[Reading]] = {}
+        for a in plan.callers:
+            out: list[Reading] = []
+            for r in a.readings:
+                dev = r.device_id
+                n = counters.get(dev) or self._next_seq.get(dev, 1)
+                counters[dev] = n + 1
+                r2 = replace(r, seq=n)
+                out.append(r2)
+                fresh.setdefault((dev, int(r.priority)), []).append(r2)
+            plan.results.append(out)
+        for key, new in fresh.items():
+            plan.critical |= key[1] == Priority.CRITICAL
+            cur = self._open.get(key)
+            buf = [*cur.readings, *new] if cur else list(new)
+            deadline = cur.deadline if cur else now + age
+            staged_from = len(buf) - len(new)
+            if len(buf) >= cmax:
+                whole = len(buf) - len(buf) % cmax
+                plan.seal.extend(seal_chunk(buf[i:i + cmax], self._codec)
+                                 for i in range(0, whole, cmax))
+                buf = buf[whole:]
+                plan.clear_staging.add(key)
+                staged_from, deadline = 0, now + age
+            if buf[staged_from:]:
+                plan.stage.append((key, self._codec.encode(buf[staged_from:])))
+            plan.new_open[key] = _Open(buf, deadline) if buf else None
+        for key in [*self._open, *(k for k in plan.new_open if k not in self._open)]:
+            op = plan.new_open[key] if key in plan.new_open else self._open[key]
+            if op is not None and (flush or op.deadline <= now):
+                plan.seal.append(seal_chunk(op.readings, self._codec))
+                plan.critical |= key[1] == Priority.CRITICAL
+                plan.clear_staging.add(key)
+                plan.stage = [(k, b) for k, b in plan.stage if k != key]
+                plan.new_open[key] = None
+
+    async def _run(self, plan: _Plan) -> None:
+        """Commit a plan, making room on a full disk; settle its waiters."""
+        try:
+            await self._reserve(plan.next_seq)
+            for attempt in range(_DISK_FULL_RETRIES + 1):
+                try:
+                    await self._commit_plan(plan)
+                    break
+                except (sqlite3.Error, OSError) as exc:
+                    if not _is_disk_full(exc) or attempt == _DISK_FULL_RETRIES:
+                        raise
+                    need = max(plan.new_bytes, 4096) * (2 ** attempt)
+                    if not await self._free_disk(need, plan.critical):
+                        raise
+        except (sqlite3.Error, OSError) as exc:
+            err = BufferFull(f"cannot store readings: {exc}",
+                             reason="disk_full" if _is_disk_full(exc) else "io_error")
+            log.error("buffer.append_failed", error=str(exc), readings=sum(
+                len(a.readings) for a in plan.callers))
+            for a in plan.callers:
+                if not a.fut.done():
+                    a.fut.set_exception(err)
+            for w in plan.waiters:
+                if not w.done():
+                    w.set_exception(err)
+            return
+        for key, op in plan.new_open.items():
+            if op is None:
+                self._open.pop(key, None)
+            else:
+                if key not in self._open:
+                    self._timer_evt.set()
+                self._open[key] = op
+        self._next_seq.update(plan.next_seq)
+        for a, res in zip(plan.callers, plan.results):
+            self._stats.accepted_total += len(res)
+            if not a.fut.done():
+                a.fut.set_result(res)
+        for w in plan.waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _reserve(self, counters: dict[str, int]) -> None:
+        """Record a new sequence high-water block in the sidecar before using it."""
+        over = {d: n for d, n in counters.items() if n > self._reserved.get(d, 0)}
+        if not over:
+            return
+        marks = dict(self._reserved)
+        marks.update({d: n + schema.SeqSidecar.BLOCK for d, n in over.items()})
+        await asyncio.to_thread(self._sidecar.write, marks)
+        self._reserved = marks
+
+    async def _commit_plan(self, plan: _Plan, *, clear_all_staging: bool = False) -> None:
+        now_ms = self._clock.time_ms()
+
+        async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+            if clear_all_staging:
+                await db.execute("DELETE FROM staging")
+                fx.staging.update(dict.fromkeys(self._ledger.staging, 0))
+            if plan.clear_staging:
+                await db.executemany("DELETE FROM staging WHERE device_id = ? AND priority = ?",
+                                     list(plan.clear_staging))
+                fx.staging.update(dict.fromkeys(plan.clear_staging, 0))
+            if plan.seal:
+                await db.executemany(
+                    "INSERT INTO chunks (device_id, priority, seq_first, seq_last, count, "
+                    "ts_first, ts_last, codec, checksum, nbytes, created_ms, payload) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [(c.device_id, int(c.priority), c.seq_first, c.seq_last, c.count,
+                      c.ts_first, c.ts_last, c.codec, c.checksum, len(c.payload), now_ms,
+                      c.payload) for c in plan.seal])
+                fx.inserted.extend((int(c.priority), len(c.payload), c.count)
+                                   for c in plan.seal)
+            if plan.stage:
+                await db.executemany(
+                    "INSERT INTO staging (device_id, priority, codec, checksum, payload) "
+                    "VALUES (?,?,?,?,?)",
+                    [(k[0], k[1], self._codec.codec_id, zlib.crc32(b), b)
+                     for k, b in plan.stage])
+                for k, b in plan.stage:
+                    base = fx.staging.get(k, self._ledger.staging.get(k, 0))
+                    fx.staging[k] = base + len(b)
+            if plan.next_seq:
+                await db.executemany(
+                    "INSERT INTO seqs (device_id, next_seq) VALUES (?, ?) ON CONFLICT(device_id)"
+                    " DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+                    list(plan.next_seq.items()))
+            if plan.states:
+                await db.executemany(
+                    "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value = excluded.value", list(plan.states.items()))
+            await evict.expire(db, self._ledger, self._ttl, now_ms, fx)
+            total = self._ledger.payload + sum(n for _, n, _ in fx.inserted) \
+                - sum(r.nbytes for r in fx.removed)
+            staged = {**self._ledger.staging, **fx.staging}
+            excess = total + sum(staged.values()) - self._cfg.budget_bytes
+            if excess > 0:
+                await evict.make_room(db, excess, allow_critical=plan.critical, reason="budget",
+                                      fx=fx, codec=self._codec, degrader=self._degrader)
+
+        await self._txn(body)
+
+    async def _free_disk(self, need: int, allow_critical: bool) -> bool:
+        async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+            await evict.make_room(db, need, allow_critical=allow_critical, reason="disk_full",
+                                  fx=fx, codec=self._codec)
+
+        fx = await self._txn(body)
+        return bool(fx.removed)
+
+    async def _txn(self, body: Callable[[aiosqlite.Connection, Effects],
+                                        Awaitable[None]]) -> Effects:
+        """Run ``body`` in one write transaction; apply its effects after COMMIT."""
+        db = self._require_db()
+        fx = Effects()
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await body(db, fx)
+            await db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+            raise
+        self._stats.commits += 1
+        self._apply(fx)
+        if fx.touched():
+            await self._refresh_heads(fx.touched())
+        return fx
+
+    def _apply(self, fx: Effects) -> None:
+        self._ledger.apply(fx)
+        self._stats.degraded += fx.degraded
+        self._stats.quarantined += fx.quarantined
+        groups: dict[tuple[str, int], list[Removed]] = {}
+        for r in fx.removed:
+            if r.reason is not None:
+                groups.setdefault((r.reason, r.priority), []).append(r)
+        for (reason, prio), rs in groups.items():
+            name = f"{reason}:{Priority(prio).name.lower()}"
+            self._stats.evicted[name] = self._stats.evicted.get(name, 0) + len(rs)
+            readings = sum(r.count for r in rs)
+            self._stats.evicted_readings += readings
+            data = {"reason": reason, "priority": Priority(prio).name.lower(),
+                    "chunks": len(rs), "readings": readings,
+                    "bytes": sum(r.nbytes for r in rs)}
+            log.warning("buffer.evicted", **data)
+            self._emit("evicted", data)
+        if fx.inserted:
+            self._data_evt.set()
+            self._data_evt = asyncio.Event()
+
+    async def _refresh_heads(self, prios: set[int]) -> None:
+        db = self._require_db()
+        for p in prios:
+            rows = list(await db.execute_fetchall(
+                "SELECT id, ts_first, created_ms FROM chunks WHERE priority = ? "
+                "ORDER BY id LIMIT 1", (p,)))
+            self._ledger.head[p] = (int(rows[0][0]), int(rows[0][1]), int(rows[0][2])) \
+                if rows else None
+        self._timer_evt.set()
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(name, data)
+        except Exception as exc:  # a broken observer must not break the buffer
+            log.error("buffer.on_event_failed", event=name, error=repr(exc))
+
+    # ---------------------------------------------------------------- deadlines
+
+    def _next_deadline(self) -> float | None:
+        now, now_ms = self._clock.monotonic(), self._clock.time_ms()
+        ds = [o.deadline for o in self._open.values()]
+        for p in Priority:
+            ttl, head = self._ttl[p], self._ledger.head[p]
+            if ttl is not None and head is not None:
+                ds.append(now + (head[2] + ttl - now_ms) / 1000.0 + 0.001)
+        return min(ds) if ds else None
+
+    async def _timer(self) -> None:
+        """Seal open chunks by age and expire retention, sleeping on computed deadlines."""
+        while True:
+            self._timer_evt.clear()
+            deadline = self._next_deadline()
+            if deadline is None:
+                await self._timer_evt.wait()
+                continue
+            if deadline > self._clock.monotonic():
+                await _first(self._clock.sleep_until(deadline), self._timer_evt.wait())
+                continue
+            try:
+                await self._request()
+            except PyMigrateError as exc:
+                log.error("buffer.maintenance_failed", error=str(exc))
+            nxt = self._next_deadline()
+            if nxt is not None and nxt <= self._clock.monotonic():
+                await self._clock.sleep(1.0)  # could not make progress: do not spin
+
+    # ---------------------------------------------------------------- uploader side
+
+    async def take(self, max_bytes: int, max_chunks: int = 64,
+                   min_priority: Priority = Priority.LOW) -> list[StoredChunk]:
+        """Pending chunks, highest priority then oldest first, within ``max_bytes``.
+
+        Always returns at least one chunk when any is pending. Returned chunks are in
+        flight until :meth:`ack` or :meth:`release`. A chunk failing its checksum is
+        quarantined, counted and skipped.
+        """
+        db = self._require_db()
+        out: list[StoredChunk] = []
+        async with self._lock:
+            await self._expire_due()
+            while not out:
+                busy = list(self._ledger.inflight)
+                excl = f"AND id NOT IN ({','.join('?' * len(busy))})" if busy else ""
+                heads = await db.execute_fetchall(
+                    f"SELECT id, nbytes FROM chunks WHERE priority <= ? {excl} "
+                    "ORDER BY priority, id LIMIT ?", (int(min_priority), *busy, max_chunks))
+                ids: list[int] = []
+                total = 0
+                for cid, nbytes in heads:
+                    if ids and total + nbytes > max_bytes:
+                        break
+                    ids.append(int(cid))
+                    total += int(nbytes)
+                if not ids:
+                    return []
+                out = await self._read_chunks(ids)
+        for sc in out:
+            self._ledger.inflight[sc.id] = int(sc.chunk.priority)
+        return out
+
+    async def _read_chunks(self, ids: list[int]) -> list[StoredChunk]:
+        db = self._require_db()
+        rows = await db.execute_fetchall(
+            "SELECT id, attempts, created_ms, device_id, priority, seq_first, seq_last, count, "
+            f"ts_first, ts_last, codec, payload, checksum FROM chunks WHERE id IN "
+            f"({','.join('?' * len(ids))})", ids)
+        got: dict[int, StoredChunk] = {}
+        bad: list[tuple[int, str]] = []
+        for row in rows:
+            cid = int(row[0])
+            try:
+                chunk = evict._chunk_of(tuple(row[3:]))
+                if zlib.crc32(chunk.payload) != chunk.checksum:
+                    raise PyMigrateError("checksum mismatch", reason="corrupt")
+            except (PyMigrateError, ValueError, TypeError) as exc:
+                bad.append((cid, str(exc)))
+                continue
+            got[cid] = StoredChunk(id=cid, chunk=chunk, attempts=int(row[1]),
+                                   created_ms=int(row[2]))
+        if bad:
+            await self._quarantine(bad)
+        return [got[i] for i in ids if i in got]
+
+    async def _quarantine(self, bad: list[tuple[int, str]]) -> None:
+        now_ms = self._clock.time_ms()
+
+        async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+            for cid, why in bad:
+                rows = list(await db.execute_fetchall(
+                    "SELECT priority, nbytes, count FROM chunks WHERE id = ?", (cid,)))
+                await db.execute(
+                    "INSERT OR REPLACE INTO quarantine (id, device_id, priority, seq_first, "
+                    "seq_last, count, codec, checksum, reason, quarantined_ms, payload) "
+                    "SELECT id, device_id, priority, seq_first, seq_last, count, codec, "
+                    "checksum, ?, ?, payload FROM chunks WHERE id = ?", (why, now_ms, cid))
+                await db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+                prio, nbytes, count = rows[0]
+                fx.removed.append(Removed(cid, int(prio), int(nbytes), int(count), None))
+                fx.quarantined += 1
+            await db.execute(
+                "DELETE FROM quarantine WHERE id NOT IN (SELECT id FROM quarantine "
+                f"ORDER BY quarantined_ms DESC, id DESC LIMIT {schema.QUARANTINE_KEEP})")
+
+        await self._txn(body)
+        for cid, why in bad:
+            log.error("buffer.quarantined", chunk_id=cid, error=why)
+            self._emit("quarantined", {"id": cid, "error": why})
+
+    async def _expire_due(self) -> None:
+        now_ms = self._clock.time_ms()
+        if any(t is not None and h is not None and h[2] <= now_ms - t
+               for t, h in zip(self._ttl, self._ledger.head)):
+            async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+                await evict.expire(db, self._ledger, self._ttl, now_ms, fx)
+
+            await self._txn(body)
+
+    async def ack(self, ids: Sequence[int]) -> None:
+        """Delivered: delete these chunks for good."""
+        if not ids:
+            return
+        marks = ",".join("?" * len(ids))
+
+        async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+            rows = await db.execute_fetchall(
+                f"DELETE FROM chunks WHERE id IN ({marks}) RETURNING id, priority, nbytes, count",
+                list(ids))
+            fx.removed.extend(Removed(int(i), int(p), int(nb), int(c), None)
+                              for i, p, nb, c in rows)
+
+        async with self._lock:
+            await self._txn(body)
+        for i in ids:
+            self._ledger.inflight.pop(i, None)
+
+    async def release(self, ids: Sequence[int]) -> None:
+        """Not delivered: put these chunks back at the head of their priority."""
+        ids = [i for i in ids if i in self._ledger.inflight]
+        if not ids:
+            return
+        marks = ",".join("?" * len(ids))
+
+        async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+            await db.execute(f"UPDATE chunks SET attempts = attempts + 1 WHERE id IN ({marks})",
+                             ids)
+
+        async with self._lock:
+            await self._txn(body)
+        for i in ids:
+            self._ledger.inflight.pop(i, None)
+        self._data_evt.set()
+        self._data_evt = asyncio.Event()
+
+    async def wait_for_data(self, min_priority: Priority = Priority.LOW) -> None:
+        """Sleep until a chunk of priority <= ``min_priority`` is pending (not in flight)."""
+        while not self._ledger.available(int(min_priority)):
+            await self._data_evt.wait()
+
+    def stats(self) -> BufferStats:
+        """A snapshot of sizes, backlog and counters."""
+        led = self._ledger
+        s = msgspec.structs.replace(self._stats, evicted=dict(self._stats.evicted))
+        size = 0
+        for f in (self._path, Path(f"{self._path}-wal")):
+            with contextlib.suppress(OSError):
+                size += os.path.getsize(f)
+        s.bytes_on_disk = size
+        s.payload_bytes = led.total_bytes
+        s.in_flight = len(led.inflight)
+        s.chunks_pending = sum(led.chunks) - s.in_flight
+        pending = list(led.readings)
+        oldest = [h[1] for h in led.head if h is not None]
+        for (_, prio), op in self._open.items():
+            pending[prio] += len(op.readings)
+            oldest.append(min(r.ts_ms for r in op.readings))
+        s.readings_pending = {p.name.lower(): pending[p] for p in Priority}
+        s.oldest_ts_ms = min(oldest) if oldest else None
+        s.open_chunks = len(self._open)
+        return s

@@ -1,0 +1,108 @@
+"""Eviction inside a transaction: retention expiry, byte budget, degrade-before-drop.
+
+Order: lowest priority first, oldest first; CRITICAL is only touched when the data that
+needs the room is itself critical (so critical data is only ever evicted by newer critical
+data). Every removal is recorded in the transaction's :class:`Effects` with its reason.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from agent.buffer.ledger import Effects, Ledger, Removed
+from agent.codec import ChunkCodec, open_chunk, seal_chunk
+from pymigrate.errors import PyMigrateError
+from pymigrate.types import Chunk, Priority, Reading
+
+Degrader = Callable[[list[Reading]], list[Reading]]
+_BATCH = 32
+
+
+def _chunk_of(row: Sequence[Any]) -> Chunk:
+    """Build a Chunk from a row of (device_id, priority, seq_first, seq_last, count,
+    ts_first, ts_last, codec, payload, checksum)."""
+    dev, prio, sf, sl, cnt, tf, tl, codec, payload, crc = row
+    return Chunk(device_id=str(dev), priority=Priority(int(prio)),
+                 seq_first=int(sf), seq_last=int(sl), count=int(cnt),
+                 ts_first=int(tf), ts_last=int(tl), codec=int(codec),
+                 payload=bytes(payload), checksum=int(crc))
+
+
+async def expire(db: aiosqlite.Connection, ledger: Ledger, ttl_ms: list[int | None],
+                 now_ms: int, fx: Effects) -> None:
+    """Delete chunks older than their priority's retention (by seal time)."""
+    for p in Priority:
+        ttl, head = ttl_ms[p], ledger.head[p]
+        if ttl is None or head is None or head[2] > now_ms - ttl:
+            continue
+        rows = await db.execute_fetchall(
+            "DELETE FROM chunks WHERE priority = ? AND created_ms <= ? "
+            "RETURNING id, nbytes, count", (int(p), now_ms - ttl))
+        fx.removed.extend(Removed(int(i), int(p), int(nb), int(c), "retention")
+                          for i, nb, c in rows)
+
+
+async def make_room(db: aiosqlite.Connection, excess: int, *, allow_critical: bool,
+                    reason: str, fx: Effects, codec: ChunkCodec,
+                    degrader: Degrader | None = None) -> int:
+    """Free at least ``excess`` bytes; returns how many bytes could not be freed (>= 0)."""
+    order = [Priority.LOW, Priority.NORMAL, Priority.HIGH]
+    if allow_critical:
+        order.append(Priority.CRITICAL)
+    for p in order:
+        while excess > 0:
+            rows = await db.execute_fetchall(
+                "SELECT id, nbytes, count, degraded FROM chunks WHERE priority = ? "
+                "ORDER BY id LIMIT ?", (int(p), _BATCH))
+            if not rows:
+                break
+            victims: list[Removed] = []
+            for cid, nbytes, count, degraded in rows:
+                if excess <= 0:
+                    break
+                if degrader is not None and p == Priority.LOW and not degraded:
+                    saved = await _degrade(db, int(cid), fx, codec, degrader)
+                    if saved > 0:
+                        excess -= saved
+                        continue
+                victims.append(Removed(int(cid), int(p), int(nbytes), int(count), reason))
+                excess -= int(nbytes)
+            if victims:
+                await db.executemany("DELETE FROM chunks WHERE id = ?",
+                                     [(v.id,) for v in victims])
+                fx.removed.extend(victims)
+        if excess <= 0:
+            break
+    return max(0, excess)
+
+
+async def _degrade(db: aiosqlite.Connection, cid: int, fx: Effects, codec: ChunkCodec,
+                   degrader: Degrader) -> int:
+    """Replace a LOW chunk's readings by the degrader's compaction; returns bytes saved."""
+    rows = list(await db.execute_fetchall(
+        "SELECT device_id, priority, seq_first, seq_last, count, ts_first, ts_last, codec, "
+        "payload, checksum FROM chunks WHERE id = ?", (cid,)))
+    await db.execute("UPDATE chunks SET degraded = 1 WHERE id = ?", (cid,))
+    try:
+        old = _chunk_of(tuple(rows[0]))
+        compact = degrader(open_chunk(old))
+        if not compact:
+            return 0
+        new = seal_chunk(compact, codec)
+    except (PyMigrateError, ValueError, IndexError):
+        return 0  # not degradable (corrupt or refused): it will simply be evicted
+    saved = len(old.payload) - len(new.payload)
+    if saved <= 0:
+        return 0
+    await db.execute(
+        "UPDATE chunks SET seq_first=?, seq_last=?, count=?, ts_first=?, ts_last=?, codec=?, "
+        "payload=?, checksum=?, nbytes=? WHERE id = ?",
+        (new.seq_first, new.seq_last, new.count, new.ts_first, new.ts_last, new.codec,
+         new.payload, zlib.crc32(new.payload), len(new.payload), cid))
+    fx.resized.append((int(Priority.LOW), -saved, new.count - old.count))
+    fx.degraded += 1
+    return saved

@@ -1,0 +1,88 @@
+"""In-memory accounting of what the database holds, and the effects of one transaction.
+
+Write transactions collect their effects in an :class:`Effects`; the buffer applies them to
+its :class:`Ledger` only after ``COMMIT`` succeeds, so a rolled-back transaction leaves the
+counters untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pymigrate.types import Priority
+
+Key = tuple[str, int]  # (device_id, priority)
+
+
+@dataclass(slots=True)
+class Removed:
+    """A chunk row that left the table; ``reason`` None means delivered (acked)."""
+
+    id: int
+    priority: int
+    nbytes: int
+    count: int
+    reason: str | None
+
+
+@dataclass
+class Effects:
+    """What one transaction changed, applied to the ledger after commit."""
+
+    inserted: list[tuple[int, int, int]] = field(default_factory=list)  # prio, nbytes, count
+    removed: list[Removed] = field(default_factory=list)
+    resized: list[tuple[int, int, int]] = field(default_factory=list)  # prio, dbytes, dcount
+    staging: dict[Key, int] = field(default_factory=dict)  # key -> new staged bytes
+    degraded: int = 0
+    quarantined: int = 0
+
+    def touched(self) -> set[int]:
+        return ({p for p, _, _ in self.inserted} | {r.priority for r in self.removed}
+                | {p for p, _, _ in self.resized})
+
+
+@dataclass
+class Ledger:
+    """Counters mirroring the database (sealed chunks, staging) plus in-flight ids."""
+
+    chunks: list[int] = field(default_factory=lambda: [0] * len(Priority))
+    readings: list[int] = field(default_factory=lambda: [0] * len(Priority))
+    payload: int = 0
+    staging: dict[Key, int] = field(default_factory=dict)
+    # per priority: (id, ts_first, created_ms) of the oldest chunk, or None
+    head: list[tuple[int, int, int] | None] = field(default_factory=lambda: [None] * 4)
+    inflight: dict[int, int] = field(default_factory=dict)  # id -> priority
+
+    @property
+    def staged_bytes(self) -> int:
+        return sum(self.staging.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.payload + self.staged_bytes
+
+    def available(self, min_priority: int) -> bool:
+        """Is there a stored chunk of priority <= ``min_priority`` not in flight?"""
+        busy = [0] * len(Priority)
+        for p in self.inflight.values():
+            busy[p] += 1
+        return any(self.chunks[p] > busy[p] for p in range(min_priority + 1))
+
+    def apply(self, fx: Effects) -> None:
+        for p, nbytes, count in fx.inserted:
+            self.chunks[p] += 1
+            self.readings[p] += count
+            self.payload += nbytes
+        for r in fx.removed:
+            self.chunks[r.priority] -= 1
+            self.readings[r.priority] -= r.count
+            self.payload -= r.nbytes
+            self.inflight.pop(r.id, None)
+        for p, dbytes, dcount in fx.resized:
+            self.readings[p] += dcount
+            self.payload += dbytes
+        for key, nbytes in fx.staging.items():
+            if nbytes:
+                self.staging[key] = nbytes
+            else:
+                self.staging.pop(key, None)

@@ -1,0 +1,42 @@
+"""Value types the buffer hands out: stored chunks and statistics."""
+
+from __future__ import annotations
+
+import msgspec
+
+from pymigrate.types import Chunk
+
+
+class StoredChunk(msgspec.Struct, frozen=True):
+    """A sealed chunk as stored: row ``id`` (for ack/release), failed ``attempts`` so far,
+    and ``created_ms`` (wall time it was sealed)."""
+
+    id: int
+    chunk: Chunk
+    attempts: int
+    created_ms: int
+
+
+class BufferStats(msgspec.Struct):
+    """Snapshot of the buffer: sizes, backlog, and counters since open.
+
+    ``evicted`` maps ``"reason:priority"`` (e.g. ``"budget:low"``) to evicted chunk counts;
+    ``commits`` counts write transactions (group commits, acks, maintenance).
+    """
+
+    bytes_on_disk: int = 0
+    payload_bytes: int = 0
+    chunks_pending: int = 0
+    readings_pending: dict[str, int] = msgspec.field(default_factory=dict)
+    oldest_ts_ms: int | None = None
+    accepted_total: int = 0
+    evicted: dict[str, int] = msgspec.field(default_factory=dict)
+    evicted_readings: int = 0
+    degraded: int = 0
+    quarantined: int = 0
+    salvaged: int = 0
+    unreadable: int = 0
+    moved_aside: int = 0
+    in_flight: int = 0
+    commits: int = 0
+    open_chunks: int = 0
