@@ -1,0 +1,594 @@
+"""The uploader stage: durable buffer -> batches -> uplinks, under the retry controller.
+
+Takes the highest-priority oldest chunks, packs a batch within the current AIMD limit and
+the transport's ``max_payload``, sends it with an adaptive number of batches in flight and
+acks it out of the buffer on an end-to-end ack. A failed batch goes back to the head of the
+buffer; a batch the cloud rejects, or one older than its retention, is dead-lettered with
+a logged, counted reason. Uplinks form an ordered failover list (e.g. MQTT then CoAP), each
+with its own circuit breaker and backoff.
+
+Waiting is sleeping: the loop blocks on the buffer's data event, on in-flight completions
+and on computed deadlines (backoff, breaker, throttle, window, linger), never on a tick.
+It only calls ``take``/``ack``/``release`` on the buffer, so it never blocks ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from agent.retry.backoff import Backoff, agent_rng, make_backoff
+from agent.retry.breaker import BreakerState, CircuitBreaker
+from agent.retry.config import RetryConfig
+from agent.retry.power import PowerState
+from agent.retry.quality import Aimd, NetworkQuality
+from agent.retry.windows import parse_windows
+from pymigrate.clock import Clock
+from pymigrate.envelope import Batch, encode_batch
+from pymigrate.errors import PayloadRejected, ThrottledError, TransportError
+from pymigrate.types import Ack, Chunk, Priority
+from transports.base import Uplink
+
+__all__ = ["AckCallback", "EventCallback", "StoredChunkLike", "UploadBuffer", "Uploader"]
+
+log = logging.getLogger("agent.uploader")
+
+ENVELOPE_OVERHEAD = 96  # header, ids, send time, trailer (bytes, generous)
+CHUNK_OVERHEAD = 64  # per-chunk msgpack fields besides the payload
+_ATTEMPTS_CAP = 65_536  # remembered attempt counts (chunks released but not yet re-taken)
+
+
+class StoredChunkLike(Protocol):
+    """What the durable buffer hands out (``agent.buffer.StoredChunk``)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def chunk(self) -> Chunk: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def created_ms(self) -> int: ...
+
+
+class UploadBuffer(Protocol):
+    """The part of the durable buffer the uploader uses."""
+
+    async def take(self, max_bytes: int, max_chunks: int = 64,
+                   min_priority: Priority = Priority.LOW) -> Sequence[StoredChunkLike]: ...
+
+    async def ack(self, ids: Sequence[int]) -> Any: ...
+
+    async def release(self, ids: Sequence[int]) -> Any: ...
+
+    async def wait_for_data(self, min_priority: Priority = Priority.LOW) -> Any: ...
+
+
+AckCallback = Callable[[Ack, float, float], None]
+EventCallback = Callable[[str, dict[str, Any]], None]
+DeadLetterCallback = Callable[[Sequence[StoredChunkLike], str], Awaitable[None] | None]
+
+
+class _Slot:
+    """One destination: its uplink, breaker, backoff and deadlines."""
+
+    def __init__(self, uplink: Uplink, breaker: CircuitBreaker, backoff: Backoff) -> None:
+        self.uplink = uplink
+        self.name = uplink.name
+        self.breaker = breaker
+        self.backoff = backoff
+        self.retry_at = 0.0  # monotonic: after a failure, not before
+        self.throttle_until = 0.0  # monotonic: the cloud asked us to wait
+        self.connected = False
+        self.failures_in_row = 0
+        self.lock = asyncio.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+
+class _Batch:
+    """A batch being sent: its stored chunks, attempt number and encoded payload."""
+
+    __slots__ = ("attempt", "batch_id", "items", "payload", "probe")
+
+    def __init__(self, items: list[StoredChunkLike], attempt: int, batch_id: str,
+                 payload: bytes, probe: bool) -> None:
+        self.items = items
+        self.attempt = attempt
+        self.batch_id = batch_id
+        self.payload = payload
+        self.probe = probe
+
+    @property
+    def ids(self) -> list[int]:
+        return [i.id for i in self.items]
+
+    @property
+    def readings(self) -> int:
+        return sum(i.chunk.count for i in self.items)
+
+
+class Uploader:
+    """Drains the durable buffer into an ordered failover list of uplinks."""
+
+    def __init__(self, buffer: UploadBuffer, uplinks: Sequence[Uplink], *, device_id: str,
+                 clock: Clock, config: RetryConfig | None = None,
+                 on_ack: AckCallback | None = None, on_event: EventCallback | None = None,
+                 on_dead_letter: DeadLetterCallback | None = None,
+                 power: PowerState | None = None, rng: random.Random | None = None) -> None:
+        if not uplinks:
+            raise ValueError("Uploader needs at least one uplink")
+        self.cfg = cfg = config or RetryConfig()
+        self.buffer = buffer
+        self.device_id = device_id
+        self.clock = clock
+        self.on_ack = on_ack
+        self.on_event = on_event
+        self.on_dead_letter = on_dead_letter
+        self.rng = rng or agent_rng(device_id, cfg.seed)
+        self.quality = NetworkQuality(alpha=cfg.rtt_alpha, beta=cfg.rtt_beta, k=cfg.rtt_k)
+        self.aimd = Aimd(cfg)
+        self.windows = parse_windows(cfg.windows, cfg.window_duration_s)
+        self.power = power or PowerState(cfg.profile, low_battery_pct=cfg.low_battery_pct,
+                                         path=cfg.power_file or None)
+        self._slots = [
+            _Slot(u, CircuitBreaker(u.name, failures=cfg.breaker_failures,
+                                    failure_rate=cfg.breaker_failure_rate,
+                                    window=cfg.breaker_window, min_calls=cfg.breaker_min_calls,
+                                    open_base_s=cfg.breaker_open_base_s,
+                                    open_cap_s=cfg.breaker_open_cap_s, rng=self.rng,
+                                    on_change=self._breaker_changed),
+                  make_backoff(cfg.backoff, cfg.backoff_base_s, cfg.backoff_cap_s, self.rng))
+            for u in uplinks
+        ]
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._stopping = False
+        self._draining = False
+        self._running = False
+        self._linger_until: float | None = None
+        self._empty_takes = 0
+        self._next_power_check = 0.0
+        self._attempts: dict[int, int] = {}
+        self._isolate: set[int] = set()  # chunk ids to resend alone (a batch was rejected)
+        self._bseq = itertools.count(1)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.batches_by_attempt: collections.Counter[int] = collections.Counter()
+        self.readings_by_attempt: collections.Counter[int] = collections.Counter()
+        self.dead_letters: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ public API
+    async def run(self) -> None:
+        """Upload forever (until cancelled, or until :meth:`drain` ends it)."""
+        if self._running:
+            raise RuntimeError("Uploader.run() is already running")
+        self._running = True
+        self._stopping = False
+        try:
+            while not self._stopping:
+                await self._cycle()
+        finally:
+            await self._cancel_inflight()
+            self._running = False
+
+    async def drain(self, deadline_s: float) -> bool:
+        """Graceful stop: keep sending what is pending for up to ``deadline_s`` seconds,
+        then stop ``run()``; unsent batches are released back to the buffer.
+
+        Returns True when everything sendable was acked before the deadline.
+        """
+        self._draining = True
+        self._idle.clear()
+        self._wake.set()
+        own: asyncio.Task[None] | None = None
+        if not self._running:
+            own = asyncio.create_task(self.run(), name="agent[uploader-drain]")
+        end = self.clock.monotonic() + deadline_s
+        await self._race(self._idle.wait(), self.clock.sleep_until(end))
+        drained = self._idle.is_set()
+        self._stopping = True
+        self._wake.set()
+        await self._cancel_inflight()
+        if own is not None:
+            await own
+        self._draining = False
+        log.info("uploader drained=%s acked=%d", drained, self.counts["batches_acked"])
+        return drained
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return (in-flight batches are cancelled and released)."""
+        self._stopping = True
+        self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for metrics and the health status."""
+        now = self.clock.monotonic()
+        return {
+            **{k: self.counts[k] for k in (
+                "batches_sent", "batches_acked", "batches_failed", "batches_throttled",
+                "batches_rejected", "bytes_sent", "readings_acked", "wakeups", "duplicates")},
+            "dead_letters": dict(self.dead_letters),
+            "attempts": dict(sorted(self.batches_by_attempt.items())),
+            "readings_by_attempt": dict(sorted(self.readings_by_attempt.items())),
+            "inflight": len(self._inflight),
+            "inflight_limit": self.aimd.inflight_limit,
+            "batch_limit_bytes": self.aimd.effective_batch(self.quality, ENVELOPE_OVERHEAD),
+            "rtt_ewma_s": self.quality.srtt,
+            "rtt_dev_s": self.quality.rttvar,
+            "success_rate": self.quality.success_rate,
+            "throughput_bps": self.quality.throughput_bps,
+            "profile": self.power.profile,
+            "battery_pct": self.power.battery_pct,
+            "uplinks": {
+                s.name: {"breaker": s.breaker.state(now).value,
+                         "transitions": dict(s.breaker.transitions), **dict(s.counts)}
+                for s in self._slots
+            },
+        }
+
+    # ------------------------------------------------------------------ main loop
+    async def _cycle(self) -> None:
+        """One decision. Every branch that waits returns, so the next pass re-decides."""
+        self._wake.clear()
+        now = self.clock.monotonic()
+        if self.power.path is not None and now >= self._next_power_check:
+            self.power.refresh()
+            self._next_power_check = now + self.cfg.power_check_s
+        minp = self.power.min_priority
+        if not self._draining and not self._inflight_full():
+            # block until there is something to send (the buffer's event), or we are woken
+            if await self._wait(self.buffer.wait_for_data(minp)) != "data":
+                return
+            now = self.clock.monotonic()
+        wall = self.clock.time_ms()
+        if not self.windows.is_open(wall):
+            opens = now + (self.windows.next_open_ms(wall) - wall) / 1000.0
+            await self._wait(None, deadline=opens)
+            return
+        if self._inflight_full():
+            await self._wait(None)
+            return
+        slot, mode, ready_at = self._pick(now)
+        if slot is None or mode is None or ready_at > now:
+            await self._wait(None, deadline=ready_at)
+            return
+        if not self._draining and not await self._lingered(now):
+            return
+        await self._take_and_send(slot, mode == "probe", minp)
+
+    def _inflight_full(self) -> bool:
+        return len(self._inflight) >= max(1, self.aimd.inflight_limit)
+
+    def _pick(self, now: float) -> tuple[_Slot | None, str | None, float]:
+        """First uplink (in failover order) whose breaker lets a batch through."""
+        wait_until = math.inf
+        for slot in self._slots:
+            mode = slot.breaker.allow(now)
+            if mode is None:
+                if slot.breaker.state(now) is BreakerState.OPEN:
+                    wait_until = min(wait_until, slot.breaker.open_until)
+                continue  # half-open with its probe in flight: an in-flight completion wakes us
+            return slot, mode, max(slot.retry_at, slot.throttle_until)
+        return None, None, wait_until
+
+    async def _lingered(self, now: float) -> bool:
+        """Metered/battery: hold data for ``linger`` to send fewer, larger batches;
+        critical data ends the wait at once. True when it is time to take."""
+        linger = {"metered": self.cfg.linger_metered_s,
+                  "battery": self.cfg.linger_battery_s}.get(self.power.profile, 0.0)
+        if linger <= 0:
+            return True
+        if self._linger_until is None:
+            self._linger_until = now + linger
+        if now >= self._linger_until:
+            return True
+        woke = await self._wait(self.buffer.wait_for_data(Priority.CRITICAL),
+                                deadline=self._linger_until)
+        if woke == "data":
+            self._linger_until = now  # critical data: flush everything in this wake-up
+        return False
+
+    async def _take_and_send(self, slot: _Slot, probe: bool, minp: Priority) -> None:
+        cfg = self.cfg
+        if probe:
+            limit = cfg.probe_max_bytes
+        else:
+            limit = min(self.aimd.effective_batch(self.quality, ENVELOPE_OVERHEAD),
+                        slot.uplink.max_payload - ENVELOPE_OVERHEAD)
+        max_chunks = 1 if probe else cfg.max_chunks
+        room = max(1, (limit - ENVELOPE_OVERHEAD) // (CHUNK_OVERHEAD + 1))
+        items = list(await self.buffer.take(max(1, limit - CHUNK_OVERHEAD),
+                                            min(max_chunks, room), minp))
+        if not items:
+            self._linger_until = None
+            if not self._inflight:
+                if self._draining:
+                    self._idle.set()
+                    await self._wait(None)
+                    return
+                # the buffer said "data" but gave none: do not spin on it
+                self._empty_takes += 1
+                if self._empty_takes > 2:
+                    await self._wait(None, deadline=self.clock.monotonic() + cfg.backoff_base_s)
+            else:
+                await self._wait(None)
+            return
+        self._empty_takes = 0
+        items = await self._screen(items)
+        if not items:
+            return
+        batch = await self._pack(slot, items, probe)
+        if batch is None:
+            return
+        if probe:
+            slot.breaker.begin_probe()
+        task = asyncio.create_task(self._send(slot, batch),
+                                   name=f"agent[uploader:{slot.name}:{batch.batch_id}]")
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("uploader send task failed", exc_info=task.exception())
+            self.counts["send_task_errors"] += 1
+
+    # ------------------------------------------------------------------ batching
+    async def _screen(self, items: list[StoredChunkLike]) -> list[StoredChunkLike]:
+        """Dead-letter expired/exhausted chunks; keep one device; isolate suspects."""
+        cfg = self.cfg
+        wall = self.clock.time_ms()
+        expired = [i for i in items
+                   if cfg.retention_s > 0 and wall - i.created_ms > cfg.retention_s * 1000]
+        gone = {i.id for i in expired}
+        exhausted = [i for i in items if i.id not in gone and cfg.max_attempts > 0
+                     and self._attempt_of(i) >= cfg.max_attempts]
+        gone.update(i.id for i in exhausted)
+        if expired:
+            await self._dead_letter(expired, "expired")
+        if exhausted:
+            await self._dead_letter(exhausted, "max_attempts")
+        items = [i for i in items if i.id not in gone]
+        if not items:
+            return items
+        keep: list[StoredChunkLike] = []
+        rest: list[StoredChunkLike] = []
+        dev = items[0].chunk.device_id
+        suspect = next((i for i in items if i.id in self._isolate), None)
+        for i in items:
+            if suspect is not None:
+                (keep if i is suspect else rest).append(i)
+            else:
+                (keep if i.chunk.device_id == dev else rest).append(i)
+        if rest:
+            await self.buffer.release([i.id for i in rest])
+        return keep
+
+    def _attempt_of(self, item: StoredChunkLike) -> int:
+        """Attempts already made for this chunk (ours in this process, else the buffer's)."""
+        return self._attempts.get(item.id, item.attempts)
+
+    async def _pack(self, slot: _Slot, items: list[StoredChunkLike],
+                    probe: bool) -> _Batch | None:
+        """Encode a batch that fits ``max_payload``; spill the tail back to the buffer."""
+        attempt = 1 + max(self._attempt_of(i) for i in items)
+        n = next(self._bseq)
+        first = items[0].chunk
+        batch_id = f"{first.device_id}-{first.seq_first}-a{attempt}-{n}"
+        while True:
+            payload = encode_batch(Batch(first.device_id, batch_id, [i.chunk for i in items],
+                                         sent_ms=self.clock.time_ms()))
+            if len(payload) <= slot.uplink.max_payload or len(items) == 1:
+                break
+            cut = max(1, len(items) // 2)
+            await self.buffer.release([i.id for i in items[cut:]])
+            items = items[:cut]
+        if len(payload) > slot.uplink.max_payload:
+            bigger = max(s.uplink.max_payload for s in self._slots)
+            if len(payload) > bigger:
+                await self._dead_letter(items, "oversized")
+                return None
+            await self.buffer.release([i.id for i in items])
+            slot.counts["oversized_for_uplink"] += 1
+            # a larger uplink exists: it is used when this one is unavailable; do not spin
+            slot.retry_at = self.clock.monotonic() + slot.backoff.next_delay()
+            return None
+        for i in items:
+            self._attempts[i.id] = attempt
+        while len(self._attempts) > _ATTEMPTS_CAP:
+            self._attempts.pop(next(iter(self._attempts)))
+        return _Batch(items, attempt, batch_id, payload, probe)
+
+    # ------------------------------------------------------------------ one attempt
+    async def _send(self, slot: _Slot, batch: _Batch) -> None:
+        size = len(batch.payload)
+        timeout = self.quality.timeout(size, self.cfg)
+        t0 = self.clock.monotonic()
+        w0 = float(self.clock.time_ms())
+        self.counts["batches_sent"] += 1
+        self.counts["bytes_sent"] += size
+        slot.counts["sent"] += 1
+        try:
+            await self._ensure_connected(slot)
+            ack = await slot.uplink.send(batch.payload, batch_id=batch.batch_id, timeout=timeout)
+        except asyncio.CancelledError:
+            slot.breaker.record_aborted(probe=batch.probe)
+            await asyncio.shield(self.buffer.release(batch.ids))
+            raise
+        except ThrottledError as exc:
+            await self._throttled(slot, batch, exc.retry_after_s)
+            return
+        except PayloadRejected as exc:
+            await self._rejected(slot, batch, exc.reason)
+            return
+        except (TransportError, OSError, TimeoutError) as exc:
+            await self._failed(slot, batch, exc)
+            return
+        rtt = self.clock.monotonic() - t0
+        if ack.status in ("ok", "duplicate"):
+            await self._acked(slot, batch, ack, rtt, w0)
+        elif ack.status == "throttled":
+            await self._throttled(slot, batch, ack.retry_after_s)
+        elif ack.status == "rejected":
+            await self._rejected(slot, batch, ack.reason or "rejected")
+        else:
+            await self._failed(slot, batch, TransportError(f"unknown ack status {ack.status!r}"))
+
+    async def _ensure_connected(self, slot: _Slot) -> None:
+        if slot.connected:
+            return
+        async with slot.lock:
+            if not slot.connected:
+                await slot.uplink.connect()
+                slot.connected = True
+
+    async def _acked(self, slot: _Slot, batch: _Batch, ack: Ack, rtt: float, w0: float) -> None:
+        await self.buffer.ack(batch.ids)
+        w1 = float(self.clock.time_ms())
+        for i in batch.items:
+            self._attempts.pop(i.id, None)
+            self._isolate.discard(i.id)
+        self.counts["batches_acked"] += 1
+        self.counts["readings_acked"] += batch.readings
+        if ack.status == "duplicate":
+            self.counts["duplicates"] += 1
+        self.batches_by_attempt[batch.attempt] += 1
+        self.readings_by_attempt[batch.attempt] += batch.readings
+        slot.counts["acked"] += 1
+        slot.failures_in_row = 0
+        slot.backoff.reset()
+        slot.retry_at = 0.0
+        slot.breaker.record_success(probe=batch.probe)
+        normal = self.quality.record_success(rtt, len(batch.payload))
+        self.aimd.on_success(normal)
+        if self.on_ack is not None:
+            self.on_ack(ack, w0, w1)
+
+    async def _failed(self, slot: _Slot, batch: _Batch, exc: BaseException) -> None:
+        await self.buffer.release(batch.ids)
+        now = self.clock.monotonic()
+        self.counts["batches_failed"] += 1
+        slot.counts["failed"] += 1
+        self.quality.record_failure(len(batch.payload))
+        self.aimd.decrease()
+        slot.breaker.record_failure(now, probe=batch.probe)
+        slot.retry_at = now + slot.backoff.next_delay()
+        slot.failures_in_row += 1
+        log.debug("batch %s via %s failed (attempt %d): %s", batch.batch_id, slot.name,
+                  batch.attempt, exc)
+        if slot.failures_in_row >= self.cfg.reconnect_after_failures and slot.connected:
+            slot.connected = False
+            try:
+                await slot.uplink.close()
+            except (TransportError, OSError) as close_exc:
+                log.debug("closing %s failed: %s", slot.name, close_exc)
+
+    async def _throttled(self, slot: _Slot, batch: _Batch, retry_after_s: float) -> None:
+        """Obey: wait retry-after (plus jitter, so a fleet does not return in step).
+        Not a link failure: the breaker is told the link is alive."""
+        await self.buffer.release(batch.ids)
+        now = self.clock.monotonic()
+        wait = max(0.0, retry_after_s) * (1.0 + self.rng.uniform(0.0, self.cfg.throttle_jitter))
+        slot.throttle_until = max(slot.throttle_until, now + wait)
+        self.counts["batches_throttled"] += 1
+        slot.counts["throttled"] += 1
+        slot.breaker.record_neutral(probe=batch.probe)
+        self.aimd.decrease()
+        self._event("throttled", uplink=slot.name, retry_after_s=retry_after_s)
+
+    async def _rejected(self, slot: _Slot, batch: _Batch, reason: str) -> None:
+        """The cloud refused the batch: resend its chunks one by one to find the bad one;
+        a chunk refused on its own is dead-lettered."""
+        self.counts["batches_rejected"] += 1
+        slot.counts["rejected"] += 1
+        slot.breaker.record_neutral(probe=batch.probe)
+        if len(batch.items) > 1:
+            self._isolate.update(batch.ids)
+            await self.buffer.release(batch.ids)
+            return
+        await self._dead_letter(batch.items, f"rejected:{reason}")
+
+    async def _dead_letter(self, items: Sequence[StoredChunkLike], reason: str) -> None:
+        n = sum(i.chunk.count for i in items)
+        log.warning("dead-lettering %d chunks (%d readings) of %s: %s", len(items), n,
+                    self.device_id, reason)
+        if self.on_dead_letter is not None:
+            res = self.on_dead_letter(items, reason)
+            if res is not None:
+                await res
+        await self.buffer.ack([i.id for i in items])
+        key = reason.split(":", 1)[0]
+        self.dead_letters[key] += len(items)
+        self.counts["readings_dead_lettered"] += n
+        for i in items:
+            self._attempts.pop(i.id, None)
+            self._isolate.discard(i.id)
+        self._event("dead_letter", reason=reason, chunks=len(items), readings=n)
+
+    # ------------------------------------------------------------------ waiting
+    async def _wait(self, data: Awaitable[Any] | None, *,
+                    deadline: float | None = None) -> str:
+        """Sleep until data (if given), the deadline, a wake-up (in-flight completion,
+        stop, drain) or a power-state change; returns which one ended it.
+
+        Data that is already there returns ``"data"`` without counting a wake-up.
+        """
+        tasks: dict[asyncio.Future[Any], str] = {}
+        if data is not None:
+            dt = asyncio.ensure_future(data)
+            await asyncio.sleep(0)
+            if dt.done():
+                dt.result()
+                return "data"
+            tasks[dt] = "data"
+        if self.power.path is not None:
+            deadline = self._next_power_check if deadline is None else min(
+                deadline, self._next_power_check)
+        if deadline is not None and math.isfinite(deadline):
+            tasks[asyncio.ensure_future(self.clock.sleep_until(deadline))] = "deadline"
+        tasks[asyncio.ensure_future(self._wake.wait())] = "wake"
+        tasks[asyncio.ensure_future(self.power.wait_changed())] = "power"
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.counts["wakeups"] += 1
+        kinds = {tasks[t] for t in done}
+        return "data" if "data" in kinds else next(iter(kinds))
+
+    async def _race(self, *aws: Awaitable[Any]) -> None:
+        tasks = [asyncio.ensure_future(a) for a in aws]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _cancel_inflight(self) -> None:
+        tasks = list(self._inflight)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ events
+    def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        self.counts[f"breaker_{new.value}"] += 1
+        self._wake.set()
+        self._event("breaker", uplink=name, old=old.value, new=new.value)
+
+    def _event(self, name: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(name, fields)
