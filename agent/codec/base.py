@@ -23,7 +23,7 @@ class ChunkCodec(Protocol):
 
 CODECS: dict[str, ChunkCodec] = {}
 _BY_ID: dict[int, ChunkCodec] = {}
-DEFAULT_CODEC = "columnar-zstd"
+DEFAULT_CODEC = "tsz-zstd"
 
 
 def register(codec: ChunkCodec) -> ChunkCodec:
@@ -82,3 +82,4 @@ def open_chunk(chunk: Chunk) -> list[Reading]:
 
 # register built-in codecs (import for side effect)
 from agent.codec import simple as _simple  # noqa: E402,F401
+from agent.codec import tsz as _tsz  # noqa: E402,F401
