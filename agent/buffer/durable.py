@@ -67,7 +67,7 @@ class _Plan:
     stage: list[tuple[Key, bytes]] = field(default_factory=list)
     states: dict[str, bytes] = field(default_factory=dict)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    critical: bool = False
+    floor: int = len(Priority)  # most important priority among new data (4 = none)
 
     @property
     def new_bytes(self) -> int:
@@ -350,7 +350,7 @@ class DurableBuffer:
                 fresh.setdefault((dev, int(r.priority)), []).append(r2)
             plan.results.append(out)
         for key, new in fresh.items():
-            plan.critical |= key[1] == Priority.CRITICAL
+            plan.floor = min(plan.floor, key[1])
             cur = self._open.get(key)
             buf = [*cur.readings, *new] if cur else list(new)
             deadline = cur.deadline if cur else now + age
@@ -369,7 +369,7 @@ class DurableBuffer:
             op = plan.new_open[key] if key in plan.new_open else self._open[key]
             if op is not None and (flush or op.deadline <= now):
                 plan.seal.append(seal_chunk(op.readings, self._codec))
-                plan.critical |= key[1] == Priority.CRITICAL
+                plan.floor = min(plan.floor, key[1])
                 plan.clear_staging.add(key)
                 plan.stage = [(k, b) for k, b in plan.stage if k != key]
                 plan.new_open[key] = None
@@ -386,7 +386,7 @@ class DurableBuffer:
                     if not _is_disk_full(exc) or attempt == _DISK_FULL_RETRIES:
                         raise
                     need = max(plan.new_bytes, 4096) * (2 ** attempt)
-                    if not await self._free_disk(need, plan.critical):
+                    if not await self._free_disk(need, plan.floor):
                         raise
         except (sqlite3.Error, OSError) as exc:
             err = BufferFull(f"cannot store readings: {exc}",
@@ -471,14 +471,15 @@ class DurableBuffer:
             staged = {**self._ledger.staging, **fx.staging}
             excess = total + sum(staged.values()) - self._cfg.budget_bytes
             if excess > 0:
-                await evict.make_room(db, excess, allow_critical=plan.critical, reason="budget",
+                floor = plan.floor if plan.floor < len(Priority) else Priority.HIGH
+                await evict.make_room(db, excess, floor=floor, reason="budget",
                                       fx=fx, codec=self._codec, degrader=self._degrader)
 
         await self._txn(body)
 
-    async def _free_disk(self, need: int, allow_critical: bool) -> bool:
+    async def _free_disk(self, need: int, floor: int) -> bool:
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
-            await evict.make_room(db, need, allow_critical=allow_critical, reason="disk_full",
+            await evict.make_room(db, need, floor=floor, reason="disk_full",
                                   fx=fx, codec=self._codec)
 
         fx = await self._txn(body)

@@ -1,8 +1,8 @@
 """Eviction inside a transaction: retention expiry, byte budget, degrade-before-drop.
 
-Order: lowest priority first, oldest first; CRITICAL is only touched when the data that
-needs the room is itself critical (so critical data is only ever evicted by newer critical
-data). Every removal is recorded in the transaction's :class:`Effects` with its reason.
+Order: lowest priority first, oldest first. The data that needs the room only pushes out
+data of its own priority or less important (its ``floor``): LOW data never evicts NORMAL,
+and CRITICAL data is only ever evicted by newer critical data. Every removal is recorded in the transaction's :class:`Effects` with its reason.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ async def expire(db: aiosqlite.Connection, ledger: Ledger, ttl_ms: list[int | No
                           for i, nb, c in rows)
 
 
-async def make_room(db: aiosqlite.Connection, excess: int, *, allow_critical: bool,
+async def make_room(db: aiosqlite.Connection, excess: int, *, floor: int,
                     reason: str, fx: Effects, codec: ChunkCodec,
                     degrader: Degrader | None = None) -> int:
-    """Free at least ``excess`` bytes; returns how many bytes could not be freed (>= 0)."""
-    order = [Priority.LOW, Priority.NORMAL, Priority.HIGH]
-    if allow_critical:
-        order.append(Priority.CRITICAL)
-    for p in order:
+    """Free at least ``excess`` bytes from priorities >= ``floor``, lowest first, oldest
+    first; returns how many bytes could not be freed (>= 0)."""
+    for p in sorted(Priority, reverse=True):
+        if p < floor:
+            break
         while excess > 0:
             rows = await db.execute_fetchall(
                 "SELECT id, nbytes, count, degraded FROM chunks WHERE priority = ? "
