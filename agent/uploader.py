@@ -243,8 +243,12 @@ class Uploader:
         minp = self.power.min_priority
         if not self._draining and not self._inflight_full():
             # block until there is something to send (the buffer's event), or we are woken
-            if await self._wait(self.buffer.wait_for_data(minp)) != "data":
-                return
+            woke = await self._wait(self.buffer.wait_for_data(minp))
+            if woke != "ready":
+                # we slept: a new episode of data starts its own linger
+                self._linger_until = None
+                if woke != "data":
+                    return
             now = self.clock.monotonic()
         wall = self.clock.time_ms()
         if not self.windows.is_open(wall):
@@ -290,7 +294,7 @@ class Uploader:
             return True
         woke = await self._wait(self.buffer.wait_for_data(Priority.CRITICAL),
                                 deadline=self._linger_until)
-        if woke == "data":
+        if woke in ("data", "ready"):
             self._linger_until = now  # critical data: flush everything in this wake-up
         return False
 
@@ -323,9 +327,11 @@ class Uploader:
         items = await self._screen(items)
         if not items:
             return
-        batch = await self._pack(slot, items, probe)
-        if batch is None:
+        packed = await self._pack(slot, items, probe)
+        if packed is None:
             return
+        slot, batch = packed
+        probe = batch.probe
         if probe:
             slot.breaker.begin_probe()
         task = asyncio.create_task(self._send(slot, batch),
@@ -376,7 +382,7 @@ class Uploader:
         return self._attempts.get(item.id, item.attempts)
 
     async def _pack(self, slot: _Slot, items: list[StoredChunkLike],
-                    probe: bool) -> _Batch | None:
+                    probe: bool) -> tuple[_Slot, _Batch] | None:
         """Encode a batch that fits ``max_payload``; spill the tail back to the buffer."""
         attempt = 1 + max(self._attempt_of(i) for i in items)
         n = next(self._bseq)
@@ -391,20 +397,25 @@ class Uploader:
             await self.buffer.release([i.id for i in items[cut:]])
             items = items[:cut]
         if len(payload) > slot.uplink.max_payload:
-            bigger = max(s.uplink.max_payload for s in self._slots)
-            if len(payload) > bigger:
+            slot.counts["oversized_for_uplink"] += 1
+            if len(payload) > max(s.uplink.max_payload for s in self._slots):
                 await self._dead_letter(items, "oversized")
                 return None
-            await self.buffer.release([i.id for i in items])
-            slot.counts["oversized_for_uplink"] += 1
-            # a larger uplink exists: it is used when this one is unavailable; do not spin
-            slot.retry_at = self.clock.monotonic() + slot.backoff.next_delay()
-            return None
+            now = self.clock.monotonic()
+            other = next((s for s in self._slots if s.uplink.max_payload >= len(payload)
+                          and s.breaker.allow(now) == "send"
+                          and max(s.retry_at, s.throttle_until) <= now), None)
+            if other is None:
+                # the larger uplink is unavailable right now: wait, do not spin
+                await self.buffer.release([i.id for i in items])
+                slot.retry_at = now + slot.backoff.next_delay()
+                return None
+            slot, probe = other, False
         for i in items:
             self._attempts[i.id] = attempt
         while len(self._attempts) > _ATTEMPTS_CAP:
             self._attempts.pop(next(iter(self._attempts)))
-        return _Batch(items, attempt, batch_id, payload, probe)
+        return slot, _Batch(items, attempt, batch_id, payload, probe)
 
     # ------------------------------------------------------------------ one attempt
     async def _send(self, slot: _Slot, batch: _Batch) -> None:
@@ -538,7 +549,7 @@ class Uploader:
         """Sleep until data (if given), the deadline, a wake-up (in-flight completion,
         stop, drain) or a power-state change; returns which one ended it.
 
-        Data that is already there returns ``"data"`` without counting a wake-up.
+        Data that is already there returns ``"ready"`` without counting a wake-up.
         """
         tasks: dict[asyncio.Future[Any], str] = {}
         if data is not None:
@@ -546,7 +557,7 @@ class Uploader:
             await asyncio.sleep(0)
             if dt.done():
                 dt.result()
-                return "data"
+                return "ready"
             tasks[dt] = "data"
         if self.power.path is not None:
             deadline = self._next_power_check if deadline is None else min(

@@ -72,8 +72,8 @@ async def crash(buf: DurableBuffer) -> None:
     await db.close()
 
 
-async def within(aw: Awaitable[T], timeout: float = 5.0) -> T:
-    return await asyncio.wait_for(aw, timeout)
+async def within(aw: Awaitable[T], limit: float = 5.0) -> T:
+    return await asyncio.wait_for(aw, limit)
 
 
 async def drain(buf: DurableBuffer, *, ack: bool = True) -> list[Reading]:
@@ -92,11 +92,11 @@ async def drain(buf: DurableBuffer, *, ack: bool = True) -> list[Reading]:
             await buf.ack([sc.id for sc in got])
 
 
-async def eventually(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+async def eventually(pred: Callable[[], bool], limit: float = 5.0) -> None:
     """Wait (real time) until ``pred()``: the buffer's SQLite work runs in a thread, so
     virtual-time wake-ups complete a little later in real time."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = loop.time() + limit
     while not pred():
         if loop.time() > end:
             raise AssertionError("condition not reached in time")

@@ -64,13 +64,13 @@ async def test_seal_by_size_and_staging_is_compact(tmp_path: Path) -> None:
         assert s.readings_pending["normal"] == 250
         assert buf._db is not None
         rows = await buf._db.execute_fetchall("SELECT count(*) FROM staging")
-        assert list(rows)[0][0] == 1  # one blob for 50 staged readings, not 50 rows
+        assert next(iter(rows))[0] == 1  # one blob for 50 staged readings, not 50 rows
         await buf.append(readings(30, seed=1))
         rows = await buf._db.execute_fetchall("SELECT count(*) FROM staging")
-        assert list(rows)[0][0] == 2  # one more blob per group commit
+        assert next(iter(rows))[0] == 2  # one more blob per group commit
         await buf.append(readings(20, seed=2))  # 50 + 30 + 20 = 100: sealed, staging cleared
         rows = await buf._db.execute_fetchall("SELECT count(*) FROM staging")
-        assert list(rows)[0][0] == 0
+        assert next(iter(rows))[0] == 0
         assert buf.stats().chunks_pending == 3 and buf.stats().open_chunks == 0
 
 

@@ -128,8 +128,8 @@ async def _low_kept(path: Path, degrade: bool) -> tuple[int, int, int]:
 
 
 async def test_degrade_low_before_drop(tmp_path: Path) -> None:
-    degraded, kept, oldest = await _low_kept(tmp_path / "a.db", True)
-    plain_degraded, plain_kept, plain_oldest = await _low_kept(tmp_path / "b.db", False)
+    degraded, _kept, oldest = await _low_kept(tmp_path / "a.db", True)
+    plain_degraded, _plain_kept, plain_oldest = await _low_kept(tmp_path / "b.db", False)
     assert plain_degraded == 0 and degraded > 0
     # compacted chunks keep one reading per sensor, so older low data survives longer
     assert oldest < plain_oldest
@@ -142,7 +142,7 @@ async def test_disk_full_evicts_then_raises_without_losing_accepted(tmp_path: Pa
         await fill(buf, Priority.CRITICAL, 10, device="c", seed=1)
         await buf.flush()
         assert buf._db is not None
-        pages = list(await buf._db.execute_fetchall("PRAGMA page_count"))[0][0]
+        pages = next(iter(await buf._db.execute_fetchall("PRAGMA page_count")))[0]
         await buf._db.execute(f"PRAGMA max_page_count = {pages}")
         await fill(buf, Priority.NORMAL, 8, device="n", seed=2)  # fits only by evicting low
         s = buf.stats()

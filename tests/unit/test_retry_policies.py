@@ -166,7 +166,9 @@ def test_timeout_initial_then_rto_plus_transfer_clamped() -> None:
         q.record_success(0.2, 2000)  # 10 kB/s
     t_small = q.timeout(100, c)
     assert 0.5 <= t_small < 1.0
-    assert q.timeout(20_000, c) == pytest.approx(min(5.0, t_small - 100 / 10_000 + 2.0))
+    assert q.srtt is not None
+    rto = q.srtt + 4 * max(q.rttvar, 0.01)
+    assert q.timeout(20_000, c) == pytest.approx(rto + 2.0)  # + transfer time at 10 kB/s
     assert q.timeout(10**9, c) == 5.0
 
 
