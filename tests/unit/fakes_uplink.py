@@ -46,7 +46,7 @@ class FakeUplink:
     async def close(self) -> None:
         self.closes += 1
 
-    async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:
+    async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:  # noqa: ASYNC109
         batch = decode_batch(payload)
         assert batch.batch_id == batch_id
         assert len(payload) <= self.max_payload

@@ -85,7 +85,7 @@ async def test_chunk_too_big_for_primary_goes_via_a_bigger_uplink() -> None:
 
 
 async def test_drain_sends_pending_then_stops_run() -> None:
-    clock, buf, (ul,), up = make(10)
+    clock, buf, _ups, up = make(10)
     task = asyncio.create_task(up.run())
     await clock.settle()
     drain = asyncio.create_task(up.drain(30))
@@ -124,9 +124,9 @@ async def test_stop_cancels_and_releases_and_double_run_refused() -> None:
 
 
 def test_needs_an_uplink() -> None:
+    from agent.uploader import Uploader
     from pymigrate.clock import VirtualClock
     from tests.unit.fakes_buffer import FakeBuffer
-    from agent.uploader import Uploader
 
     clock = VirtualClock()
     with pytest.raises(ValueError):

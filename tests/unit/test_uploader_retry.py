@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from agent.retry import PowerState
 from pymigrate.types import Priority
 from tests.unit.uploader_helpers import advance, cfg, chunk, make, running
@@ -25,12 +27,12 @@ async def test_failed_batch_goes_back_to_head_and_order_is_kept() -> None:
 async def test_retry_waits_a_jittered_backoff_not_a_tight_loop() -> None:
     c = cfg(backoff_base_s=2.0, backoff_cap_s=2.0, breaker_failures=10, breaker_min_calls=20,
             breaker_window=20)
-    clock, buf, (ul,), up = make(1, config=c)
+    clock, _buf, (ul,), up = make(1, config=c)
     ul.default = "fail"
     async with running(up):
         await advance(clock, 60)
     times = [b.sent_ms for b in ul.sent][:10]
-    gaps = [(b - a) / 1000 for a, b in zip(times, times[1:])]
+    gaps = [(b - a) / 1000 for a, b in itertools.pairwise(times)]
     # full jitter on [0, 2 s] after each 0.1 s failed attempt; the breaker opens after 10
     assert len(gaps) == 9 and all(0.1 <= g <= 2.1 for g in gaps)
     assert len(set(gaps)) == 9  # jittered, not fixed
@@ -38,7 +40,7 @@ async def test_retry_waits_a_jittered_backoff_not_a_tight_loop() -> None:
     assert up.stats()["uplinks"]["up0"]["transitions"]["closed->open"] == 1
     later = [b.sent_ms for b in ul.sent][9:]
     assert 2 <= len(later) <= 6
-    assert all(b - a >= 2400 for a, b in zip(later, later[1:]))
+    assert all(b - a >= 2400 for a, b in itertools.pairwise(later))
     assert up.stats()["wakeups"] <= 2 * len(ul.sent) + 2
 
 
