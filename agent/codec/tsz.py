@@ -98,7 +98,7 @@ def _decimal_digits(v: F64) -> U8:
         for d, p in enumerate(_P10):
             if idx.size == 0:
                 break
-            m = np.rint(sub * p)
+            m = np.rint(sub * p) + 0.0  # +0.0: the decoder has no -0
             k = sub.view(np.int64) - (m / p).view(np.int64)
             ok = (np.abs(m) < _LIMIT52) & ((k + _KMAX).view(np.uint64) <= 2 * _KMAX)
             out[idx[ok]] = d
@@ -134,8 +134,32 @@ def _str(s: str) -> bytes:
     return uvarint(len(raw)) + raw
 
 
-def _col(x: I64 | None, counts: I64) -> bytes:
-    return b"" if x is None else encode_segments(x, counts)
+def _encode_pattern(sid0: I64, s_count: int) -> bytes:
+    """Series id of each reading in acceptance order. With <= 256 series: the step from
+    the previous id modulo the series count, one byte each (round-robin rows become a run
+    of ones the entropy stage all but erases)."""
+    if s_count == 1:
+        return b""
+    if s_count <= 256:
+        step = np.diff(sid0, prepend=0) % s_count
+        return step.astype(np.uint8).tobytes()
+    return encode_intcol(sid0)
+
+
+def _decode_pattern(cur: Cursor, n: int, counts: I64) -> I64:
+    s_count = counts.size
+    if s_count == 1:
+        return np.zeros(n, dtype=np.int64)
+    if s_count <= 256:
+        step = np.frombuffer(cur.take(n), dtype=np.uint8).astype(np.int64)
+        sid0: I64 = np.cumsum(step) % s_count
+    else:
+        sid0 = decode_intcol(cur, n)
+        if int(sid0.min()) < 0 or int(sid0.max()) >= s_count:
+            raise DecodeError("series index out of range", reason="malformed")
+    if not np.array_equal(np.bincount(sid0, minlength=s_count), counts):
+        raise DecodeError("series pattern disagrees with series sizes", reason="malformed")
+    return sid0
 
 
 class TszCodec:
@@ -181,21 +205,20 @@ class TszCodec:
             sid = sid0[order]
             ts = np.array(tss, dtype=np.int64)[order]
             v = np.array(vals, dtype=np.float64)[order]
-            seq_orig = np.array(seqs, dtype=np.int64)
-            seq = seq_orig[order]
+            seq = np.array(seqs, dtype=np.int64)
             opt: list[I64 | None] = [None] * 6
             if any(quals):
-                opt[0] = np.array(quals, dtype=np.int64)[order]
+                opt[0] = np.array(quals, dtype=np.int64)
             if any(uncs):
-                opt[1] = np.array(uncs, dtype=np.int64)[order]
+                opt[1] = np.array(uncs, dtype=np.int64)
             n_raw_none = raws.count(None)
             if n_raw_none != n:
-                opt[2] = np.array([0 if r is None else r for r in raws], np.int64)[order]
+                opt[2] = np.array([0 if r is None else r for r in raws], np.int64)
                 if n_raw_none:
-                    opt[3] = np.array([r is None for r in raws], dtype=np.int64)[order]
+                    opt[3] = np.array([r is None for r in raws], dtype=np.int64)
             if has_agg:
-                opt[4] = np.array([a.window_end_ms if a else 0 for a in aggs], np.int64)[order]
-                opt[5] = np.array([a.count if a else 0 for a in aggs], np.int64)[order]
+                opt[4] = np.array([a.window_end_ms if a else 0 for a in aggs], np.int64)
+                opt[5] = np.array([a.count if a else 0 for a in aggs], np.int64)
         except OverflowError as exc:
             raise ValueError(f"reading field outside int64: {exc}") from exc
         for i, col in enumerate(opt):
@@ -243,12 +266,12 @@ class TszCodec:
         vn = v[num]
         with np.errstate(all="ignore"):
             if lossy is not None:
-                m = np.rint(vn / lossy)
+                m = np.rint(vn / lossy) + 0.0
                 k = None
                 exc = ~((np.abs(m) < _LIMIT52) & (np.abs(m * lossy - vn) <= lossy / 2))
             else:
                 p = np.repeat(np.array(_P10)[np.maximum(digits, 0)], counts)[num]
-                m = np.rint(vn * p)
+                m = np.rint(vn * p) + 0.0
                 k = vn.view(np.int64) - (m / p).view(np.int64)
                 exc = ~((np.abs(m) < _LIMIT52) & ((k + _KMAX).view(np.uint64) <= 2 * _KMAX))
         exc |= (vn == 0) & np.signbit(vn)
@@ -275,15 +298,11 @@ class TszCodec:
             x[xs] = bits[xs]
             parts.append(x.view(np.uint8).reshape(-1, 8).T.tobytes())
 
-        # integer columns
-        parts.append(encode_segments(seq, counts))
-        parts += [_col(col, counts) for col in opt]
-        # order: by seq (stable) when that reproduces acceptance order, else explicit
-        if n > 1 and not (np.diff(seq_orig) > 0).all():
-            perm = np.argsort(seq, kind="stable")
-            if not (order[perm] == np.arange(n)).all():
-                gflags |= _G_ORDER
-                parts.append(encode_intcol(order.astype(np.int64)))
+        # acceptance order: which series each reading belongs to, then the per-reading
+        # columns in that order (seq is then usually an arithmetic progression)
+        parts.append(_encode_pattern(sid0, s_count))
+        parts.append(encode_intcol(seq))
+        parts += [encode_intcol(col) for col in opt if col is not None]
         body = b"".join((uvarint(n), uvarint(s_count), bytes([gflags]), *parts))
         return self._seal(body)
 
@@ -330,8 +349,7 @@ class TszCodec:
         return _decode_body(Cursor(body), device_id, priority, res)
 
 
-_G_QUAL, _G_UNC, _G_RAW, _G_RAWMASK, _G_AGGW, _G_AGGC, _G_ULP, _G_ORDER = (
-    1 << i for i in range(8))
+_G_QUAL, _G_UNC, _G_RAW, _G_RAWMASK, _G_AGGW, _G_AGGC, _G_ULP = (1 << i for i in range(7))
 
 
 def _decode_body(cur: Cursor, device_id: str, priority: Priority,
@@ -339,6 +357,8 @@ def _decode_body(cur: Cursor, device_id: str, priority: Priority,
     n = cur.count(MAX_POINTS)
     s_count = cur.count(n)
     gflags = cur.u8()
+    if gflags >= 1 << 7:
+        raise DecodeError(f"unknown chunk flags {gflags:#x}", reason="malformed")
     table: list[tuple[str, str | None, str, int, int, int]] = []
     for _ in range(s_count):
         sensor = cur.string()
@@ -397,41 +417,32 @@ def _decode_body(cur: Cursor, device_id: str, priority: Priority,
         offs[1:] = x[xs[1:] - 1]
         v[is_xor] = (x ^ np.repeat(offs, xor_counts)).view(np.float64)
 
-    seq = decode_segments(cur, counts)
+    sid0 = _decode_pattern(cur, n, counts)
+    order = np.argsort(sid0, kind="stable")
+    inv = np.empty(n, dtype=np.int64)
+    inv[order] = np.arange(n)
+    seq = decode_intcol(cur, n).tolist()
     opt: list[Any] = []
     for bit in (_G_QUAL, _G_UNC, _G_RAW, _G_RAWMASK, _G_AGGW, _G_AGGC):
-        opt.append(decode_segments(cur, counts).tolist() if gflags & bit else None)
+        opt.append(decode_intcol(cur, n).tolist() if gflags & bit else None)
     qual, unc, raw, rawmask, aggw, aggc = opt
     if raw is not None and rawmask is not None:
         raw = [None if mk else r for r, mk in zip(raw, rawmask)]
-    sensors: list[str] = []
-    aggs: list[AggInfo | None] = []
-    for (sensor, rule, fn, *_), c in zip(table, counts.tolist()):
-        sensors += [sensor] * c
-        if aggw is not None:
-            if rule is None:
-                aggs += [None] * c
-            else:
-                off = len(aggs)
-                aggs += [AggInfo(rule, fn, aggw[off + j], aggc[off + j]) for j in range(c)]
+    sid_l = sid0.tolist()
+    names = [t[0] for t in table]
+    sensors = [names[i] for i in sid_l]
+    aggs: Any = repeat(None)
+    if aggw is not None:
+        rules = [(t[1], t[2]) for t in table]
+        aggs = [None if rules[i][0] is None else AggInfo(rules[i][0], rules[i][1], w, c)  # type: ignore[arg-type]
+                for i, w, c in zip(sid_l, aggw, aggc)]
     out = [Reading(device_id, s, t, val, priority, q, r, ql, u, ag)
            for s, t, val, q, r, ql, u, ag in zip(
-               sensors, ts.tolist(), v.tolist(), seq.tolist(),
+               sensors, ts[inv].tolist(), v[inv].tolist(), seq,
                repeat(None) if raw is None else raw,
                repeat(0) if qual is None else qual,
                repeat(0) if unc is None else unc,
-               repeat(None) if aggw is None else aggs)]
-    if gflags & _G_ORDER:
-        order = decode_intcol(cur, n)
-        if np.bincount(order.clip(0, n), minlength=n + 1)[:n].min() != 1:
-            raise DecodeError("order column is not a permutation", reason="malformed")
-        res: list[Any] = [None] * n
-        for j, i in enumerate(order.tolist()):
-            res[i] = out[j]
-        out = res
-    elif s_count > 1:
-        perm = np.argsort(seq, kind="stable").tolist()
-        out = [out[j] for j in perm]
+               aggs)]
     if cur.left:
         raise DecodeError("trailing bytes after chunk body", reason="malformed")
     return out
