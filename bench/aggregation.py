@@ -37,6 +37,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from agent.aggregate import Aggregator, parse_aggregation
 from agent.codec import DEFAULT_CODEC, codec_by_name, open_chunk, seal_chunk
 from bench.common import emit
@@ -76,7 +78,7 @@ def wire_bytes(readings: Sequence[Reading], codec: str, chunk_points: int,
     def size(cs: list[Chunk]) -> int:
         return len(encode_batch(Batch(device, uuid.uuid4().hex, cs, 1_767_600_000_000)))
 
-    total, cur = 0, []
+    total, cur = 0, list[Chunk]()
     for c in chunks:
         if cur and size([*cur, c]) > batch_bytes:
             total += size(cur)
@@ -86,8 +88,6 @@ def wire_bytes(readings: Sequence[Reading], codec: str, chunk_points: int,
 
 
 def msgspec_replace(r: Reading, **kw: Any) -> Reading:
-    import msgspec
-
     return msgspec.structs.replace(r, **kw)
 
 
