@@ -212,7 +212,8 @@ class Uploader:
         return {
             **{k: self.counts[k] for k in (
                 "batches_sent", "batches_acked", "batches_failed", "batches_throttled",
-                "batches_rejected", "bytes_sent", "readings_acked", "wakeups", "duplicates")},
+                "batches_rejected", "bytes_sent", "readings_acked", "wakeups", "loop_wakeups",
+                "duplicates", "readings_dead_lettered")},
             "dead_letters": dict(self.dead_letters),
             "attempts": dict(sorted(self.batches_by_attempt.items())),
             "readings_by_attempt": dict(sorted(self.readings_by_attempt.items())),
@@ -374,28 +375,49 @@ class Uploader:
             else:
                 (keep if i.chunk.device_id == dev else rest).append(i)
         if rest:
-            await self.buffer.release([i.id for i in rest])
+            await self._spill(rest)
         return keep
 
     def _attempt_of(self, item: StoredChunkLike) -> int:
         """Attempts already made for this chunk (ours in this process, else the buffer's)."""
         return self._attempts.get(item.id, item.attempts)
 
+    async def _spill(self, items: Sequence[StoredChunkLike]) -> None:
+        """Give chunks back unsent (not an attempt): remember their own attempt count."""
+        for i in items:
+            self._attempts[i.id] = self._attempt_of(i)
+        await self.buffer.release([i.id for i in items])
+
     async def _pack(self, slot: _Slot, items: list[StoredChunkLike],
                     probe: bool) -> tuple[_Slot, _Batch] | None:
-        """Encode a batch that fits ``max_payload``; spill the tail back to the buffer."""
-        attempt = 1 + max(self._attempt_of(i) for i in items)
-        n = next(self._bseq)
+        """Encode a batch that fits ``max_payload``; spill the tail back to the buffer.
+
+        A chunk that already failed is retried in a minimal batch (``batch_min_bytes``):
+        on a lossy link a smaller attempt is likelier to get through, so a chunk is not
+        dragged through several failures by the size of its companions.
+        """
+        if len(items) > 1 and self._attempt_of(items[0]) > 0:
+            keep, total = 1, len(items[0].chunk.payload)
+            while keep < len(items) and (
+                    total + len(items[keep].chunk.payload) <= self.cfg.batch_min_bytes):
+                total += len(items[keep].chunk.payload)
+                keep += 1
+            await self._spill(items[keep:])
+            items = items[:keep]
         first = items[0].chunk
-        batch_id = f"{first.device_id}-{first.seq_first}-a{attempt}-{n}"
+        sent_ms = self.clock.time_ms()
         while True:
-            payload = encode_batch(Batch(first.device_id, batch_id, [i.chunk for i in items],
-                                         sent_ms=self.clock.time_ms()))
+            payload = encode_batch(Batch(first.device_id, "", [i.chunk for i in items],
+                                         sent_ms=sent_ms))
             if len(payload) <= slot.uplink.max_payload or len(items) == 1:
                 break
             cut = max(1, len(items) // 2)
-            await self.buffer.release([i.id for i in items[cut:]])
+            await self._spill(items[cut:])
             items = items[:cut]
+        attempt = 1 + max(self._attempt_of(i) for i in items)
+        batch_id = f"{first.device_id}-{first.seq_first}-a{attempt}-{next(self._bseq)}"
+        payload = encode_batch(Batch(first.device_id, batch_id, [i.chunk for i in items],
+                                     sent_ms=sent_ms))
         if len(payload) > slot.uplink.max_payload:
             slot.counts["oversized_for_uplink"] += 1
             if len(payload) > max(s.uplink.max_payload for s in self._slots):
@@ -407,7 +429,7 @@ class Uploader:
                           and max(s.retry_at, s.throttle_until) <= now), None)
             if other is None:
                 # the larger uplink is unavailable right now: wait, do not spin
-                await self.buffer.release([i.id for i in items])
+                await self._spill(items)
                 slot.retry_at = now + slot.backoff.next_delay()
                 return None
             slot, probe = other, False
@@ -564,6 +586,7 @@ class Uploader:
                 deadline, self._next_power_check)
         if deadline is not None and math.isfinite(deadline):
             tasks[asyncio.ensure_future(self.clock.sleep_until(deadline))] = "deadline"
+        idle = not self._inflight  # a wake-up from idle is what costs a device energy
         tasks[asyncio.ensure_future(self._wake.wait())] = "wake"
         tasks[asyncio.ensure_future(self.power.wait_changed())] = "power"
         try:
@@ -573,7 +596,9 @@ class Uploader:
                 if not t.done():
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        self.counts["wakeups"] += 1
+        self.counts["loop_wakeups"] += 1
+        if idle:
+            self.counts["wakeups"] += 1
         kinds = {tasks[t] for t in done}
         return "data" if "data" in kinds else next(iter(kinds))
 

@@ -231,3 +231,18 @@ async def test_power_file_is_read_at_run_time(tmp_path: object) -> None:
         os.utime(f, ns=(1, 10**18))
         await advance(clock, 61)
         assert len(buf) == 0
+
+
+async def test_failed_chunks_are_retried_in_minimal_batches() -> None:
+    c = cfg(batch_min_bytes=1024, batch_initial_bytes=64 * 1024)
+    clock, buf, (ul,), up = make(config=c)
+    for s in range(8):
+        buf.put_nowait(chunk(1 + 10 * s, nbytes=600))
+    ul.script("fail")
+    async with running(up):
+        await advance(clock, 30)
+    assert len(buf) == 0
+    assert len(ul.sent[0].chunks) == 8  # one big batch first
+    assert [len(b.chunks) for b in ul.sent[1:9]] == [1] * 8  # each failed chunk alone
+    assert up.stats()["attempts"] == {2: 8}  # spilled chunks kept their own count
+    assert ul.seqs == [1 + 10 * s for s in range(8)]
