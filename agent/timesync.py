@@ -38,8 +38,9 @@ Correction and flags
     RTC unrelated to the gateway's) is anchored at its arrival. ``raw_ts_ms`` always
     keeps the device's original time.
 
-The corrector is in-memory; after an agent restart it needs one ack to sync again
-(send a small sync ping at start).
+The corrector is in-memory; after an agent restart it needs acks to sync again: send
+a short burst of sync pings at start (one ack may be a delayed one) and keep pinging
+while :meth:`TimeCorrector.wants_samples` is true (until the drift is estimated).
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = True
     max_samples: int = 64  # samples kept (count bound of the window)
     window_s: float = 4 * 3600.0  # samples older than this go once 3 newer exist
-    keep_fraction: float = 0.5  # min-delay filter: share of lowest-delay samples fitted
+    keep_fraction: float = 0.5  # min-delay filter: share of lowest-delay samples for offset
+    delay_factor: float = 2.0  # samples with delay > min * factor + slack are not fitted
+    delay_slack_ms: float = 50.0
     max_delay_ms: float = 10_000.0  # round trips above this are rejected outright
-    min_drift_span_s: float = 600.0  # estimate drift once fitted samples span this long
+    min_drift_span_s: float = 240.0  # estimate drift once fitted samples span this long
     max_drift_ppm: float = 500.0  # clamp of the drift estimate
-    drift_uncert_ppm: float = 2.0  # assumed error of an estimated drift (uncertainty)
+    drift_uncert_ppm: float = 2.0  # floor of the error of an estimated drift
     unsynced_drift_ppm: float = 200.0  # assumed drift when none is estimated
     step_threshold_ms: float = 2000.0  # wall-vs-monotonic change that counts as a jump
     min_year: int = 2020  # RTC times outside [min_year, max_year] are implausible
@@ -86,6 +89,8 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("window_s", self.window_s > 0, "> 0"),
             ("keep_fraction", 0 < self.keep_fraction <= 1, "in (0, 1]"),
             ("max_delay_ms", self.max_delay_ms > 0, "> 0"),
+            ("delay_factor", self.delay_factor >= 1, ">= 1"),
+            ("delay_slack_ms", self.delay_slack_ms >= 0, ">= 0"),
             ("min_drift_span_s", self.min_drift_span_s > 0, "> 0"),
             ("max_drift_ppm", self.max_drift_ppm > 0, "> 0"),
             ("drift_uncert_ppm", self.drift_uncert_ppm >= 0, ">= 0"),
@@ -115,12 +120,17 @@ class _Regime:
 class _Model:
     """``server_ms = m + a + b * (m - ref)`` with ``m`` monotonic milliseconds."""
 
-    __slots__ = ("a", "b", "d_min", "drift_known", "ref", "sigma")
+    __slots__ = ("a", "b", "d_min", "drift_err", "ref", "sigma")
 
     def __init__(self, a: float, b: float, ref: float, d_min: float, sigma: float,
-                 drift_known: bool) -> None:
+                 drift_err: float | None) -> None:
         self.a, self.b, self.ref = a, b, ref
-        self.d_min, self.sigma, self.drift_known = d_min, sigma, drift_known
+        self.d_min, self.sigma = d_min, sigma
+        self.drift_err = drift_err  # None: drift not estimated (b = 0)
+
+    @property
+    def drift_known(self) -> bool:
+        return self.drift_err is not None
 
     def at(self, m: float) -> float:
         return m + self.a + self.b * (m - self.ref)
@@ -212,30 +222,39 @@ class TimeCorrector:
     def _build(self) -> _Model:
         cfg = self.config
         by_delay = sorted(self._samples, key=lambda s: s[2])
-        k = max(min(len(by_delay), 3), math.ceil(cfg.keep_fraction * len(by_delay)))
-        chosen = sorted(by_delay[:k])
         d_min = by_delay[0][2]
-        ref = chosen[-1][0]
+        # popcorn filter: a delay far above the minimum means queueing on one leg
+        limit = d_min * cfg.delay_factor + cfg.delay_slack_ms
+        eligible = [s for s in by_delay if s[2] <= limit]
+        k = max(min(len(eligible), 3), math.ceil(cfg.keep_fraction * len(eligible)))
+        chosen = sorted(eligible[:k])
+        eligible.sort()
+        ref = eligible[-1][0]
+        span = eligible[-1][0] - eligible[0][0]
         b = 0.0
-        drift_known = False
-        if len(chosen) >= 2 and chosen[-1][0] - chosen[0][0] >= cfg.min_drift_span_s * 1000:
+        drift_err: float | None = None
+        if len(eligible) >= 3 and span >= cfg.min_drift_span_s * 1000:
             slopes: list[tuple[float, float]] = []
-            for i, (mi, oi, _) in enumerate(chosen):
-                for mj, oj, _ in chosen[i + 1:]:
+            for i, (mi, oi, _) in enumerate(eligible):
+                for mj, oj, _ in eligible[i + 1:]:
                     dm = mj - mi
                     if dm > 0:
                         slopes.append(((oj - oi) / dm, dm))
             lim = cfg.max_drift_ppm * 1e-6
             b = min(lim, max(-lim, _weighted_median(slopes)))
-            drift_known = True
+            detrended = [o - b * (m - ref) for m, o, _ in eligible]
+            center = _median(detrended)
+            spread = 1.4826 * _median([abs(x - center) for x in detrended])
+            # a slope from a short span is only as good as the offsets' noise over it
+            drift_err = max(cfg.drift_uncert_ppm * 1e-6, 2.0 * spread / span)
         a = _median([o - b * (m - ref) for m, o, _ in chosen])
         sigma = 1.4826 * _median([abs(o - a - b * (m - ref)) for m, o, _ in chosen])
-        return _Model(a, b, ref, d_min, sigma, drift_known)
+        return _Model(a, b, ref, d_min, sigma, drift_err)
 
     def _uncert(self, model: _Model, m: float) -> int:
-        ppm = (self.config.drift_uncert_ppm if model.drift_known
-               else self.config.unsynced_drift_ppm)
-        ext = abs(m - model.ref) * ppm * 1e-6
+        rate = (model.drift_err if model.drift_err is not None
+                else self.config.unsynced_drift_ppm * 1e-6)
+        ext = abs(m - model.ref) * rate
         return math.ceil(model.d_min / 2.0 + 2.0 * model.sigma + ext)
 
     # -- regimes --------------------------------------------------------------------
@@ -332,6 +351,12 @@ class TimeCorrector:
     def synced(self) -> bool:
         """True once at least one good sample is in the model."""
         return self._fit() is not None
+
+    def wants_samples(self) -> bool:
+        """True while unsynced or the drift is not estimated yet: the uploader should
+        send sync pings (an empty batch) every minute or so instead of waiting for data."""
+        model = self._fit()
+        return model is None or not model.drift_known
 
     def now_ms(self) -> int:
         """Best estimate of true time now (the local wall clock when unsynced)."""
