@@ -45,13 +45,6 @@ def unzigzag(z: U64) -> U64:
     return (z >> _ONE) ^ (np.uint64(0) - (z & _ONE))
 
 
-def varint_len(z: U64) -> int:
-    """Total bytes the LEB128 encoding of ``z`` takes."""
-    if z.size == 0:
-        return 0
-    return int(z.size + np.count_nonzero(z[:, None] >= _THRESH))
-
-
 def varint_encode(z: U64) -> bytes:
     """LEB128-encode an unsigned array, vectorised."""
     n = z.size
@@ -179,18 +172,6 @@ class Cursor:
         return out
 
 
-def _vlen(z: U64) -> npt.NDArray[np.intp]:
-    out: npt.NDArray[np.intp] = np.searchsorted(_THRESH, z, side="right") + 1
-    return out
-
-
-def _segsum(x: npt.NDArray[np.intp], ends: I64) -> I64:
-    """Sums of consecutive segments ending at ``ends`` (the first starts at 0)."""
-    cs = np.concatenate(([0], np.cumsum(x)))
-    out: I64 = np.diff(cs[np.concatenate(([0], ends))])
-    return out
-
-
 def _segcumsum(e: U64, starts: I64, counts: I64) -> U64:
     cs = np.cumsum(e, dtype=np.uint64)
     offs = np.zeros(starts.size, dtype=np.uint64)
@@ -202,6 +183,24 @@ def _segcumsum(e: U64, starts: I64, counts: I64) -> U64:
 _LEVEL = np.array([1, 2, 0, 1, 2], dtype=np.int64)  # cumsum depth per column mode
 
 
+def _encode_single(x: I64) -> bytes:
+    """Fast path of :func:`encode_segments` for one segment (same format)."""
+    u = x.view(np.uint64)
+    x0 = u[:1]
+    if x.size == 1:
+        return bytes([COL_CONST]) + varint_encode(zigzag(x0))
+    d = np.diff(u)
+    if not d.any():
+        return bytes([COL_CONST]) + varint_encode(zigzag(x0))
+    dd = np.diff(d)
+    if not dd.any():
+        return bytes([COL_AP]) + varint_encode(zigzag(np.concatenate((x0, d[:1]))))
+    zs = (zigzag(u), zigzag(np.concatenate((x0, d))), zigzag(np.concatenate((x0, d[:1], dd))))
+    lens = np.searchsorted(_THRESH, np.concatenate(zs), side="right").reshape(3, -1).sum(axis=1)
+    best = int(np.argmin(lens))
+    return bytes([(COL_RAW, COL_DELTA, COL_DOD)[best]]) + varint_encode(zs[best])
+
+
 def encode_segments(x: I64, counts: I64) -> bytes:
     """Encode consecutive int64 segments (lengths ``counts``, each >= 1).
 
@@ -211,6 +210,8 @@ def encode_segments(x: I64, counts: I64) -> bytes:
     n = x.size
     if n == 0:
         return b""
+    if counts.size == 1:
+        return _encode_single(x)
     ends = np.cumsum(counts)
     starts = ends - counts
     u = x.view(np.uint64)
@@ -224,18 +225,22 @@ def encode_segments(x: I64, counts: I64) -> bytes:
     d2 = d1.copy()
     d2[1:] -= d1[:-1]
     d2[head2] = d1[head2]
-    z0, z1, z2 = zigzag(u), zigzag(d1), zigzag(d2)
-    cost = np.stack([_segsum(_vlen(z), ends) for z in (z0, z1, z2)])
-    mode = np.array([COL_RAW, COL_DELTA, COL_DOD], dtype=np.int64)[np.argmin(cost, axis=0)]
-    nz1 = _segsum(((d1 != 0) & ~head).astype(np.intp), ends)
-    nz2 = _segsum(((d2 != 0) & ~head2).astype(np.intp), ends)
-    mode[nz2 == 0] = COL_AP
-    mode[nz1 == 0] = COL_CONST
+    z = np.stack((zigzag(u), zigzag(d1), zigzag(d2)))
+    stats = np.empty((5, n + 1), dtype=np.int64)
+    stats[:, 0] = 0
+    stats[:3, 1:] = np.searchsorted(_THRESH, z.ravel(), side="right").reshape(3, n)
+    stats[3, 1:] = (d1 != 0) & ~head
+    stats[4, 1:] = (d2 != 0) & ~head2
+    cs = np.cumsum(stats, axis=1)
+    seg = cs[:, ends] - cs[:, starts]
+    mode = np.array([COL_RAW, COL_DELTA, COL_DOD], dtype=np.int64)[np.argmin(seg[:3], axis=0)]
+    mode[seg[4] == 0] = COL_AP
+    mode[seg[3] == 0] = COL_CONST
     keep = np.where(mode == COL_CONST, 1, np.where(mode == COL_AP, np.minimum(counts, 2), counts))
     lvl = np.repeat(_LEVEL[mode], counts)
-    sel = np.where(lvl == 0, z0, np.where(lvl == 1, z1, z2))
     pos = np.arange(n) - np.repeat(starts, counts)
     mask = pos < np.repeat(keep, counts)
+    sel = z[lvl, np.arange(n)]
     return mode.astype(np.uint8).tobytes() + varint_encode(sel[mask])
 
 

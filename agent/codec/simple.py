@@ -7,7 +7,7 @@ It is the portable baseline; specialised codecs register further ids.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -92,12 +92,8 @@ class MsgpackZstdCodec:
         return self._c.compress(_enc.encode(_columns(readings)))
 
     def decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
-        try:
-            raw = self._d.decompress(payload, max_output_size=MAX_DECODED)
-            cols = _dec.decode(raw)
-        except (zstandard.ZstdError, msgspec.DecodeError) as exc:
-            raise DecodeError(f"cannot decode chunk: {exc}", reason="malformed") from exc
-        return _readings(cols, device_id, priority)
+        return _guarded(lambda: self._d.decompress(payload, max_output_size=MAX_DECODED),
+                        device_id, priority)
 
 
 class MsgpackLz4Codec(MsgpackZstdCodec):
@@ -108,14 +104,29 @@ class MsgpackLz4Codec(MsgpackZstdCodec):
         return bytes(lz4.frame.compress(_enc.encode(_columns(readings))))
 
     def decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
-        try:
-            raw = lz4.frame.decompress(payload)
+        def inflate() -> bytes:
+            # bounded: a frame that inflates past the limit is refused, not allocated
+            d = lz4.frame.LZ4FrameDecompressor()
+            raw = d.decompress(payload, max_length=MAX_DECODED + 1)
             if len(raw) > MAX_DECODED:
                 raise DecodeError("chunk inflates past the limit", reason="oversized")
-            cols = _dec.decode(raw)
-        except (RuntimeError, msgspec.DecodeError) as exc:
-            raise DecodeError(f"cannot decode chunk: {exc}", reason="malformed") from exc
-        return _readings(cols, device_id, priority)
+            if not d.eof:
+                raise DecodeError("lz4 frame truncated", reason="truncated")
+            return bytes(raw)
+
+        return _guarded(inflate, device_id, priority)
+
+
+def _guarded(inflate: Callable[[], bytes], device_id: str,
+             priority: Priority) -> list[Reading]:
+    """Decode with every library failure on hostile input turned into a DecodeError."""
+    try:
+        return _readings(_dec.decode(inflate()), device_id, priority)
+    except DecodeError:
+        raise
+    except (zstandard.ZstdError, msgspec.DecodeError, RuntimeError, ValueError, TypeError,
+            IndexError, KeyError, AttributeError, OverflowError, struct.error) as exc:
+        raise DecodeError(f"cannot decode chunk: {exc}", reason="malformed") from exc
 
 
 def _register() -> None:

@@ -196,8 +196,8 @@ class TszCodec:
         keys: Sequence[Any] = (
             [s if a is None else (s, a.rule, a.fn) for s, a in zip(sensors, aggs)]
             if has_agg else sensors)
-        keymap: dict[Any, int] = {}
-        sid_list = [keymap.setdefault(k, len(keymap)) for k in keys]
+        keymap = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        sid_list = list(map(keymap.__getitem__, keys))
         gflags = 0
         try:
             sid0 = np.array(sid_list, dtype=np.int64)
