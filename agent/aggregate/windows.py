@@ -39,6 +39,8 @@ change): e.g. ``weather10m~partial``. The values are right for the readings it c
 
 _NEG = -(1 << 62)
 _AGG = int(Quality.AGGREGATE)
+_CARRIED = ~int(Quality.LATE | Quality.AGGREGATE)  # input flags an aggregate inherits
+LTTB_BUFFER_MAX = 65_536
 
 
 def is_partial(agg: AggInfo | None) -> bool:
@@ -97,16 +99,24 @@ class Emitter:
         out.append(msgspec.structs.replace(r, **changes) if changes else r)
         self.c.raw_passed += 1
 
+    def emit(self, out: list[Reading], st: SeriesState, w: Win, start: int, end: int, *,
+             partial: bool = False) -> None:
+        """Emit a closed window ``[start, end)`` of series ``st``."""
+        self.window(out, st.device, st.sensor, start, end, w.acc, w.pts, partial=partial,
+                    quality=w.q)
+
     def window(self, out: list[Reading], device: str, sensor: str, start: int, end: int,
-               acc: Accumulator, pts: list[Reading] | None, *, partial: bool = False) -> None:
+               acc: Accumulator, pts: list[Reading] | None, *, partial: bool = False,
+               quality: int = 0) -> None:
         rule = self.name + PARTIAL_SUFFIX if partial else self.name
+        q = _AGG | quality
         self.c.windows_closed += 1
         if partial:
             self.c.partial_windows += 1
         for fn in self.functions:
             out.append(Reading(
                 device_id=device, sensor=sensor, ts_ms=start, value=acc.value(fn),
-                priority=self.priority, quality=_AGG,
+                priority=self.priority, quality=q,
                 agg=AggInfo(rule=rule, fn=fn, window_end_ms=end, count=acc.n)))
         self.c.aggregates_out += len(self.functions)
         if self.lttb and pts:
@@ -122,29 +132,54 @@ class Emitter:
 
 
 class Win:
-    """One open window: ``[start, end)`` in event time plus its accumulator."""
+    """One open window: ``[start, end)`` in event time plus its accumulator.
 
-    __slots__ = ("acc", "end", "pts", "start")
+    ``q`` ORs the inputs' quality flags (time uncertain, sensor fault...) so an aggregate
+    says what it was made of. LTTB buffers are bounded: past :data:`LTTB_BUFFER_MAX`
+    points the buffer is LTTB-reduced to half in place (extremes and ends survive).
+    """
+
+    __slots__ = ("acc", "end", "pts", "q", "start")
 
     def __init__(self, start: int, end: int, acc: Accumulator, lttb: bool) -> None:
         self.start = start
         self.end = end
         self.acc = acc
+        self.q = 0
         self.pts: list[Reading] | None = [] if lttb else None
 
     def add(self, r: Reading) -> None:
         self.acc.add(r.ts_ms, r.value)
+        self.q |= r.quality & _CARRIED
         if self.pts is not None:
             self.pts.append(r)
+            if len(self.pts) >= LTTB_BUFFER_MAX:
+                self.pts = _reduce(self.pts, LTTB_BUFFER_MAX // 2)
+
+    def absorb(self, other: Win) -> None:
+        """Merge another window of the same series into this one (session bridging)."""
+        self.acc.merge(other.acc)
+        self.q |= other.q
+        if self.pts is not None and other.pts is not None:
+            self.pts = self.pts + other.pts
+            if len(self.pts) >= LTTB_BUFFER_MAX:
+                self.pts = _reduce(self.pts, LTTB_BUFFER_MAX // 2)
 
     def dump(self) -> list[Any]:
-        return [self.start, self.end, self.acc.to_state(), self.pts]
+        return [self.start, self.end, self.acc.to_state(), self.pts, self.q]
 
     @classmethod
     def load(cls, d: list[Any]) -> Win:
         w = cls(int(d[0]), int(d[1]), Accumulator.from_state(d[2]), False)
         w.pts = None if d[3] is None else [msgspec.convert(p, Reading) for p in d[3]]
+        w.q = int(d[4])
         return w
+
+
+def _reduce(pts: list[Reading], n: int) -> list[Reading]:
+    pts = sorted(pts, key=lambda p: p.ts_ms)
+    keep = lttb_indices([p.ts_ms for p in pts], [p.value for p in pts], n)
+    return [pts[i] for i in keep]
 
 
 class SeriesState:
@@ -211,7 +246,7 @@ class Handler:
     def flush(self, st: SeriesState, out: list[Reading]) -> None:
         """Emit everything still open (marked partial) and forget it."""
         for w in st.wins:
-            self.em.window(out, st.device, st.sensor, w.start, w.end, w.acc, w.pts, partial=True)
+            self.em.emit(out, st, w, w.start, w.end, partial=True)
         st.wins = []
 
 
@@ -259,7 +294,7 @@ class TimeHandler(Handler):
         done = sorted((w for w in st.wins if w.end <= upto), key=lambda w: w.start)
         st.wins = [w for w in st.wins if w.end > upto]
         for w in done:
-            self.em.window(out, st.device, st.sensor, w.start, w.end, w.acc, w.pts)
+            self.em.emit(out, st, w, w.start, w.end)
             st.frontier = max(st.frontier, w.end)
 
     def on_time(self, st: SeriesState, now_ms: int, out: list[Reading]) -> None:
@@ -291,9 +326,7 @@ class SessionHandler(Handler):
         else:
             w = hits[0]
             for other in hits[1:]:  # the reading bridges sessions: merge them
-                w.acc.merge(other.acc)
-                if w.pts is not None and other.pts is not None:
-                    w.pts.extend(other.pts)
+                w.absorb(other)
                 st.wins.remove(other)
         w.add(r)
         w.start, w.end = w.acc.first_ts, w.acc.last_ts + gap
@@ -308,7 +341,7 @@ class SessionHandler(Handler):
             return
         st.wins = [w for w in st.wins if w.end > upto]
         for w in done:
-            self.em.window(out, st.device, st.sensor, w.start, w.acc.last_ts + 1, w.acc, w.pts)
+            self.em.emit(out, st, w, w.start, w.acc.last_ts + 1)
             st.frontier = max(st.frontier, w.end)
 
     def on_time(self, st: SeriesState, now_ms: int, out: list[Reading]) -> None:
@@ -319,8 +352,7 @@ class SessionHandler(Handler):
 
     def flush(self, st: SeriesState, out: list[Reading]) -> None:
         for w in sorted(st.wins, key=lambda w: w.start):
-            self.em.window(out, st.device, st.sensor, w.start, w.acc.last_ts + 1, w.acc, w.pts,
-                           partial=True)
+            self.em.emit(out, st, w, w.start, w.acc.last_ts + 1, partial=True)
         st.wins = []
 
 
@@ -340,15 +372,13 @@ class CountHandler(Handler):
         w = st.wins[0]
         w.add(r)
         if w.acc.n >= self.count:
-            self.em.window(out, st.device, st.sensor, w.acc.first_ts, w.acc.last_ts + 1,
-                           w.acc, w.pts)
+            self.em.emit(out, st, w, w.acc.first_ts, w.acc.last_ts + 1)
             st.wins = []
         return Status.OK, False
 
     def flush(self, st: SeriesState, out: list[Reading]) -> None:
         for w in st.wins:
-            self.em.window(out, st.device, st.sensor, w.acc.first_ts, w.acc.last_ts + 1,
-                           w.acc, w.pts, partial=True)
+            self.em.emit(out, st, w, w.acc.first_ts, w.acc.last_ts + 1, partial=True)
         st.wins = []
 
 

@@ -444,3 +444,38 @@ def test_restore_rejects_garbage() -> None:
         agg.restore(b"\x81\xa1v\x63")  # {"v": 99}
     with pytest.raises(SnapshotError):
         agg.restore(b"\x81\xa1v\x01")  # right version, missing fields
+
+
+def test_aggregates_inherit_input_quality_flags() -> None:
+    agg = mk([tumbling(60, ["count"])])
+    out = agg.process([
+        R(T0, 1.0),
+        Reading("dev1", "temp", T0 + 1, 2.0, quality=int(Quality.TIME_UNCERTAIN | Quality.LATE)),
+        R(T0 + MIN, 1.0)])
+    assert [r.quality for r in out] == [Quality.AGGREGATE | Quality.TIME_UNCERTAIN]
+    agg.process([R(T0 + MIN + 1, 2.0), R(T0 + 2, 3.0, sensor="temp")])  # the 2nd is late
+    (clean,) = agg.flush()
+    assert clean.quality == Quality.AGGREGATE and clean.value == 2
+
+
+def test_lttb_buffer_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.aggregate import windows
+
+    monkeypatch.setattr(windows, "LTTB_BUFFER_MAX", 64)
+    for rule in ({"name": "l", "match": "*", "window": {"type": "tumbling", "size_s": 3600},
+                  "functions": ["count"], "lttb": 10},
+                 {"name": "s", "match": "*", "window": {"type": "session", "gap_s": 10},
+                  "functions": ["count"], "lttb": 10, "allowed_lateness_s": 1000}):
+        agg = mk([rule])
+        vals = [math.sin(i / 40) for i in range(1000)]
+        vals[555] = 99.0
+        rs = [R(T0 + i * 1000, v) for i, v in enumerate(vals)]
+        # sessions: two halves bridged by the last reading
+        order = rs[:400] + rs[420:] + rs[400:420] if rule["name"] == "s" else rs
+        agg.process(order)
+        out = agg.flush()
+        pts = [r for r in out if r.agg and r.agg.fn == "lttb"]
+        assert len(pts) == 10
+        kept = {r.ts_ms for r in pts}
+        assert {T0, T0 + 555_000, T0 + 999_000} <= kept
+        assert aggs(out)[("temp", T0, "count")].value == 1000
