@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import itertools
 import struct
 import time
 import uuid
@@ -120,7 +121,7 @@ def gorilla_bits(ts: Sequence[int], vals: Sequence[float]) -> int:
             bits += 36 if -(2**31) <= dod < 2**31 else 68
     words = [struct.unpack("<Q", struct.pack("<d", v))[0] for v in vals]
     lead, trail = -1, -1
-    for prev, w in zip(words, words[1:]):
+    for prev, w in itertools.pairwise(words):
         x = prev ^ w
         if x == 0:
             bits += 1

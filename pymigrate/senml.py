@@ -88,7 +88,10 @@ def _fields(rec: Any, index: int) -> dict[str, Any]:
             v = out[name]
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise _fail("bad_type", f"{name} must be a number", index)
-            if not math.isfinite(v) and name != "v":
+            if isinstance(v, int):
+                if not -_I64 <= v < _I64:
+                    raise _fail("bad_number", f"{name} is out of range", index)
+            elif not math.isfinite(v) and name != "v":
                 raise _fail("bad_number", f"{name} must be finite", index)
     if "vb" in out and not isinstance(out["vb"], bool):
         raise _fail("bad_type", "vb must be a boolean", index)

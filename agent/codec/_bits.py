@@ -57,7 +57,8 @@ def varint_encode(z: U64) -> bytes:
     groups = ((z[:, None] >> _SHIFTS[:maxb]) & np.uint64(0x7F)).astype(np.uint8)
     cont = np.arange(maxb) < (nb[:, None] - 1)
     groups |= cont.astype(np.uint8) << np.uint8(7)
-    return groups[np.arange(maxb) < nb[:, None]].tobytes()
+    out: bytes = groups[np.arange(maxb) < nb[:, None]].tobytes()
+    return out
 
 
 def uvarint(value: int) -> bytes:
@@ -81,7 +82,7 @@ def svarint(value: int) -> bytes:
 class Cursor:
     """Bounds-checked reader over a body; every failure is a :class:`DecodeError`."""
 
-    __slots__ = ("buf", "arr", "pos")
+    __slots__ = ("arr", "buf", "pos")
 
     def __init__(self, buf: bytes) -> None:
         self.buf = buf
@@ -241,7 +242,8 @@ def encode_segments(x: I64, counts: I64) -> bytes:
     pos = np.arange(n) - np.repeat(starts, counts)
     mask = pos < np.repeat(keep, counts)
     sel = z[lvl, np.arange(n)]
-    return mode.astype(np.uint8).tobytes() + varint_encode(sel[mask])
+    modes: bytes = mode.astype(np.uint8).tobytes()
+    return modes + varint_encode(sel[mask])
 
 
 def decode_segments(cur: Cursor, counts: I64) -> I64:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Any
 
 import lz4.frame
@@ -25,7 +25,7 @@ _dec = msgspec.msgpack.Decoder()
 
 
 def _deltas(xs: list[int]) -> list[int]:
-    return [xs[0]] + [b - a for a, b in zip(xs, xs[1:])] if xs else []
+    return [xs[0]] + [b - a for a, b in pairwise(xs)] if xs else []
 
 
 def _columns(readings: Sequence[Reading]) -> list[Any]:

@@ -31,10 +31,10 @@ import numpy as np
 import zstandard
 
 from agent.codec._bits import (
-    MAX_POINTS,
-    U8,
     F64,
     I64,
+    MAX_POINTS,
+    U8,
     Cursor,
     decode_intcol,
     decode_segments,
@@ -268,23 +268,23 @@ class TszCodec:
             if lossy is not None:
                 m = np.rint(vn / lossy) + 0.0
                 k = None
-                exc = ~((np.abs(m) < _LIMIT52) & (np.abs(m * lossy - vn) <= lossy / 2))
+                bad = ~((np.abs(m) < _LIMIT52) & (np.abs(m * lossy - vn) <= lossy / 2))
             else:
                 p = np.repeat(np.array(_P10)[np.maximum(digits, 0)], counts)[num]
                 m = np.rint(vn * p) + 0.0
                 k = vn.view(np.int64) - (m / p).view(np.int64)
-                exc = ~((np.abs(m) < _LIMIT52) & ((k + _KMAX).view(np.uint64) <= 2 * _KMAX))
-        exc |= (vn == 0) & np.signbit(vn)
-        has_exc = bool(exc.any())
-        mi = _fill_forward(m, ~exc) if has_exc else m.astype(np.int64)
+                bad = ~((np.abs(m) < _LIMIT52) & ((k + _KMAX).view(np.uint64) <= 2 * _KMAX))
+        bad |= (vn == 0) & np.signbit(vn)
+        has_exc = bool(bad.any())
+        mi = _fill_forward(m, ~bad) if has_exc else m.astype(np.int64)
         parts.append(encode_segments(mi, num_counts))
         if k is not None:
-            k[exc] = 0
+            k[bad] = 0
             if k.any():
                 gflags |= _G_ULP
                 parts.append(encode_segments(k, num_counts))
         if has_exc:
-            where = np.flatnonzero(exc)
+            where = np.flatnonzero(bad)
             parts += [uvarint(where.size), encode_intcol(where.astype(np.int64)),
                       vn[where].tobytes()]
         else:
@@ -434,7 +434,7 @@ def _decode_body(cur: Cursor, device_id: str, priority: Priority,
     aggs: Any = repeat(None)
     if aggw is not None:
         rules = [(t[1], t[2]) for t in table]
-        aggs = [None if rules[i][0] is None else AggInfo(rules[i][0], rules[i][1], w, c)  # type: ignore[arg-type]
+        aggs = [None if rules[i][0] is None else AggInfo(rules[i][0], rules[i][1], w, c)
                 for i, w, c in zip(sid_l, aggw, aggc)]
     out = [Reading(device_id, s, t, val, priority, q, r, ql, u, ag)
            for s, t, val, q, r, ql, u, ag in zip(
