@@ -38,6 +38,8 @@ def test_bench_prints_exact_statistics_and_bounded_reconstruction(
     assert w["exact_statistics"] is True
     assert w["max_abs_error"]["count"] == 0 and w["max_abs_error"]["min"] == 0
     assert w["windows_checked"] == 2 * 12
+    sums = ds["rule_sets"]["weather_1h_sum"]
+    assert sums["exact_statistics"] and sums["max_rel_error"]["avg_from_sum_count"] <= 1e-9
     full = ds["rule_sets"]["weather_1h_full"]
     assert full["max_abs_error"]["sum"] == 0.0 and full["max_rel_error"]["stddev"] <= 1e-9
     # 600 readings per window become 4 aggregates: well past the 75% requirement
