@@ -35,7 +35,7 @@ from agent.aggregate.config import (
     parse_rule,
 )
 from agent.aggregate.lttb import lttb_indices
-from agent.aggregate.reaggregate import reaggregate
+from agent.aggregate.reaggregate import make_degrader, reaggregate
 from agent.aggregate.windows import PARTIAL_SUFFIX, is_partial
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "WindowConfig",
     "is_partial",
     "lttb_indices",
+    "make_degrader",
     "parse_aggregation",
     "parse_rule",
     "reaggregate",

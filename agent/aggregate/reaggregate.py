@@ -15,13 +15,15 @@ the same window that the cloud may merge (``AggInfo.count`` weights them).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import msgspec
 
 from agent.aggregate.accumulator import Accumulator
 from agent.aggregate.config import RuleConfig, TumblingWindow, percentile_of
 from pymigrate.types import AggInfo, Priority, Quality, Reading
 
-__all__ = ["reaggregate"]
+__all__ = ["make_degrader", "reaggregate"]
 
 _VAR = ("variance", "stddev", "variance_pop", "stddev_pop")
 
@@ -95,3 +97,25 @@ def reaggregate(readings: Sequence[Reading], coarse_rule: RuleConfig, *,
                 quality=int(Quality.AGGREGATE),
                 agg=AggInfo(rule=name, fn=fn, window_end_ms=start + size, count=acc.n)))
     return out + passthrough
+
+
+def make_degrader(coarse_rule: RuleConfig) -> Callable[[list[Reading]], list[Reading]]:
+    """The buffer's degrade-before-drop hook (``agent.buffer`` ``Degrader``).
+
+    Re-aggregates one chunk's readings under ``coarse_rule`` keeping device and priority,
+    and gives the aggregates sequence numbers taken from the chunk's own (the lowest
+    ones, in order), so every seq stays unique per device and the cloud's (device, seq)
+    idempotency holds. Returns ``[]`` (keep the chunk as it is) when compaction would not
+    reduce the number of readings.
+    """
+
+    def degrade(readings: list[Reading]) -> list[Reading]:
+        if not readings:
+            return []
+        out = reaggregate(readings, coarse_rule, priority=readings[0].priority)
+        if len(out) >= len(readings):
+            return []
+        seqs = sorted(r.seq for r in readings)
+        return [msgspec.structs.replace(r, seq=s) for r, s in zip(out, seqs)]
+
+    return degrade

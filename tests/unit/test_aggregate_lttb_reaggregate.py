@@ -6,11 +6,13 @@ import math
 import random
 import statistics
 
+import msgspec
 import pytest
 
 from agent.aggregate import (
     Aggregator,
     lttb_indices,
+    make_degrader,
     parse_aggregation,
     parse_rule,
     reaggregate,
@@ -155,3 +157,17 @@ def test_aggregates_keep_metadata_through_codec(codec: str) -> None:
                        r.agg, r.quality) for r in back)
     assert key == key_back
     assert all(r.agg is not None for r in back)
+
+
+def test_degrader_keeps_device_priority_and_unique_seqs_from_the_chunk() -> None:
+    raw = [msgspec.structs.replace(r, seq=1000 + i) for i, r in enumerate(_raw(2))]
+    degrade = make_degrader(COARSE)
+    out = degrade(raw)
+    assert 0 < len(out) < len(raw)
+    assert {r.device_id for r in out} == {"dev1"} and {r.priority for r in out} == {Priority.LOW}
+    seqs = [r.seq for r in out]
+    assert seqs == list(range(1000, 1000 + len(out)))
+    assert {r.agg.fn for r in out if r.agg} >= {"sum", "count"}
+    # not worth it: two readings would become 9 aggregates
+    assert degrade(raw[:2]) == []
+    assert degrade([]) == []
