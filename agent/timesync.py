@@ -78,6 +78,7 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_drift_span_s: float = 240.0  # estimate drift once fitted samples span this long
     max_drift_ppm: float = 500.0  # clamp of the drift estimate
     drift_uncert_ppm: float = 2.0  # floor of the error of an estimated drift
+    drift_target_ppm: float = 50.0  # wants_samples() until the drift error is below this
     unsynced_drift_ppm: float = 200.0  # assumed drift when none is estimated
     step_threshold_ms: float = 2000.0  # wall-vs-monotonic change that counts as a jump
     min_year: int = 2020  # RTC times outside [min_year, max_year] are implausible
@@ -94,6 +95,7 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("min_drift_span_s", self.min_drift_span_s > 0, "> 0"),
             ("max_drift_ppm", self.max_drift_ppm > 0, "> 0"),
             ("drift_uncert_ppm", self.drift_uncert_ppm >= 0, ">= 0"),
+            ("drift_target_ppm", self.drift_target_ppm > 0, "> 0"),
             ("unsynced_drift_ppm", self.unsynced_drift_ppm >= 0, ">= 0"),
             ("step_threshold_ms", self.step_threshold_ms > 0, "> 0"),
             ("min_year", 1970 <= self.min_year < self.max_year <= 9999,
@@ -245,8 +247,10 @@ class TimeCorrector:
             detrended = [o - b * (m - ref) for m, o, _ in eligible]
             center = _median(detrended)
             spread = 1.4826 * _median([abs(x - center) for x in detrended])
-            # a slope from a short span is only as good as the offsets' noise over it
-            drift_err = max(cfg.drift_uncert_ppm * 1e-6, 2.0 * spread / span)
+            # a sample's offset can be off by up to (delay - min delay) / 2 beyond the common
+            # bias: the rms of those bounds over the span bounds the slope's error
+            bound = math.sqrt(sum((d - d_min) ** 2 for _, _, d in eligible) / len(eligible)) / 2
+            drift_err = max(cfg.drift_uncert_ppm * 1e-6, 2.0 * max(spread, bound) / span)
         a = _median([o - b * (m - ref) for m, o, _ in chosen])
         sigma = 1.4826 * _median([abs(o - a - b * (m - ref)) for m, o, _ in chosen])
         return _Model(a, b, ref, d_min, sigma, drift_err)
@@ -353,10 +357,12 @@ class TimeCorrector:
         return self._fit() is not None
 
     def wants_samples(self) -> bool:
-        """True while unsynced or the drift is not estimated yet: the uploader should
-        send sync pings (an empty batch) every minute or so instead of waiting for data."""
+        """True while unsynced or the drift is unknown or worse than
+        ``drift_target_ppm``: the uploader should send sync pings (an empty batch) every
+        minute or so instead of waiting for data."""
         model = self._fit()
-        return model is None or not model.drift_known
+        return (model is None or model.drift_err is None
+                or model.drift_err > self.config.drift_target_ppm * 1e-6)
 
     def now_ms(self) -> int:
         """Best estimate of true time now (the local wall clock when unsynced)."""

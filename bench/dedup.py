@@ -448,12 +448,3 @@ def main(argv: list[str]) -> int:
     emit("dedup", params, results)
     return 0
 
-
-def _debug(sim: Sim, store: dict[tuple[str, str, int, bytes], Reading]) -> None:
-    rows = []
-    for r in store.values():
-        eid, true_t = sim.truth[_tkey(r)]
-        rows.append((abs(r.ts_ms - true_t), r.device_id, r.sensor, r.quality, r.uncert_ms, (true_t - T0) / 1000))
-    rows.sort(reverse=True)
-    for x in rows[:30]:
-        print(x)

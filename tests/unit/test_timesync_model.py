@@ -111,6 +111,27 @@ async def test_drift_unknown_before_min_span_then_known() -> None:
     assert d is not None and abs(d - 150) < 30
 
 
+async def test_wants_samples_until_drift_known_then_uncertainty_covers_error() -> None:
+    true, dev, tc = setup(offset_ms=-200_000, drift_ppm=-190, drift_target_ppm=50)
+    rng = random.Random(21)
+    assert tc.wants_samples()
+    pings = 0
+    while tc.wants_samples():  # warm-up: a ping a minute
+        await sync(true, dev, tc, 1, 60.0, rng)
+        pings += 1
+        assert pings < 60
+    assert pings >= 4  # one or two acks cannot pin down the drift
+    d = tc.drift_ppm()
+    assert d is not None and abs(d + 190) < 50
+    covered = 0
+    for _ in range(60):  # then acks only every 5 minutes
+        await sync(true, dev, tc, 1, 300.0, rng)
+        await true.advance(rng.uniform(0, 290))
+        r = tc.correct([reading_now(dev)])[0]
+        covered += abs(r.ts_ms - true.true_time_ms()) <= r.uncert_ms
+    assert covered >= 57
+
+
 async def test_min_delay_filter_rejects_delayed_samples() -> None:
     true, dev, tc = setup(offset_ms=30_000)
     rng = random.Random(5)
@@ -277,6 +298,7 @@ def test_disabled_is_a_pass_through() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("max_samples", 1), ("window_s", 0), ("keep_fraction", 0), ("keep_fraction", 1.5),
     ("max_delay_ms", 0), ("step_threshold_ms", -1), ("min_year", 1900), ("max_drift_ppm", 0),
+    ("delay_factor", 0.5), ("delay_slack_ms", -1), ("drift_target_ppm", 0),
 ])
 def test_config_errors_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as ei:
