@@ -462,7 +462,9 @@ class Uploader:
             await self._rejected(slot, batch, exc.reason)
             return
         except (TransportError, OSError, TimeoutError) as exc:
-            await self._failed(slot, batch, exc)
+            # an attempt that used up its timeout doubles the next one (Karn)
+            spent = self.clock.monotonic() - t0
+            await self._failed(slot, batch, exc, timed_out=spent >= 0.9 * timeout)
             return
         rtt = self.clock.monotonic() - t0
         if ack.status in ("ok", "duplicate"):
@@ -504,12 +506,13 @@ class Uploader:
         if self.on_ack is not None:
             self.on_ack(ack, w0, w1)
 
-    async def _failed(self, slot: _Slot, batch: _Batch, exc: BaseException) -> None:
+    async def _failed(self, slot: _Slot, batch: _Batch, exc: BaseException, *,
+                      timed_out: bool = False) -> None:
         await self.buffer.release(batch.ids)
         now = self.clock.monotonic()
         self.counts["batches_failed"] += 1
         slot.counts["failed"] += 1
-        self.quality.record_failure(len(batch.payload))
+        self.quality.record_failure(len(batch.payload), timed_out=timed_out)
         self.aimd.decrease()
         slot.breaker.record_failure(now, probe=batch.probe)
         slot.retry_at = now + slot.backoff.next_delay()

@@ -30,9 +30,11 @@ import json
 import os
 import random
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from typing import Any
@@ -125,11 +127,14 @@ def _pct(values: list[int], q: float) -> float:
 
 async def simulate(kind: str, chunks: list[tuple[float, Chunk]], *, loss: float,
                    outages: list[tuple[float, float]], seed: int, hours: float,
-                   tail_hours: float, profile: str = "unmetered") -> dict[str, Any]:
+                   tail_hours: float, profile: str = "unmetered",
+                   link_retries: int = 0) -> dict[str, Any]:
+    """One run; returns raw tallies (see :func:`summarise`)."""
     clock = VirtualClock()
     buf = MemoryBuffer(clock)
     cloud = SimCloud()
-    model = NetModel(loss=loss, outages=outages, rng=random.Random(seed))
+    model = NetModel(loss=loss, outages=outages, rng=random.Random(seed),
+                     link_retries=link_retries)
     uplink = SimulatedUplink(model, cloud, clock, name="sim")
     up: Uploader | NaiveUploader
     if kind == "adaptive":
@@ -153,7 +158,6 @@ async def simulate(kind: str, chunks: list[tuple[float, Chunk]], *, loss: float,
         await advance_settled(clock, min(3600.0, end - clock.monotonic()))
         if prod.done() and len(buf) == 0 and buf.inflight == 0:
             break
-    elapsed_h = clock.monotonic() / 3600
     task.cancel()
     prod.cancel()
     await asyncio.gather(task, prod, return_exceptions=True)
@@ -162,41 +166,69 @@ async def simulate(kind: str, chunks: list[tuple[float, Chunk]], *, loss: float,
         by_batch, by_read, wakeups = up.batches_by_attempt, up.readings_by_attempt, st["wakeups"]
     else:
         by_batch, by_read, wakeups = up.batches_by_attempt, up.readings_by_attempt, up.wakeups
-    attempts = [a for a, n in by_batch.items() for _ in range(n)]
-    delays = [cloud.first_seen_ms[(DEVICE, s)] - created[s] for s in created
-              if (DEVICE, s) in cloud.first_seen_ms]
     return {
-        "delivered_within_3_attempts": round(sum(n for a, n in by_read.items() if a <= 3)
-                                             / total, 4),
-        "delivered_eventually": round(cloud.readings / total, 4),
+        "total": total,
+        "within3": sum(n for a, n in by_read.items() if a <= 3),
+        "stored": cloud.readings,
+        "attempts": [a for a, n in by_batch.items() for _ in range(n)],
+        "wakeups": wakeups,
+        "hours": clock.monotonic() / 3600,
+        "wire": uplink.wire_bytes,
+        "sends": uplink.attempts,
+        "delays": [cloud.first_seen_ms[(DEVICE, s)] - created[s] for s in created
+                   if (DEVICE, s) in cloud.first_seen_ms],
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the runs of several seeds (same data, independent loss patterns)."""
+    total = sum(r["total"] for r in runs)
+    attempts = [a for r in runs for a in r["attempts"]]
+    delays = [d for r in runs for d in r["delays"]]
+    return {
+        "delivered_within_3_attempts": round(sum(r["within3"] for r in runs) / total, 4),
+        "delivered_within_3_attempts_per_seed": [round(r["within3"] / r["total"], 4)
+                                                 for r in runs],
+        "delivered_eventually": round(sum(r["stored"] for r in runs) / total, 4),
         "attempts_per_batch": {"mean": round(sum(attempts) / max(1, len(attempts)), 3),
-                               "p99": _pct(attempts, 0.99)},
-        "wakeups_per_hour": round(wakeups / elapsed_h, 1),
-        "bytes_on_wire_per_reading": round(uplink.wire_bytes / total, 3),
+                               "p99": _pct(attempts, 0.99), "max": max(attempts, default=0)},
+        "wakeups_per_hour": round(sum(r["wakeups"] for r in runs)
+                                  / sum(r["hours"] for r in runs), 1),
+        "bytes_on_wire_per_reading": round(sum(r["wire"] for r in runs) / total, 3),
         "batches_acked": len(attempts),
-        "send_attempts": uplink.attempts,
+        "send_attempts": sum(r["sends"] for r in runs),
         "delivery_delay_s": {"p50": _pct(delays, 0.5) / 1000, "p99": _pct(delays, 0.99) / 1000},
-        "virtual_hours": round(elapsed_h, 2),
     }
 
 
 async def run_scenarios(args: argparse.Namespace) -> dict[str, Any]:
     chunks = make_chunks(args.hours, args.sensors, args.chunk_s, args.seed)
-    scen: list[tuple[str, float, list[tuple[float, float]], str]] = [
-        (f"loss_{int(p * 100)}pct", p, [], "unmetered") for p in LOSSES]
-    scen.append(("outage_6h", 0.0, [(2 * 3600.0, 8 * 3600.0)], "unmetered"))
-    scen.append(("outage_6h_loss_5pct", 0.05, [(2 * 3600.0, 8 * 3600.0)], "unmetered"))
-    scen.append(("loss_10pct_battery_profile", 0.10, [], "battery"))
+    outage = [(2 * 3600.0, 8 * 3600.0)]
+    # name, loss, outages, profile, link retransmissions
+    scen: list[tuple[str, float, list[tuple[float, float]], str, int]] = [
+        (f"loss_{int(p * 100)}pct", p, [], "unmetered", 0) for p in LOSSES]
+    scen += [
+        ("outage_6h", 0.0, outage, "unmetered", 0),
+        ("outage_6h_loss_5pct", 0.05, outage, "unmetered", 0),
+        ("loss_10pct_battery_profile", 0.10, [], "battery", 0),
+        ("loss_20pct_link_retransmit_2", 0.20, [], "unmetered", 2),
+        ("loss_30pct_link_retransmit_2", 0.30, [], "unmetered", 2),
+    ]
     out: dict[str, Any] = {}
-    for name, loss, outages, profile in scen:
+    for name, loss, outages, profile, retx in scen:
+        if args.only and not any(o in name for o in args.only.split(",")):
+            continue
         row: dict[str, Any] = {}
         for kind in ("adaptive", "naive"):
             if kind == "naive" and profile != "unmetered":
-                continue
+                continue  # the naive uploader has no profile: its unmetered row applies
             t = time.perf_counter()
-            row[kind] = await simulate(kind, chunks, loss=loss, outages=outages,
-                                       seed=args.seed, hours=args.hours,
-                                       tail_hours=args.tail_hours, profile=profile)
+            runs = [await simulate(kind, chunks, loss=loss, outages=outages,
+                                   seed=args.seed + k, hours=args.hours,
+                                   tail_hours=args.tail_hours, profile=profile,
+                                   link_retries=retx)
+                    for k in range(args.seeds)]
+            row[kind] = summarise(runs)
             row[kind]["sim_wall_s"] = round(time.perf_counter() - t, 2)
         out[name] = row
     return out
@@ -240,19 +272,24 @@ def _closed_port() -> int:
 async def cpu_child(seconds: float) -> dict[str, Any]:
     clock = WallClock()
     buf: Any
-    try:  # the real durable buffer when it is available
-        from agent.buffer import open_buffer  # type: ignore[attr-defined]
+    tmp = tempfile.mkdtemp(prefix="pymigrate-cpu-")
+    try:  # the real durable buffer (SQLite WAL) when it is available
+        from agent.buffer import BufferConfig, DurableBuffer
 
-        import tempfile
-
-        tmp = tempfile.mkdtemp(prefix="pymigrate-cpu-")
-        buf = await open_buffer(os.path.join(tmp, "buf.db"), clock=clock)
+        buf = DurableBuffer(BufferConfig(path=os.path.join(tmp, "buf.db")), clock=clock)
+        await buf.open()
+        rng = random.Random(1)
+        for k in range(6):  # six sealed chunks of 600 readings pending
+            await buf.append([Reading(DEVICE, f"s{i % 10}", clock.time_ms() - 3600_000 + i,
+                                      rng.random(), Priority.NORMAL)
+                              for i in range(k * 600, (k + 1) * 600)])
+        await buf.flush()
         kind = "sqlite"
-    except Exception:  # noqa: BLE001 - fall back to the in-memory stand-in
+    except ImportError:
         buf = MemoryBuffer(clock)
+        for _, c in make_chunks(0.1, 10, 60, 1):
+            await buf.put(c)
         kind = "memory"
-    for _, c in make_chunks(1, 10, 60, 1):
-        await buf.put(c)
     uplink = RefusedUplink(_closed_port())
     up = Uploader(buf, [uplink], device_id=DEVICE, clock=clock, config=RetryConfig())
     task = asyncio.create_task(up.run())
@@ -265,6 +302,10 @@ async def cpu_child(seconds: float) -> dict[str, Any]:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     st = up.stats()
+    pending = await buf.take(1 << 30, 1 << 20)
+    if kind == "sqlite":
+        await buf.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return {
         "buffer": kind,
         "wall_s": round(w1 - w0, 3),
@@ -274,7 +315,7 @@ async def cpu_child(seconds: float) -> dict[str, Any]:
         "connect_attempts": uplink.connects,
         "wakeups": st["wakeups"],
         "breaker": st["uplinks"][uplink.name]["breaker"],
-        "pending_chunks": 60,
+        "pending_chunks": len(pending),
     }
 
 
@@ -295,6 +336,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sensors", type=int, default=10)
     ap.add_argument("--chunk-s", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="independent loss patterns per scenario (pooled)")
+    ap.add_argument("--only", default="", help="comma-separated scenario name filters")
     ap.add_argument("--cpu-seconds", type=float, default=60.0,
                     help="wall seconds of the disconnected-agent CPU measurement (0: skip)")
     ap.add_argument("--cpu-child", type=float, default=None, help=argparse.SUPPRESS)
@@ -307,7 +351,9 @@ def main(argv: list[str]) -> int:
         results["cpu_disconnected"] = measure_cpu(args.cpu_seconds)
     emit("retry", {"hours": args.hours, "tail_hours": args.tail_hours,
                    "sensors": args.sensors, "sensor_hz": 1, "chunk_s": args.chunk_s,
-                   "seed": args.seed, "link": "per-packet loss, no link retransmission, "
+                   "seed": args.seed, "seeds": args.seeds,
+                   "link": "per-packet loss, no link retransmission unless the scenario says "
+                   "link_retransmit_N (then N resends per packet, 1 s doubling RTO), "
                    "100 ms one-way, 250 kbit/s, MTU 1200",
                    "naive": "64 KiB batches, 10 s timeout, 30 s fixed retry",
                    "cpu_seconds": args.cpu_seconds}, results)

@@ -31,6 +31,9 @@ class NetworkQuality:
         self.samples = 0
         # EWMA of bytes per attempt (for the loss-per-byte estimate)
         self.mean_attempt_bytes: float | None = None
+        # Karn/RFC 6298 5.5: each timeout doubles the next timeout until a success, so a
+        # link that recovers losses itself (TCP, CoAP CON) gets the time to do so
+        self.timeout_backoff = 1.0
 
     def rtt_normal(self, rtt: float) -> bool:
         """True while ``rtt <= srtt + k * rttvar`` (or too few samples to judge)."""
@@ -52,10 +55,13 @@ class NetworkQuality:
             self.throughput_bps = tp if self.throughput_bps is None else (
                 0.8 * self.throughput_bps + 0.2 * tp)
         self._outcome(True, nbytes)
+        self.timeout_backoff = 1.0
         return normal
 
-    def record_failure(self, nbytes: int) -> None:
+    def record_failure(self, nbytes: int, *, timed_out: bool = False) -> None:
         self._outcome(False, nbytes)
+        if timed_out:
+            self.timeout_backoff = min(16.0, self.timeout_backoff * 2.0)
 
     def _outcome(self, ok: bool, nbytes: int) -> None:
         self.success_rate = (1 - self._sa) * self.success_rate + self._sa * (1.0 if ok else 0.0)
@@ -63,13 +69,15 @@ class NetworkQuality:
             (1 - self._sa) * self.mean_attempt_bytes + self._sa * nbytes)
 
     def timeout(self, nbytes: int, cfg: RetryConfig) -> float:
-        """Per-attempt timeout: RTO plus transfer time at the measured throughput."""
+        """Per-attempt timeout: RTO plus transfer time at the measured throughput, doubled
+        per consecutive timeout (Karn), within ``[timeout_min_s, timeout_max_s]``."""
         if self.srtt is None:
-            return cfg.timeout_initial_s
-        rto = self.srtt + self.k * max(self.rttvar, 0.01)
-        if self.throughput_bps:
-            rto += nbytes / self.throughput_bps
-        return min(cfg.timeout_max_s, max(cfg.timeout_min_s, rto))
+            rto = cfg.timeout_initial_s
+        else:
+            rto = self.srtt + self.k * max(self.rttvar, 0.01)
+            if self.throughput_bps:
+                rto += nbytes / self.throughput_bps
+        return min(cfg.timeout_max_s, max(cfg.timeout_min_s, rto) * self.timeout_backoff)
 
     def loss_cap_bytes(self, target: float) -> float | None:
         """Largest attempt size whose success probability stays >= ``target``.

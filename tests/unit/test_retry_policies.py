@@ -304,3 +304,18 @@ def test_config_errors_name_the_key(data: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as ei:
         convert(data, RetryConfig, section="retry")
     assert ei.value.key == key
+
+
+def test_timeout_doubles_per_consecutive_timeout_until_success() -> None:
+    c = RetryConfig(timeout_min_s=1.0, timeout_initial_s=2.0, timeout_max_s=10.0)
+    q = NetworkQuality()
+    assert q.timeout(100, c) == 2.0
+    q.record_failure(100, timed_out=True)
+    assert q.timeout(100, c) == 4.0
+    q.record_failure(100)  # a fast failure (refused) does not stretch the timeout
+    assert q.timeout(100, c) == 4.0
+    for _ in range(5):
+        q.record_failure(100, timed_out=True)
+    assert q.timeout(100, c) == 10.0
+    q.record_success(0.1, 100)
+    assert q.timeout(100, c) == 1.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from agent.retry import PowerState
 from pymigrate.types import Priority
 from tests.unit.uploader_helpers import advance, cfg, chunk, make, running
@@ -246,3 +248,25 @@ async def test_failed_chunks_are_retried_in_minimal_batches() -> None:
     assert [len(b.chunks) for b in ul.sent[1:9]] == [1] * 8  # each failed chunk alone
     assert up.stats()["attempts"] == {2: 8}  # spilled chunks kept their own count
     assert ul.seqs == [1 + 10 * s for s in range(8)]
+
+
+async def test_attempt_timeout_adapts_to_rtt_and_backs_off_after_timeouts() -> None:
+    clock, buf, (ul,), up = make(config=cfg(batch_min_bytes=1024, batch_initial_bytes=1024,
+                                            timeout_min_s=0.5))
+    for s in range(4):
+        buf.put_nowait(chunk(1 + 10 * s, nbytes=900))  # one chunk per batch
+    ul.delay_s = 0.2
+    async with running(up):
+        await advance(clock, 5)
+        ul.script("timeout", "timeout")
+        for s in range(4, 6):
+            buf.put_nowait(chunk(1 + 10 * s, nbytes=900))
+        await advance(clock, 30)
+    assert len(buf) == 0
+    t = ul.timeouts
+    assert t[0] == up.cfg.timeout_initial_s  # no RTT sample yet
+    assert 0.5 <= t[1] < 2.0 and 0.5 <= t[2] < 2.0  # learnt from 0.2 s RTTs
+    # attempts 3 and 4 follow timeouts: each doubles (Karn); the success resets it
+    assert ul.sent[3].chunks[0].seq_first == ul.sent[4].chunks[0].seq_first
+    assert t[4] == pytest.approx(2 * t[3])
+    assert t[5] < t[4] / 2
