@@ -222,7 +222,7 @@ async def test_boot_in_1970_without_sync_then_sync() -> None:
     true = VirtualClock()
     dev = DeviceClock(true, offset_ms=0)
     dev.reset_to(EPOCH_1970)
-    tc = TimeCorrector(TimeSyncConfig(), clock=dev)  # type: ignore[arg-type]
+    tc = TimeCorrector(TimeSyncConfig(), clock=dev)
     r = reading_now(dev)
     out = tc.correct([r])[0]
     assert out.ts_ms == r.ts_ms and out.quality == Quality.TIME_UNCERTAIN  # nothing better
