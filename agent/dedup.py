@@ -207,7 +207,9 @@ class Deduplicator:
         table, fps, mask = self._table, self._fps, self._mask
         slot = self._head
         i = fps[slot] & mask
-        while table[i] != slot:
+        # With FIFO deletion and backward shift the oldest entry always sits at its home
+        # slot (every slot before it in its chain holds an older entry); kept for safety.
+        while table[i] != slot:  # pragma: no cover
             i = (i + 1) & mask
         # backward-shift deletion keeps every probe chain unbroken without tombstones
         j = i

@@ -185,3 +185,23 @@ def test_config_unknown_key() -> None:
     with pytest.raises(ConfigError) as ei:
         convert({"windw_s": 3}, DedupConfig, section="dedup")
     assert ei.value.key == "dedup.windw_s"
+
+
+def test_many_series_and_colliding_home_slots() -> None:
+    # more series than the prefix cache holds, and a tiny table so probe chains wrap
+    d = make(max_entries=4, window_s=1e9)
+    rs = [rd(sensor=f"s{i}") for i in range(5000)]
+    assert d.filter(rs) == rs
+    assert d.filter(rs[-4:]) == []
+    assert d.filter(rs[:4]) == rs[:4]
+    assert len(d._prefixes) <= 4096
+
+
+def test_oldest_entry_sits_at_its_home_slot() -> None:
+    # the invariant the eviction relies on, checked across a churned, tiny table
+    d = make(max_entries=6, window_s=1e9)
+    rng = random.Random(2)
+    for _ in range(3000):
+        d.filter([rd(ts=T0 + rng.randrange(40))])
+        head = d._head
+        assert d._table[d._fps[head] & d._mask] == head
