@@ -2,7 +2,12 @@
 
 Layout of a payload::
 
-    u8 format (1) | u8 flags | [f64 max_abs_err if lossy] | uvarint body_len | entropy(body)
+    u8 format (1) | u8 flags | [f64 max_abs_err if lossy] | series names |
+    uvarint body_len | entropy(body)
+
+The series names (count, then per series kind, sensor[, rule, fn]) stay outside the
+entropy stage on purpose: they repeat from chunk to chunk of a device, and the wire
+envelope compresses a whole batch, which then stores them about once per batch.
 
 ``flags`` bits 0-1 name the entropy stage (0 none, 1 zstd, 2 lz4), bit 2 marks a lossy
 chunk; the decoder reads them from the payload, so any tsz id decodes any tsz payload.
@@ -19,7 +24,6 @@ Reading round-trips exactly, values bit-for-bit, in the original order.
 
 from __future__ import annotations
 
-import operator
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,9 +60,6 @@ _NO_DIGITS = 99
 _LIMIT52 = float(2**52)
 # value modes
 _V_DECIMAL, _V_XOR, _V_LOSSY = 0, 1, 2
-
-_get = operator.attrgetter(
-    "sensor", "ts_ms", "value", "seq", "quality", "uncert_ms", "raw_ts_ms", "agg")
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,15 @@ class TszCodec:
         n = len(readings)
         if n == 0 or n > MAX_POINTS:
             raise ValueError(f"a chunk holds 1..{MAX_POINTS} readings, got {n}")
-        sensors, tss, vals, seqs, quals, uncs, raws, aggs = zip(*map(_get, readings),
-                                                                 strict=True)
+        # one comprehension per field is ~2x faster than transposing attrgetter tuples
+        sensors = [r.sensor for r in readings]
+        tss = [r.ts_ms for r in readings]
+        vals = [r.value for r in readings]
+        seqs = [r.seq for r in readings]
+        quals = [r.quality for r in readings]
+        uncs = [r.uncert_ms for r in readings]
+        raws = [r.raw_ts_ms for r in readings]
+        aggs = [r.agg for r in readings]
         has_agg = aggs.count(None) != n
         keys: Sequence[Any] = (
             [s if a is None else (s, a.rule, a.fn) for s, a in zip(sensors, aggs)]
@@ -241,6 +249,7 @@ class TszCodec:
         groups: dict[bytes, int] = {}
         g_cols: list[I64] = []
         table: list[bytes] = []
+        names: list[bytes] = []
         for i, key in enumerate(keymap):
             t = ts[starts[i]:ends_l[i]]
             tkey = t.tobytes()
@@ -249,11 +258,10 @@ class TszCodec:
                 g = groups[tkey] = len(groups)
                 g_cols.append(t)
             if isinstance(key, tuple):
-                table.append(b"".join((_str(key[0]), b"\x01", _str(key[1]), _str(key[2]),
-                                       uvarint(g), bytes((modes[i], max(digits[i], 0))))))
+                names.append(b"".join((b"\x01", _str(key[0]), _str(key[1]), _str(key[2]))))
             else:
-                table.append(b"".join((_str(key), b"\x00", uvarint(g),
-                                       bytes((modes[i], max(digits[i], 0))))))
+                names.append(b"\x00" + _str(key))
+            table.append(uvarint(g) + bytes((modes[i], max(digits[i], 0))))
         g_counts = np.array([c.size for c in g_cols], dtype=np.int64)
         parts = [*table, uvarint(len(g_cols)), *(uvarint(c) for c in g_counts.tolist()),
                  encode_segments(np.concatenate(g_cols), g_counts)]
@@ -303,10 +311,10 @@ class TszCodec:
         parts.append(_encode_pattern(sid0, s_count))
         parts.append(encode_intcol(seq))
         parts += [encode_intcol(col) for col in opt if col is not None]
-        body = b"".join((uvarint(n), uvarint(s_count), bytes([gflags]), *parts))
-        return self._seal(body)
+        body = b"".join((uvarint(n), bytes([gflags]), *parts))
+        return self._seal(uvarint(s_count) + b"".join(names), body)
 
-    def _seal(self, body: bytes) -> bytes:
+    def _seal(self, names: bytes, body: bytes) -> bytes:
         kind = ENTROPY[self.entropy]
         if kind == 1:
             packed = self._zc.compress(body)
@@ -319,7 +327,7 @@ class TszCodec:
             head += bytes([kind | _FLAG_LOSSY]) + struct.pack("<d", self.lossy_resolution / 2)
         else:
             head += bytes([kind])
-        return head + uvarint(len(body)) + packed
+        return head + names + uvarint(len(body)) + packed
 
     # ---------------------------------------------------------------- decode
     def decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
@@ -334,6 +342,7 @@ class TszCodec:
 
     def _decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
         _, flags, max_err, cur = _header(payload)
+        names = _decode_names(cur)
         body_len = cur.count(MAX_BODY)
         packed = payload[cur.pos:]
         kind = flags & 3
@@ -346,26 +355,35 @@ class TszCodec:
         if len(body) != body_len:
             raise DecodeError("chunk body length mismatch", reason="truncated")
         res = None if max_err is None else 2 * max_err
-        return _decode_body(Cursor(body), device_id, priority, res)
+        return _decode_body(Cursor(body), names, device_id, priority, res)
 
 
 _G_QUAL, _G_UNC, _G_RAW, _G_RAWMASK, _G_AGGW, _G_AGGC, _G_ULP = (1 << i for i in range(7))
 
 
-def _decode_body(cur: Cursor, device_id: str, priority: Priority,
-                 lossy: float | None) -> list[Reading]:
+def _decode_names(cur: Cursor) -> list[tuple[str, str | None, str]]:
+    s_count = cur.count(cur.left)
+    names: list[tuple[str, str | None, str]] = []
+    for _ in range(s_count):
+        is_agg = cur.u8()
+        if is_agg > 1:
+            raise DecodeError("bad series kind", reason="malformed")
+        sensor = cur.string()
+        names.append((sensor, cur.string(), cur.string()) if is_agg else (sensor, None, ""))
+    return names
+
+
+def _decode_body(cur: Cursor, names_t: list[tuple[str, str | None, str]], device_id: str,
+                 priority: Priority, lossy: float | None) -> list[Reading]:
     n = cur.count(MAX_POINTS)
-    s_count = cur.count(n)
+    s_count = len(names_t)
+    if s_count > n:
+        raise DecodeError("more series than points", reason="malformed")
     gflags = cur.u8()
     if gflags >= 1 << 7:
         raise DecodeError(f"unknown chunk flags {gflags:#x}", reason="malformed")
     table: list[tuple[str, str | None, str, int, int, int]] = []
-    for _ in range(s_count):
-        sensor = cur.string()
-        is_agg = cur.u8()
-        if is_agg > 1:
-            raise DecodeError("bad series kind", reason="malformed")
-        rule, fn = (cur.string(), cur.string()) if is_agg else (None, "")
+    for sensor, rule, fn in names_t:
         g = cur.uvarint()
         mode, d = cur.u8(), cur.u8()
         if mode > _V_LOSSY or d > _MAX_DIGITS or (mode == _V_LOSSY) != (lossy is not None):

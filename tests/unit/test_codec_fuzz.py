@@ -99,19 +99,26 @@ def test_every_truncation_of_every_payload() -> None:
 def test_declared_sizes_are_checked_before_allocating() -> None:
     from agent.codec._bits import uvarint
 
-    huge = bytes([1, 0]) + uvarint(MAX_BODY + 1)
+    def payload(names: bytes, body: bytes, body_len: int | None = None) -> bytes:
+        size = len(body) if body_len is None else body_len
+        return bytes([1, 0]) + names + uvarint(size) + body
+
     with pytest.raises(DecodeError) as e:
-        TszCodec().decode(huge, "d", Priority.LOW)
+        TszCodec().decode(payload(b"\x00", b"", MAX_BODY + 1), "d", Priority.LOW)
     assert e.value.reason == "oversized"
     # a body that claims a billion points in a few bytes
-    body = uvarint(10**9) + b"\x01\x00"
     with pytest.raises(DecodeError) as e:
-        TszCodec().decode(bytes([1, 0]) + uvarint(len(body)) + body, "d", Priority.LOW)
+        TszCodec().decode(payload(b"\x00", uvarint(10**9) + b"\x00"), "d", Priority.LOW)
     assert e.value.reason == "oversized"
-    # a small body that claims a million points but cannot hold them
-    body = uvarint(10**6) + uvarint(1) + b"\x00" + b"\x01s\x00\x00\x00\x00" + uvarint(1)
-    with pytest.raises(DecodeError):
-        TszCodec().decode(bytes([1, 0]) + uvarint(len(body)) + body, "d", Priority.LOW)
+    # a name table that claims more series than there are bytes
+    with pytest.raises(DecodeError) as e:
+        TszCodec().decode(bytes([1, 0]) + uvarint(10**6) + b"\x00\x01s", "d", Priority.LOW)
+    assert e.value.reason in {"oversized", "truncated"}
+    # a small body that claims a million points in one group but cannot hold them
+    body = uvarint(10**6) + b"\x00" + b"\x00\x00\x00" + uvarint(1) + uvarint(10**6) + b"\x02"
+    with pytest.raises(DecodeError) as e:
+        TszCodec().decode(payload(b"\x01\x00\x01s", body), "d", Priority.LOW)
+    assert e.value.reason == "truncated"
 
 
 @FUZZ
