@@ -143,7 +143,12 @@ class DurableBuffer:
             fresh = True
             await self._recover(exc)
             self._db = await self._connect()
-        await self._load(fresh)
+        try:
+            await self._load(fresh)
+        except BaseException:
+            db, self._db = self._db, None
+            await db.close()
+            raise
         self._tasks = [
             asyncio.create_task(self._writer(), name="buffer[writer]"),
             asyncio.create_task(self._timer(), name="buffer[timer]"),
@@ -180,6 +185,8 @@ class DurableBuffer:
         led = self._ledger
         for p, n, cnt, nb in await db.execute_fetchall(
                 "SELECT priority, count(*), sum(count), sum(nbytes) FROM chunks GROUP BY 1"):
+            if p not in range(len(Priority)):
+                continue  # a damaged row: quarantined when take() reaches it
             led.chunks[p], led.readings[p] = int(n), int(cnt)
             led.payload += int(nb)
         await self._refresh_heads(set(range(len(Priority))))
@@ -500,9 +507,9 @@ class DurableBuffer:
                     await db.execute("ROLLBACK")
             raise
         self._stats.commits += 1
-        self._apply(fx)
         if fx.touched():
             await self._refresh_heads(fx.touched())
+        self._apply(fx)  # no await from here to the caller's own bookkeeping
         return fx
 
     def _apply(self, fx: Effects) -> None:
@@ -543,7 +550,7 @@ class DurableBuffer:
         try:
             self._on_event(name, data)
         except Exception as exc:  # a broken observer must not break the buffer
-            log.error("buffer.on_event_failed", event=name, error=repr(exc))
+            log.error("buffer.on_event_failed", name=name, error=repr(exc))
 
     # ---------------------------------------------------------------- deadlines
 
@@ -646,7 +653,8 @@ class DurableBuffer:
                     "checksum, ?, ?, payload FROM chunks WHERE id = ?", (why, now_ms, cid))
                 await db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
                 prio, nbytes, count = rows[0]
-                fx.removed.append(Removed(cid, int(prio), int(nbytes), int(count), None))
+                if prio in range(len(Priority)):
+                    fx.removed.append(Removed(cid, int(prio), int(nbytes), int(count), None))
                 fx.quarantined += 1
             await db.execute(
                 "DELETE FROM quarantine WHERE id NOT IN (SELECT id FROM quarantine "

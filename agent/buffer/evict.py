@@ -2,7 +2,8 @@
 
 Order: lowest priority first, oldest first. The data that needs the room only pushes out
 data of its own priority or less important (its ``floor``): LOW data never evicts NORMAL,
-and CRITICAL data is only ever evicted by newer critical data. Every removal is recorded in the transaction's :class:`Effects` with its reason.
+and CRITICAL data is only ever evicted by newer critical data. Every removal is recorded
+in the transaction's :class:`Effects` with its reason.
 """
 
 from __future__ import annotations

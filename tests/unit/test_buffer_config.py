@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.buffer import BufferConfig, Retention
+from agent.codec import DEFAULT_CODEC
 from pymigrate.configload import convert
 from pymigrate.errors import ConfigError
 from pymigrate.types import Priority
@@ -14,7 +15,7 @@ def test_defaults_are_valid() -> None:
     cfg = BufferConfig()
     assert cfg.budget_bytes == 64 * 1024 * 1024
     assert cfg.commit_window_ms == 100
-    assert cfg.codec == "columnar-zstd"
+    assert cfg.codec == DEFAULT_CODEC
     assert cfg.retention_s.ttl_ms(Priority.LOW) is None
 
 
