@@ -24,6 +24,10 @@ def _flip_payload(db: Path, chunk_id: int) -> None:
     con.close()
 
 
+def _aside_files(d: Path) -> list[Path]:
+    return list(d.glob("b.db.corrupt-*"))
+
+
 async def test_corrupt_chunk_quarantined_others_delivered(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     async with opened(db, chunk_max_readings=CH) as buf:
@@ -68,7 +72,7 @@ async def test_garbage_file_moved_aside_and_seq_continues(tmp_path: Path) -> Non
     async with opened(db, chunk_max_readings=CH, events=ev) as buf:
         s = buf.stats()
         assert s.moved_aside == 1 and s.salvaged == 0
-        assert len(list(tmp_path.glob("b.db.corrupt-*"))) == 1
+        assert len(_aside_files(tmp_path)) == 1
         nxt = await buf.append(readings(3))
         assert nxt[0].seq > 250  # never backwards, even on a fresh database
         assert [r.seq for r in nxt] == [nxt[0].seq, nxt[0].seq + 1, nxt[0].seq + 2]
