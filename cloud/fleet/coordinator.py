@@ -79,7 +79,7 @@ class Coordinator:
     # -- Effects (called synchronously by the engine) --------------------------------
     def notify(self, rollout: Rollout, idx: int, op: str, attempt: int) -> None:
         dev = self.registry.ids[idx]
-        doc = rollout.spec.document if op == "apply" else None
+        doc = rollout.spec.document  # rollback needs it too (command hooks)
         msg = JobNotify(rollout.id, dev, op, attempt, doc)  # type: ignore[arg-type]
         self._out.put_nowait((dev, encode(msg)))
         self.metrics.notifications.labels(op).inc()

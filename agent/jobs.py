@@ -1,0 +1,263 @@
+"""Device side of fleet jobs: receive, apply atomically, report, roll back.
+
+:class:`JobsClient` listens on the device's job topics (push) and asks for pending jobs
+whenever it (re)connects (pull). A config job replaces the agent's config file
+atomically (temp file + fsync + ``os.replace``) keeping the previous file as
+``<config>.prev``, then calls ``apply_config``; a command job runs a named hook (e.g. a
+firmware step). After applying, the client waits ``check_delay_s`` and runs its own
+health check: if unhealthy it restores the previous config and reports failure.
+During the soak it reports health every ``health_interval_s``; if health turns bad it
+rolls back by itself. A rollback command restores ``<config>.prev``. Finished jobs are
+remembered in ``<config>.jobs.json``, so a re-delivered notification is answered with
+the earlier result instead of being applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from pymigrate.clock import Clock
+from pymigrate.errors import PyMigrateError
+from transports.jobs_protocol import (
+    Health,
+    JobDocument,
+    JobNotify,
+    JobResult,
+    JobStart,
+    JobUpdate,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+log = structlog.get_logger("pymigrate.agent.jobs")
+
+ApplyConfig = Callable[[Path], Awaitable[None] | None]
+HealthCheck = Callable[[], Awaitable[Health] | Health]
+Hook = Callable[[Mapping[str, Any], bool], Awaitable[None] | None]
+
+
+class DeviceLink(Protocol):
+    """The device's side of its job topics (see ``transports.jobs_mqtt``)."""
+
+    async def connect(self, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
+        """Subscribe to this device's notify topic and deliver ``(kind, payload)``."""
+
+    async def publish(self, kind: str, payload: bytes) -> None:
+        """Publish a document on this device's ``kind`` topic."""
+
+    async def close(self) -> None:
+        """Unsubscribe / disconnect."""
+
+
+class JobError(PyMigrateError):
+    """A job could not be applied; ``retriable`` says whether trying again may help."""
+
+    reason = "job_failed"
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class JobsClient:
+    """Fleet jobs client of one device."""
+
+    def __init__(self, device_id: str, *, channel: DeviceLink, apply_config: ApplyConfig,
+                 health: HealthCheck, clock: Clock, config_path: str | Path,
+                 hooks: Mapping[str, Hook] | None = None, check_delay_s: float = 5.0,
+                 health_interval_s: float = 30.0, soak_reports: int = 4) -> None:
+        self.device_id = device_id
+        self.channel = channel
+        self.apply_config = apply_config
+        self.health = health
+        self.clock = clock
+        self.config_path = Path(config_path)
+        self.prev_path = self.config_path.with_name(self.config_path.name + ".prev")
+        self.state_path = self.config_path.with_name(self.config_path.name + ".jobs.json")
+        self.hooks = dict(hooks or {})
+        self.check_delay_s = check_delay_s
+        self.health_interval_s = health_interval_s
+        self.soak_reports = soak_reports
+        self._queue: asyncio.Queue[JobNotify] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._soak: asyncio.Task[None] | None = None
+        self._done: dict[str, dict[str, Any]] = self._load_state()
+        self.refusals = 0
+        self.rejected = 0
+        self.applied = 0
+        self.rolled_back = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Subscribe, start the worker and pull pending jobs."""
+        await self.channel.connect(self._on_message)
+        task = asyncio.create_task(self._worker(), name=f"agent[jobs:{self.device_id}]")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await self.pull()
+
+    async def stop(self) -> None:
+        """Stop the worker and any soak reporter; close the link."""
+        for t in [*self._tasks, *([self._soak] if self._soak else [])]:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.channel.close()
+
+    async def pull(self) -> None:
+        """Ask the coordinator for pending jobs (call after every reconnect)."""
+        await self._send(JobStart(self.device_id))
+
+    async def report_health(self, job_id: str | None = None, attempt: int = 0) -> Health:
+        """Run the health check and report it."""
+        h: Health = await _maybe_await(self.health())
+        await self._send(JobUpdate(self.device_id, job_id, attempt, 1.0, h))
+        return h
+
+    async def _send(self, msg: JobStart | JobUpdate | JobResult) -> None:
+        kind = type(msg).__struct_config__.tag
+        await self.channel.publish(str(kind), encode(msg))
+
+    async def _on_message(self, kind: str, payload: bytes) -> None:
+        try:
+            msg = decode(kind, payload)
+        except ProtocolError as exc:
+            self.rejected += 1
+            log.warning("job document rejected", device=self.device_id, reason=exc.reason)
+            return
+        if not isinstance(msg, JobNotify) or msg.device_id != self.device_id:
+            self.rejected += 1
+            return
+        if msg.op == "refused":
+            self.refusals += 1
+            log.warning("coordinator refused a report", job=msg.job_id, reason=msg.reason)
+            return
+        self._queue.put_nowait(msg)
+
+    async def _worker(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            try:
+                if msg.op == "apply":
+                    await self._apply(msg)
+                elif msg.op == "rollback":
+                    await self._rollback(msg)
+            except Exception as exc:  # report, never die: the coordinator decides
+                log.error("job handling failed", job=msg.job_id, error=repr(exc))
+                await self._result(msg, "failed", reason="internal", retriable=True)
+
+    # -- state ----------------------------------------------------------------------
+    def _load_state(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.state_path.read_bytes())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, job_id: str, attempt: int, status: str, reason: str = "") -> None:
+        self._done[job_id] = {"attempt": attempt, "status": status, "reason": reason}
+        while len(self._done) > 64:
+            self._done.pop(next(iter(self._done)))
+        atomic_write(self.state_path, json.dumps(self._done).encode())
+
+    async def _result(self, msg: JobNotify, status: str, *, reason: str = "",
+                      retriable: bool = False, health: Health | None = None) -> None:
+        self._remember(msg.job_id, msg.attempt, status, reason)
+        await self._send(JobResult(self.device_id, msg.job_id, status,  # type: ignore[arg-type]
+                                   msg.attempt, retriable, reason, health))
+
+    # -- apply / rollback -----------------------------------------------------------
+    async def _apply(self, msg: JobNotify) -> None:
+        seen = self._done.get(msg.job_id)
+        if seen is not None and seen["attempt"] == msg.attempt:
+            # re-delivered (QoS 1 duplicate, pull after restart): answer, do not re-apply
+            await self._send(JobResult(self.device_id, msg.job_id, seen["status"], msg.attempt,
+                                       False, seen.get("reason", "")))
+            return
+        doc = msg.doc or JobDocument()
+        if doc.type == "command" and doc.hook not in self.hooks:
+            await self._result(msg, "rejected", reason=f"unknown_hook:{doc.hook}")
+            return
+        await self._send(JobStart(self.device_id, msg.job_id, msg.attempt))
+        try:
+            await self._do(doc, rollback=False)
+        except Exception as exc:
+            retriable = bool(getattr(exc, "retriable", False))
+            with contextlib.suppress(Exception):
+                await self._do(doc, rollback=True)
+            await self._result(msg, "failed", reason=f"apply:{type(exc).__name__}",
+                               retriable=retriable)
+            return
+        self.applied += 1
+        await self.clock.sleep(self.check_delay_s)
+        h: Health = await _maybe_await(self.health())
+        if not h.ok:
+            await self._do(doc, rollback=True)
+            self.rolled_back += 1
+            await self._result(msg, "failed", reason="post_update_health", health=h)
+            return
+        await self._result(msg, "succeeded", health=h)
+        if self._soak is not None:
+            self._soak.cancel()
+        self._soak = asyncio.create_task(self._soak_watch(msg, doc),
+                                         name=f"agent[jobs-soak:{self.device_id}]")
+
+    async def _soak_watch(self, msg: JobNotify, doc: JobDocument) -> None:
+        for _ in range(self.soak_reports):
+            await self.clock.sleep(self.health_interval_s)
+            h = await self.report_health(msg.job_id, msg.attempt)
+            if not h.ok:
+                await self._do(doc, rollback=True)
+                self.rolled_back += 1
+                await self._result(msg, "rolled_back", reason="soak_health", health=h)
+                return
+
+    async def _rollback(self, msg: JobNotify) -> None:
+        if self._soak is not None:
+            self._soak.cancel()
+        seen = self._done.get(msg.job_id)
+        if seen is not None and seen["status"] in ("succeeded",):
+            doc = msg.doc or JobDocument()
+            try:
+                await self._do(doc, rollback=True)
+            except Exception as exc:
+                await self._result(msg, "failed", reason=f"rollback:{type(exc).__name__}")
+                return
+            self.rolled_back += 1
+        await self._result(msg, "rolled_back")
+
+    async def _do(self, doc: JobDocument, *, rollback: bool) -> None:
+        if doc.type == "command":
+            await _maybe_await(self.hooks[doc.hook](doc.args, rollback))
+            return
+        if rollback:
+            if not self.prev_path.exists():
+                return
+            atomic_write(self.config_path, self.prev_path.read_bytes())
+        else:
+            if self.config_path.exists():
+                atomic_write(self.prev_path, self.config_path.read_bytes())
+            atomic_write(self.config_path, doc.content.encode())
+        await _maybe_await(self.apply_config(self.config_path))

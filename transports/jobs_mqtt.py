@@ -1,0 +1,221 @@
+"""Fleet job topics over MQTT (aiomqtt 2.x), coordinator side and device side.
+
+Topics per device: ``<prefix>/jobs/<device>/{notify,start,update,result}`` (QoS 1).
+The coordinator subscribes to ``<prefix>/jobs/+/{start,update,result}`` (optionally as a
+shared subscription) and vouches for the sender by the topic's device segment (broker
+ACLs should bind each client to its own ``<prefix>/jobs/<client>/#``). Devices subscribe
+to their own ``notify`` topic. :class:`MqttDeviceHub` carries many device sessions over
+one connection (a gateway hosting several devices, or a fleet simulator); each device
+still has its own subscription and topics.
+
+No aiomqtt type or exception leaves this module: failures become
+:class:`~pymigrate.errors.TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aiomqtt
+import structlog
+
+from pymigrate.errors import TransportError
+
+log = structlog.get_logger("pymigrate.transports.jobs_mqtt")
+
+CoordinatorHandler = Callable[[str, str, bytes], Awaitable[None]]
+DeviceHandler = Callable[[str, bytes], Awaitable[None]]
+_UP_KINDS = ("start", "update", "result")
+
+
+def topic(prefix: str, device_id: str, kind: str) -> str:
+    """The job topic of ``device_id`` for ``kind``."""
+    return f"{prefix}/jobs/{device_id}/{kind}"
+
+
+def _split(prefix: str, name: str) -> tuple[str, str] | None:
+    head = f"{prefix}/jobs/"
+    if not name.startswith(head):
+        return None
+    device, sep, kind = name[len(head):].rpartition("/")
+    if not sep or not device or "/" in device:
+        return None
+    return device, kind
+
+
+class _Session:
+    """One aiomqtt connection with a reader task; translates library errors."""
+
+    def __init__(self, hostname: str, port: int, *, client_id: str | None,
+                 username: str | None, password: str | None, will: aiomqtt.Will | None,
+                 on_message: Callable[[str, bytes], Awaitable[None]], name: str) -> None:
+        self._client = aiomqtt.Client(hostname, port, identifier=client_id or
+                                      f"pymigrate-{uuid.uuid4().hex[:12]}",
+                                      username=username, password=password, will=will,
+                                      max_queued_incoming_messages=100_000)
+        self._on_message = on_message
+        self._name = name
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self, topics: list[str]) -> None:
+        try:
+            await self._client.__aenter__()
+            if topics:
+                await self._client.subscribe([(t, 1) for t in topics])
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"MQTT connect/subscribe failed: {exc}") from exc
+        self._reader = asyncio.create_task(self._read(), name=self._name)
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._client.messages:
+                payload = message.payload
+                data = payload if isinstance(payload, bytes) else str(payload).encode()
+                try:
+                    await self._on_message(message.topic.value, data)
+                except Exception as exc:  # one bad document never stops the reader
+                    log.error("job message handler failed", topic=message.topic.value,
+                              error=repr(exc))
+        except aiomqtt.MqttError as exc:
+            log.warning("MQTT job session lost", session=self._name, error=str(exc))
+
+    async def subscribe(self, name: str) -> None:
+        try:
+            await self._client.subscribe(name, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"MQTT subscribe failed: {exc}") from exc
+
+    async def unsubscribe(self, name: str) -> None:
+        try:
+            await self._client.unsubscribe(name)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"MQTT unsubscribe failed: {exc}") from exc
+
+    async def publish(self, name: str, payload: bytes) -> None:
+        try:
+            await self._client.publish(name, payload, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"MQTT publish failed: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(None, None, None)
+
+
+class MqttJobChannel:
+    """Coordinator side: receives device documents, sends notifications."""
+
+    def __init__(self, hostname: str = "127.0.0.1", port: int = 1883, *,
+                 prefix: str = "pymigrate", client_id: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 share_group: str | None = None) -> None:
+        self.hostname, self.port, self.prefix = hostname, port, prefix
+        self.client_id, self.username, self.password = client_id, username, password
+        self.share_group = share_group
+        self._session: _Session | None = None
+        self._handler: CoordinatorHandler | None = None
+        self.unroutable = 0
+
+    async def start(self, handler: CoordinatorHandler) -> None:
+        """Connect, subscribe to every device's up topics, deliver to ``handler``."""
+        self._handler = handler
+        share = f"$share/{self.share_group}/" if self.share_group else ""
+        topics = [share + topic(self.prefix, "+", k) for k in _UP_KINDS]
+        self._session = _Session(self.hostname, self.port, client_id=self.client_id,
+                                 username=self.username, password=self.password, will=None,
+                                 on_message=self._route, name="fleet[mqtt-reader]")
+        await self._session.open(topics)
+
+    async def _route(self, name: str, payload: bytes) -> None:
+        parts = _split(self.prefix, name)
+        if parts is None or parts[1] not in _UP_KINDS or self._handler is None:
+            self.unroutable += 1
+            return
+        await self._handler(parts[0], parts[1], payload)
+
+    async def send(self, device_id: str, kind: str, payload: bytes) -> None:
+        """Publish to ``<prefix>/jobs/<device>/<kind>`` (QoS 1)."""
+        if self._session is None:
+            raise TransportError("job channel is not started")
+        await self._session.publish(topic(self.prefix, device_id, kind), payload)
+
+    async def stop(self) -> None:
+        """Disconnect."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class MqttDeviceHub:
+    """Device side: one MQTT connection carrying the job topics of one or more devices."""
+
+    def __init__(self, hostname: str = "127.0.0.1", port: int = 1883, *,
+                 prefix: str = "pymigrate", client_id: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 will_device: str | None = None) -> None:
+        self.prefix = prefix
+        will = None
+        if will_device is not None:  # tell the coordinator when this device drops off
+            body = ('{"kind":"update","device_id":"%s","job_id":null,"attempt":0,'
+                    '"progress":0.0,"health":{"ok":true,"online":false},"v":1}' % will_device)
+            will = aiomqtt.Will(topic(prefix, will_device, "update"), body.encode(), qos=1)
+        self._session = _Session(hostname, port, client_id=client_id, username=username,
+                                 password=password, will=will, on_message=self._route,
+                                 name=f"agent[jobs-mqtt:{client_id or 'hub'}]")
+        self._handlers: dict[str, DeviceHandler] = {}
+        self._open = False
+
+    async def start(self) -> None:
+        """Connect (device subscriptions are added by each link's ``connect``)."""
+        await self._session.open([])
+        self._open = True
+
+    async def stop(self) -> None:
+        """Disconnect every device session of this hub."""
+        self._open = False
+        await self._session.close()
+
+    def link(self, device_id: str) -> MqttDeviceLink:
+        """The job link of one device (``agent.jobs.DeviceLink``)."""
+        return MqttDeviceLink(self, device_id)
+
+    async def _route(self, name: str, payload: bytes) -> None:
+        parts = _split(self.prefix, name)
+        if parts is None:
+            return
+        handler = self._handlers.get(parts[0])
+        if handler is not None:
+            await handler(parts[1], payload)
+
+
+class MqttDeviceLink:
+    """One device's job topics on a :class:`MqttDeviceHub`."""
+
+    def __init__(self, hub: MqttDeviceHub, device_id: str) -> None:
+        self.hub = hub
+        self.device_id = device_id
+
+    async def connect(self, handler: DeviceHandler) -> None:
+        """Subscribe to this device's notify topic."""
+        self.hub._handlers[self.device_id] = handler
+        await self.hub._session.subscribe(topic(self.hub.prefix, self.device_id, "notify"))
+
+    async def publish(self, kind: str, payload: bytes) -> None:
+        """Publish on this device's ``kind`` topic."""
+        await self.hub._session.publish(topic(self.hub.prefix, self.device_id, kind), payload)
+
+    async def close(self) -> None:
+        """Unsubscribe this device (the hub connection stays up)."""
+        self.hub._handlers.pop(self.device_id, None)
+        if self.hub._open:
+            with contextlib.suppress(TransportError):
+                await self.hub._session.unsubscribe(
+                    topic(self.hub.prefix, self.device_id, "notify"))
