@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from agent.retry.backoff import Backoff, agent_rng, make_backoff
@@ -147,6 +147,7 @@ class Uploader:
             for u in uplinks
         ]
         self._inflight: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()  # buffer bookkeeping, never cancelled
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._stopping = False
@@ -448,33 +449,35 @@ class Uploader:
         self.counts["batches_sent"] += 1
         self.counts["bytes_sent"] += size
         slot.counts["sent"] += 1
+        outcome: Coroutine[Any, Any, None]
         try:
             await self._ensure_connected(slot)
             ack = await slot.uplink.send(batch.payload, batch_id=batch.batch_id, timeout=timeout)
         except asyncio.CancelledError:
             slot.breaker.record_aborted(probe=batch.probe)
-            await asyncio.shield(self.buffer.release(batch.ids))
+            await asyncio.shield(self._settle(self.buffer.release(batch.ids)))
             raise
         except ThrottledError as exc:
-            await self._throttled(slot, batch, exc.retry_after_s)
-            return
+            outcome = self._throttled(slot, batch, exc.retry_after_s)
         except PayloadRejected as exc:
-            await self._rejected(slot, batch, exc.reason)
-            return
+            outcome = self._rejected(slot, batch, exc.reason)
         except (TransportError, OSError, TimeoutError) as exc:
             # an attempt that used up its timeout doubles the next one (Karn)
             spent = self.clock.monotonic() - t0
-            await self._failed(slot, batch, exc, timed_out=spent >= 0.9 * timeout)
-            return
-        rtt = self.clock.monotonic() - t0
-        if ack.status in ("ok", "duplicate"):
-            await self._acked(slot, batch, ack, rtt, w0)
-        elif ack.status == "throttled":
-            await self._throttled(slot, batch, ack.retry_after_s)
-        elif ack.status == "rejected":
-            await self._rejected(slot, batch, ack.reason or "rejected")
+            outcome = self._failed(slot, batch, exc, timed_out=spent >= 0.9 * timeout)
         else:
-            await self._failed(slot, batch, TransportError(f"unknown ack status {ack.status!r}"))
+            rtt = self.clock.monotonic() - t0
+            if ack.status in ("ok", "duplicate"):
+                outcome = self._acked(slot, batch, ack, rtt, w0)
+            elif ack.status == "throttled":
+                outcome = self._throttled(slot, batch, ack.retry_after_s)
+            elif ack.status == "rejected":
+                outcome = self._rejected(slot, batch, ack.reason or "rejected")
+            else:
+                outcome = self._failed(slot, batch,
+                                       TransportError(f"unknown ack status {ack.status!r}"))
+        # the outcome's ack/release completes even if we are cancelled meanwhile
+        await asyncio.shield(self._settle(outcome))
 
     async def _ensure_connected(self, slot: _Slot) -> None:
         if slot.connected:
@@ -615,12 +618,22 @@ class Uploader:
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _settle(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run an outcome's buffer bookkeeping (ack/release) to completion even if the
+        send task is cancelled: a lost release would strand chunks in flight."""
+        task = asyncio.create_task(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
+
     async def _cancel_inflight(self) -> None:
         tasks = list(self._inflight)
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
 
     # ------------------------------------------------------------------ events
     def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,8 @@ DEV = "dev-1"
 
 def chunk(seq: int, *, priority: Priority = Priority.NORMAL, nbytes: int = 200,
           count: int = 10, device: str = DEV) -> Chunk:
-    payload = bytes((seq + i) % 251 for i in range(nbytes))
+    # incompressible, like a real (already compressed) chunk payload
+    payload = random.Random(seq).randbytes(nbytes)
     return Chunk(device, priority, seq, seq + count - 1, count, seq * 1000,
                  (seq + count) * 1000, 1, payload, zlib.crc32(payload))
 
