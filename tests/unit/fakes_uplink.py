@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 from pymigrate.clock import Clock
@@ -33,6 +34,7 @@ class FakeUplink:
         self.closes = 0
         self.connect_fails = 0
         self.reject_seqs: set[int] = set()
+        self.sent_event = asyncio.Event()  # set on every send() call
 
     def script(self, *actions: str) -> None:
         self.actions.extend(actions)
@@ -51,6 +53,7 @@ class FakeUplink:
         assert batch.batch_id == batch_id
         assert len(payload) <= self.max_payload
         self.sent.append(batch)
+        self.sent_event.set()
         self.timeouts.append(timeout)
         action = self.actions.popleft() if self.actions else self.default
         if action == "timeout":

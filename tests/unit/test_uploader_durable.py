@@ -73,8 +73,7 @@ async def test_real_buffer_in_order_with_retry_and_restart(tmp_path: Path) -> No
     up2 = Uploader(buf, [dead], device_id="dev-1", clock=clock,  # type: ignore[arg-type]
                    config=cfg(backoff_base_s=5, backoff_cap_s=5))
     task = asyncio.create_task(up2.run())
-    while not dead.sent:
-        await asyncio.sleep(0.005)
+    await asyncio.wait_for(dead.sent_event.wait(), 5)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await buf.close()  # type: ignore[attr-defined]
