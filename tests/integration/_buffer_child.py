@@ -2,7 +2,8 @@
 producers and prints each accepted range AFTER append returned.
 
 usage: python _buffer_child.py DB_PATH SEED
-After a first ``ready`` line, each stdout line: ``<device> <priority> <seq> <seq> ...`` (the accepted sequence numbers).
+After a first ``ready`` line, each stdout line is
+``<device> <priority> <seq> <seq> ...`` (the accepted sequence numbers).
 """
 
 from __future__ import annotations

@@ -69,4 +69,4 @@ async def test_no_accepted_reading_lost_across_kill9(tmp_path: Path) -> None:
         assert len(seqs) == len(set(seqs)), f"{dev}: a sequence number is stored twice"
     for dev, seqs in accepted.items():
         missing = set(seqs) - set(stored.get(dev, []))
-        assert not missing, f"{dev}: {len(missing)} accepted readings lost, e.g. {sorted(missing)[:5]}"
+        assert not missing, f"{dev}: {len(missing)} accepted lost, e.g. {sorted(missing)[:5]}"
