@@ -243,7 +243,8 @@ class JobsClient:
             try:
                 await self._do(doc, rollback=True)
             except Exception as exc:
-                await self._result(msg, "failed", reason=f"rollback:{type(exc).__name__}")
+                await self._result(msg, "rollback_failed",
+                                   reason=f"rollback:{type(exc).__name__}")
                 return
             self.rolled_back += 1
         await self._result(msg, "rolled_back")

@@ -23,6 +23,7 @@ import aiomqtt
 import structlog
 
 from pymigrate.errors import TransportError
+from transports.jobs_protocol import Health, JobUpdate, encode
 
 log = structlog.get_logger("pymigrate.transports.jobs_mqtt")
 
@@ -34,6 +35,21 @@ _UP_KINDS = ("start", "update", "result")
 def topic(prefix: str, device_id: str, kind: str) -> str:
     """The job topic of ``device_id`` for ``kind``."""
     return f"{prefix}/jobs/{device_id}/{kind}"
+
+
+def control_topic(prefix: str) -> str:
+    """Topic the coordinator takes operator and ingest commands on."""
+    return f"{prefix}/fleet/control"
+
+
+async def publish_once(hostname: str, port: int, name: str, payload: bytes) -> None:
+    """Connect, publish one QoS 1 message, disconnect (CLI control commands)."""
+    try:
+        async with aiomqtt.Client(hostname, port,
+                                  identifier=f"pymigrate-cli-{uuid.uuid4().hex[:8]}") as c:
+            await c.publish(name, payload, qos=1)
+    except aiomqtt.MqttError as exc:
+        raise TransportError(f"MQTT publish to {name} failed: {exc}") from exc
 
 
 def _split(prefix: str, name: str) -> tuple[str, str] | None:
@@ -116,8 +132,10 @@ class MqttJobChannel:
     def __init__(self, hostname: str = "127.0.0.1", port: int = 1883, *,
                  prefix: str = "pymigrate", client_id: str | None = None,
                  username: str | None = None, password: str | None = None,
-                 share_group: str | None = None) -> None:
+                 share_group: str | None = None,
+                 control: Callable[[bytes], Awaitable[None]] | None = None) -> None:
         self.hostname, self.port, self.prefix = hostname, port, prefix
+        self.control = control  # operator / ingest commands on <prefix>/fleet/control
         self.client_id, self.username, self.password = client_id, username, password
         self.share_group = share_group
         self._session: _Session | None = None
@@ -129,12 +147,17 @@ class MqttJobChannel:
         self._handler = handler
         share = f"$share/{self.share_group}/" if self.share_group else ""
         topics = [share + topic(self.prefix, "+", k) for k in _UP_KINDS]
+        if self.control is not None:
+            topics.append(control_topic(self.prefix))
         self._session = _Session(self.hostname, self.port, client_id=self.client_id,
                                  username=self.username, password=self.password, will=None,
                                  on_message=self._route, name="fleet[mqtt-reader]")
         await self._session.open(topics)
 
     async def _route(self, name: str, payload: bytes) -> None:
+        if self.control is not None and name == control_topic(self.prefix):
+            await self.control(payload)
+            return
         parts = _split(self.prefix, name)
         if parts is None or parts[1] not in _UP_KINDS or self._handler is None:
             self.unroutable += 1
@@ -164,9 +187,8 @@ class MqttDeviceHub:
         self.prefix = prefix
         will = None
         if will_device is not None:  # tell the coordinator when this device drops off
-            body = ('{"kind":"update","device_id":"%s","job_id":null,"attempt":0,'
-                    '"progress":0.0,"health":{"ok":true,"online":false},"v":1}' % will_device)
-            will = aiomqtt.Will(topic(prefix, will_device, "update"), body.encode(), qos=1)
+            body = encode(JobUpdate(will_device, health=Health(online=False)))
+            will = aiomqtt.Will(topic(prefix, will_device, "update"), body, qos=1)
         self._session = _Session(hostname, port, client_id=client_id, username=username,
                                  password=password, will=will, on_message=self._route,
                                  name=f"agent[jobs-mqtt:{client_id or 'hub'}]")

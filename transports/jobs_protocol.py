@@ -89,11 +89,13 @@ class JobUpdate(msgspec.Struct, frozen=True, tag="update", tag_field="kind"):
 
 
 class JobResult(msgspec.Struct, frozen=True, tag="result", tag_field="kind"):
-    """Device -> coordinator: outcome of an apply or a rollback."""
+    """Device -> coordinator: outcome of an apply (succeeded / failed / rejected, or
+    rolled_back when the device undid it by itself) or of a rollback command
+    (rolled_back / rollback_failed)."""
 
     device_id: str
     job_id: str
-    status: Literal["succeeded", "failed", "rejected", "rolled_back"]
+    status: Literal["succeeded", "failed", "rejected", "rolled_back", "rollback_failed"]
     attempt: int = 0
     retriable: bool = False
     reason: str = ""

@@ -40,6 +40,19 @@ from cloud.fleet.store import FleetStore, RolloutRecord, TransitionRecord
 from pymigrate.clock import Clock
 
 log = structlog.get_logger("pymigrate.fleet")
+PENDING = "pending"
+
+
+class Control(msgspec.Struct, frozen=True):
+    """Operator / ingest command received on the control topic."""
+
+    cmd: str
+    rollout_id: str = ""
+    lag_s: float = 0.0
+    throttled: bool = False
+
+
+_CONTROL = msgspec.json.Decoder(Control)
 _ENC = msgspec.json.Encoder()
 _SPEC = msgspec.json.Decoder(RolloutSpec)
 _PLAN = msgspec.json.Decoder(WavePlan)
@@ -137,6 +150,8 @@ class Coordinator:
             self.registry.add_group(g)
         now = self.now()
         for rec in await self.store.load_rollouts():
+            if rec.status == PENDING:
+                continue  # started by load_pending()
             spec = _SPEC.decode(rec.spec)
             rows = await self.store.load_device_states(rec.rollout_id)
             reg = self.registry
@@ -153,6 +168,31 @@ class Coordinator:
                 log.info("rollout resumed", rollout=rec.rollout_id, status=r.status)
         self._dirty.clear()
         self._pending.clear()
+
+    async def load_pending(self) -> list[str]:
+        """Start rollouts created offline (``pymigrate fleet create-rollout``)."""
+        started = []
+        for rec in await self.store.load_rollouts():
+            if rec.status == PENDING and rec.rollout_id not in self.core.rollouts:
+                await self.create_rollout(_SPEC.decode(rec.spec))
+                started.append(rec.rollout_id)
+        return started
+
+    async def handle_control(self, payload: bytes) -> None:
+        """An operator or ingest command (JSON): ``{"cmd": "load"}``,
+        ``{"cmd": "pause|resume|cancel|abort", "rollout_id": ...}`` or
+        ``{"cmd": "ingest", "lag_s": ..., "throttled": ...}``."""
+        try:
+            cmd = _CONTROL.decode(payload)
+            if cmd.cmd == "load":
+                await self.load_pending()
+            elif cmd.cmd == "ingest":
+                self.report_ingest(lag_s=cmd.lag_s, throttled=cmd.throttled)
+            else:
+                self._op(cmd.rollout_id, cmd.cmd)
+        except (msgspec.DecodeError, FleetError) as exc:
+            self.rejected += 1
+            log.warning("control command rejected", error=str(exc))
 
     # -- registry / operator API ----------------------------------------------------
     async def add_devices(self, devices: list[tuple[str, dict[str, str]]]) -> None:

@@ -465,7 +465,7 @@ class Rollout:
         pos = self.pos_of[idx]
         st = self.state[pos]
         if st == S.ROLLING_BACK:
-            if status in ("rolled_back", "failed"):
+            if status in ("rolled_back", "rollback_failed"):
                 self._disarm(pos)
                 ok = status == "rolled_back"
                 self._set(pos, S.ROLLED_BACK if ok else S.FAILED, now, reason)

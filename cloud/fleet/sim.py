@@ -32,7 +32,7 @@ _OK, _FAILS, _HANGS, _SICK = range(4)  # device behaviours
 _EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: simulated wall time starts here
 
 
-class FleetModel(msgspec.Struct, frozen=True):
+class FleetModel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the simulated fleet looks like."""
 
     devices: int = 10_000

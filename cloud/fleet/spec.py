@@ -16,7 +16,7 @@ from pymigrate.configload import convert
 from pymigrate.errors import ConfigError
 
 
-class WavePlan(msgspec.Struct, frozen=True):
+class WavePlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Canary (count, or percent of the target when ``canary`` is 0), growth, max wave."""
 
     canary: int = 0
@@ -25,7 +25,7 @@ class WavePlan(msgspec.Struct, frozen=True):
     max_wave: int = 0  # 0 = unlimited
 
 
-class Gate(msgspec.Struct, frozen=True):
+class Gate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Wave health gate. ``max_error_rate``/``max_lag_s`` define bad health during soak."""
 
     success_threshold: float = 0.95
@@ -35,7 +35,7 @@ class Gate(msgspec.Struct, frozen=True):
     max_lag_s: float = 0.0  # 0 = not checked
 
 
-class Pacing(msgspec.Struct, frozen=True):
+class Pacing(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Back-pressure and ingest budget rules for the notification rate and wave size."""
 
     ingest_budget_bytes_per_s: float = 0.0  # 0 = no budget
@@ -44,7 +44,7 @@ class Pacing(msgspec.Struct, frozen=True):
     recover_s: float = 300.0  # time to recover from factor 0 to 1 after back-pressure
 
 
-class Window(msgspec.Struct, frozen=True):
+class Window(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Daily maintenance window in UTC, ``HH:MM``-``HH:MM`` (may wrap midnight);
     ``days`` restricts it to weekdays (0 = Monday) of the window start."""
 
@@ -53,7 +53,7 @@ class Window(msgspec.Struct, frozen=True):
     days: list[int] = []
 
 
-class RolloutSpec(msgspec.Struct, frozen=True):
+class RolloutSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything a rollout needs. ``deadline_s`` > 0 derives the wave plan."""
 
     rollout_id: str
