@@ -120,7 +120,8 @@ class Uploader:
                  clock: Clock, config: RetryConfig | None = None,
                  on_ack: AckCallback | None = None, on_event: EventCallback | None = None,
                  on_dead_letter: DeadLetterCallback | None = None,
-                 power: PowerState | None = None, rng: random.Random | None = None) -> None:
+                 power: PowerState | None = None, rng: random.Random | None = None,
+                 wants_sync: Callable[[], bool] | None = None) -> None:
         if not uplinks:
             raise ValueError("Uploader needs at least one uplink")
         self.cfg = cfg = config or RetryConfig()
@@ -130,6 +131,7 @@ class Uploader:
         self.on_ack = on_ack
         self.on_event = on_event
         self.on_dead_letter = on_dead_letter
+        self.wants_sync = wants_sync
         self.rng = rng or agent_rng(device_id, cfg.seed)
         self.quality = NetworkQuality(alpha=cfg.rtt_alpha, beta=cfg.rtt_beta, k=cfg.rtt_k)
         self.aimd = Aimd(cfg)
@@ -156,6 +158,7 @@ class Uploader:
         self._linger_until: float | None = None
         self._empty_takes = 0
         self._next_power_check = 0.0
+        self._last_exchange = clock.monotonic()
         self._attempts: dict[int, int] = {}
         self._isolate: set[int] = set()  # chunk ids to resend alone (a batch was rejected)
         self._bseq = itertools.count(1)
@@ -214,7 +217,7 @@ class Uploader:
             **{k: self.counts[k] for k in (
                 "batches_sent", "batches_acked", "batches_failed", "batches_throttled",
                 "batches_rejected", "bytes_sent", "readings_acked", "wakeups", "loop_wakeups",
-                "duplicates", "readings_dead_lettered")},
+                "duplicates", "readings_dead_lettered", "sync_pings")},
             "dead_letters": dict(self.dead_letters),
             "attempts": dict(sorted(self.batches_by_attempt.items())),
             "readings_by_attempt": dict(sorted(self.readings_by_attempt.items())),
@@ -245,7 +248,15 @@ class Uploader:
         minp = self.power.min_priority
         if not self._draining and not self._inflight_full():
             # block until there is something to send (the buffer's event), or we are woken
-            woke = await self._wait(self.buffer.wait_for_data(minp))
+            sync_at = None
+            if self.wants_sync is not None and self.wants_sync():
+                sync_at = self._last_exchange + self.cfg.sync_ping_s
+            woke = await self._wait(self.buffer.wait_for_data(minp), deadline=sync_at)
+            if (sync_at is not None and woke == "deadline"
+                    and self.clock.monotonic() >= sync_at and self.wants_sync is not None
+                    and self.wants_sync()):
+                await self._sync_ping()
+                return
             if woke != "ready":
                 # we slept: a new episode of data starts its own linger
                 self._linger_until = None
@@ -336,6 +347,23 @@ class Uploader:
         probe = batch.probe
         if probe:
             slot.breaker.begin_probe()
+        self._spawn(slot, batch)
+
+    async def _sync_ping(self) -> None:
+        """An empty batch whose ack carries server times (clock sync while idle)."""
+        now = self.clock.monotonic()
+        self._last_exchange = now
+        slot, mode, ready_at = self._pick(now)
+        if (slot is None or mode != "send" or ready_at > now or self._inflight_full()
+                or not self.windows.is_open(self.clock.time_ms())):
+            return
+        n = next(self._bseq)
+        batch_id = f"{self.device_id}-sync-{n}"
+        payload = encode_batch(Batch(self.device_id, batch_id, [], sent_ms=self.clock.time_ms()))
+        self.counts["sync_pings"] += 1
+        self._spawn(slot, _Batch([], 1, batch_id, payload, False))
+
+    def _spawn(self, slot: _Slot, batch: _Batch) -> None:
         task = asyncio.create_task(self._send(slot, batch),
                                    name=f"agent[uploader:{slot.name}:{batch.batch_id}]")
         self._inflight.add(task)
@@ -488,17 +516,20 @@ class Uploader:
                 slot.connected = True
 
     async def _acked(self, slot: _Slot, batch: _Batch, ack: Ack, rtt: float, w0: float) -> None:
-        await self.buffer.ack(batch.ids)
+        if batch.items:
+            await self.buffer.ack(batch.ids)
         w1 = float(self.clock.time_ms())
+        self._last_exchange = self.clock.monotonic()
         for i in batch.items:
             self._attempts.pop(i.id, None)
             self._isolate.discard(i.id)
-        self.counts["batches_acked"] += 1
-        self.counts["readings_acked"] += batch.readings
-        if ack.status == "duplicate":
-            self.counts["duplicates"] += 1
-        self.batches_by_attempt[batch.attempt] += 1
-        self.readings_by_attempt[batch.attempt] += batch.readings
+        if batch.items:
+            self.counts["batches_acked"] += 1
+            self.counts["readings_acked"] += batch.readings
+            if ack.status == "duplicate":
+                self.counts["duplicates"] += 1
+            self.batches_by_attempt[batch.attempt] += 1
+            self.readings_by_attempt[batch.attempt] += batch.readings
         slot.counts["acked"] += 1
         slot.failures_in_row = 0
         slot.backoff.reset()
@@ -511,7 +542,8 @@ class Uploader:
 
     async def _failed(self, slot: _Slot, batch: _Batch, exc: BaseException, *,
                       timed_out: bool = False) -> None:
-        await self.buffer.release(batch.ids)
+        if batch.items:
+            await self.buffer.release(batch.ids)
         now = self.clock.monotonic()
         self.counts["batches_failed"] += 1
         slot.counts["failed"] += 1
@@ -548,6 +580,9 @@ class Uploader:
         self.counts["batches_rejected"] += 1
         slot.counts["rejected"] += 1
         slot.breaker.record_neutral(probe=batch.probe)
+        if not batch.items:  # a sync ping the cloud does not accept: nothing to lose
+            log.warning("sync ping refused via %s: %s", slot.name, reason)
+            return
         if len(batch.items) > 1:
             self._isolate.update(batch.ids)
             await self.buffer.release(batch.ids)

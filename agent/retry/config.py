@@ -66,6 +66,8 @@ class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     low_battery_pct: float = 20.0
     power_file: str = ""
     power_check_s: float = 300.0
+    # time sync: while the clock model wants samples, ping (an empty batch) this often
+    sync_ping_s: float = 60.0
     # give up, loudly
     retention_s: float = 7 * 86400.0  # 0: no age limit
     max_attempts: int = 0  # 0: unlimited (retention still applies)
@@ -79,7 +81,7 @@ class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
                               f"(expected one of {', '.join(PROFILES)})")
         for key in ("backoff_base_s", "backoff_cap_s", "breaker_open_base_s",
                     "breaker_open_cap_s", "timeout_initial_s", "timeout_min_s",
-                    "timeout_max_s", "window_duration_s", "power_check_s"):
+                    "timeout_max_s", "window_duration_s", "power_check_s", "sync_ping_s"):
             _positive(key, getattr(self, key))
         for key in ("linger_metered_s", "linger_battery_s", "retention_s", "max_attempts",
                     "throttle_jitter", "target_attempt_success"):

@@ -46,3 +46,30 @@ async def test_new_data_wakes_the_uploader_without_polling() -> None:
         buf.put_nowait(chunk(1))
         await advance(clock, 1)
         assert ul.seqs == [1]
+
+
+async def test_sync_pings_while_the_clock_model_wants_samples() -> None:
+    wanted = [True]
+    samples: list[Ack] = []
+    clock, buf, (ul,), up = make(wants_sync=lambda: wanted[0],
+                                 on_ack=lambda a, s, r: samples.append(a))
+    async with running(up):
+        await advance(clock, 301)  # one empty batch a minute (sync_ping_s = 60)
+        assert len(ul.sent) == 5 and all(b.chunks == [] for b in ul.sent)
+        assert len(samples) == 5 and up.stats()["sync_pings"] == 5
+        buf.put_nowait(chunk(1))
+        await advance(clock, 30)  # real traffic gives samples too: no ping due
+        assert len(ul.sent) == 6
+        wanted[0] = False
+        await advance(clock, 600)
+        assert len(ul.sent) == 6  # synced: back to sleeping on data only
+    assert up.stats()["batches_acked"] == 1 and up.stats()["attempts"] == {1: 1}
+
+
+async def test_sync_ping_failures_and_refusals_lose_nothing() -> None:
+    clock, buf, (ul,), up = make(wants_sync=lambda: True)
+    ul.script("fail", "reject", "throttle:5")
+    async with running(up):
+        await advance(clock, 400)
+    assert up.stats()["sync_pings"] >= 4
+    assert up.stats()["dead_letters"] == {} and len(buf) == 0
