@@ -1,0 +1,5 @@
+"""Cloud side: ingest service, stores, fleet coordinator."""
+
+from cloud.ingest import IngestService
+
+__all__ = ["IngestService"]

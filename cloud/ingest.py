@@ -1,0 +1,98 @@
+"""Cloud ingest: decode and verify a batch, write it idempotently, ack with server times.
+
+Order of checks: size and envelope (magic, version, checksum) -> channel identity ->
+every chunk's checksum and codec -> store write (one transaction) -> ack. A batch is
+written whole or not at all; malformed input is rejected with a reason code and counted,
+never crashes the service. A store failure answers ``error`` (retriable: the device keeps
+the data and retries), so an outage is back-pressure, not loss.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import structlog
+
+from agent.codec import open_chunk
+from cloud.stores.base import Store
+from pymigrate.clock import Clock, WallClock
+from pymigrate.envelope import DEFAULT_MAX_BYTES, decode_batch
+from pymigrate.errors import DecodeError, ThrottledError
+from pymigrate.types import Ack, Reading
+from transports.base import Incoming
+
+log = structlog.get_logger("pymigrate.cloud.ingest")
+
+
+class IngestService:
+    """Transport-independent ingest handler: ``await service.handle(incoming) -> Ack``."""
+
+    def __init__(self, store: Store, *, clock: Clock | None = None,
+                 max_batch_bytes: int = DEFAULT_MAX_BYTES,
+                 limiter: Any | None = None) -> None:
+        self.store = store
+        self.clock = clock or WallClock()
+        self.max_batch_bytes = max_batch_bytes
+        self.limiter = limiter  # object with .check(device_id) raising ThrottledError
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def _reject(self, reason: str, t_recv: int, batch_id: str = "", **kw: Any) -> Ack:
+        self.counters[f"rejected:{reason}"] += 1
+        log.warning("batch rejected", reason=reason, batch_id=batch_id, **kw)
+        return Ack(batch_id=batch_id, status="rejected", t_recv_ms=t_recv,
+                   t_send_ms=self.clock.time_ms(), reason=reason)
+
+    async def handle(self, inc: Incoming) -> Ack:
+        t_recv = self.clock.time_ms()
+        self.counters["batches_received"] += 1
+        try:
+            batch = decode_batch(inc.payload, max_bytes=self.max_batch_bytes)
+        except DecodeError as exc:
+            await self._dead_letter(inc.channel_device_id or "", "", exc.reason, inc.payload)
+            return self._reject(exc.reason, t_recv, transport=inc.transport,
+                                size=len(inc.payload))
+        if inc.channel_device_id is not None and inc.channel_device_id != batch.device_id:
+            # the channel (topic, path, certificate) vouches for another device
+            return self._reject("device_mismatch", t_recv, batch.batch_id,
+                                channel=inc.channel_device_id, claimed=batch.device_id)
+        if self.limiter is not None:
+            try:
+                self.limiter.check(batch.device_id)
+            except ThrottledError as exc:
+                self.counters["throttled"] += 1
+                return Ack(batch_id=batch.batch_id, status="throttled", t_recv_ms=t_recv,
+                           t_send_ms=self.clock.time_ms(), retry_after_s=exc.retry_after_s)
+        readings: list[Reading] = []
+        try:
+            for chunk in batch.chunks:
+                rs = open_chunk(chunk)
+                if any(r.device_id != batch.device_id for r in rs):
+                    raise DecodeError("reading device differs", reason="device_mismatch")
+                readings.extend(rs)
+        except DecodeError as exc:
+            await self._dead_letter(batch.device_id, batch.batch_id, exc.reason, inc.payload)
+            return self._reject(exc.reason, t_recv, batch.batch_id, device=batch.device_id)
+        try:
+            result = await self.store.write(batch.device_id, batch.batch_id, readings)
+        except Exception as exc:  # store outage: do not ack, the device keeps the data
+            self.counters["store_errors"] += 1
+            log.error("store write failed", batch_id=batch.batch_id, error=str(exc),
+                      error_type=type(exc).__name__)
+            return Ack(batch_id=batch.batch_id, status="error", t_recv_ms=t_recv,
+                       t_send_ms=self.clock.time_ms(), reason="store_unavailable")
+        self.counters["readings_written"] += result.written
+        self.counters["readings_duplicate"] += result.duplicates
+        status = "ok" if result.written or not readings else "duplicate"
+        self.counters[f"batches_{status}"] += 1
+        return Ack(batch_id=batch.batch_id, status=status, t_recv_ms=t_recv,
+                   t_send_ms=self.clock.time_ms(), accepted=result.written,
+                   duplicates=result.duplicates)
+
+    async def _dead_letter(self, device_id: str, batch_id: str, reason: str,
+                           payload: bytes) -> None:
+        try:
+            await self.store.dead_letter(device_id, batch_id, reason, payload[:65536])
+        except Exception as exc:  # dead-lettering must never take the ingest down
+            logging.getLogger(__name__).warning("dead-letter write failed: %s", exc)

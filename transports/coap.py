@@ -1,0 +1,160 @@
+"""CoAP transport (aiocoap): confirmable POST, block-wise transfer for large batches,
+and the ingest's response is the end-to-end ack.
+
+Device side posts to ``coap://host:port/ingest/<device_id>``; the path names the device so
+the cloud can check it against the envelope. Throttling travels as 5.03 Service
+Unavailable with Max-Age (RFC 7252 §5.9.3.4); rejection as 4.00 Bad Request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit
+
+import aiocoap
+import aiocoap.error
+import aiocoap.resource
+from aiocoap import Code, Message
+
+from pymigrate.envelope import decode_ack, encode_ack
+from pymigrate.errors import DecodeError, PayloadRejected, ThrottledError, TransportError
+from pymigrate.types import Ack
+from transports.base import Incoming, IngestHandler
+
+log = logging.getLogger(__name__)
+
+# aiocoap does block-wise transfer itself; keep batches small enough for constrained peers.
+DEFAULT_MAX_PAYLOAD = 256 * 1024
+
+
+class CoapUplink:
+    """Device-side CoAP uplink."""
+
+    name = "coap"
+    end_to_end = True
+
+    def __init__(self, uri: str, *, device_id: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self._base = uri.rstrip("/")
+        self._device_id = device_id
+        self.max_payload = max_payload
+        self._ctx: aiocoap.Context | None = None
+
+    async def connect(self) -> None:
+        if self._ctx is None:
+            self._ctx = await aiocoap.Context.create_client_context()
+
+    async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:
+        if self._ctx is None:
+            await self.connect()
+        assert self._ctx is not None
+        msg = Message(code=Code.POST, uri=f"{self._base}/{self._device_id}", payload=payload)
+        req = self._ctx.request(msg)
+        try:
+            resp = await asyncio.wait_for(req.response, timeout)
+        except TimeoutError as exc:
+            with contextlib.suppress(Exception):
+                req.observation and req.observation.cancel()  # type: ignore[func-returns-value]
+            raise TransportError(f"CoAP request timed out after {timeout:.1f}s",
+                                 batch_id=batch_id) from exc
+        except aiocoap.error.Error as exc:
+            raise TransportError(f"CoAP request failed: {exc}", batch_id=batch_id) from exc
+        except OSError as exc:
+            raise TransportError(f"CoAP socket error: {exc}", batch_id=batch_id) from exc
+        return _ack_from_response(resp, batch_id)
+
+    async def close(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            await ctx.shutdown()
+
+
+def _ack_from_response(resp: Message, batch_id: str) -> Ack:
+    code = resp.code
+    if code == Code.SERVICE_UNAVAILABLE:
+        max_age = resp.opt.max_age
+        raise ThrottledError("CoAP 5.03 from ingest",
+                             retry_after_s=float(max_age if max_age is not None else 60),
+                             batch_id=batch_id)
+    try:
+        ack = decode_ack(resp.payload) if resp.payload else None
+    except DecodeError as exc:
+        raise TransportError(f"CoAP response {code} has no valid ack", batch_id=batch_id) from exc
+    if code.is_successful() and ack is not None:
+        return ack
+    if code == Code.BAD_REQUEST or code == Code.REQUEST_ENTITY_TOO_LARGE or code == Code.FORBIDDEN:
+        raise PayloadRejected(f"ingest rejected batch: {ack.reason if ack else code}",
+                              reason=ack.reason if ack and ack.reason else "rejected",
+                              batch_id=batch_id)
+    raise TransportError(f"CoAP ingest answered {code}", batch_id=batch_id)
+
+
+class _IngestResource(aiocoap.resource.Resource):
+    """``/ingest`` (no channel identity) or, as a sub-site, ``/ingest/<device_id>``."""
+
+    def __init__(self, handler: IngestHandler) -> None:
+        super().__init__()
+        self._handler = handler
+
+    async def render_post(self, request: Message) -> Message:
+        path = request.opt.uri_path
+        if len(path) > 1:
+            return Message(code=Code.NOT_FOUND)
+        device = path[0] if path and path[0] else None
+        ack = await self._handler(Incoming(bytes(request.payload), "coap", device))
+        return response_for(ack)
+
+
+class _DeviceIngest(_IngestResource, aiocoap.resource.PathCapable):
+    pass
+
+
+def response_for(ack: Ack) -> Message:
+    """Map an Ack onto the CoAP response code users and peers expect."""
+    body = encode_ack(ack)
+    if ack.status in ("ok", "duplicate"):
+        return Message(code=Code.CHANGED, payload=body)
+    if ack.status == "throttled":
+        m = Message(code=Code.SERVICE_UNAVAILABLE, payload=body)
+        m.opt.max_age = max(1, int(round(ack.retry_after_s)))
+        return m
+    if ack.status == "rejected":
+        return Message(code=Code.BAD_REQUEST, payload=body)
+    return Message(code=Code.INTERNAL_SERVER_ERROR, payload=body)
+
+
+def _site(handler: IngestHandler) -> aiocoap.resource.Site:
+    site = aiocoap.resource.Site()
+    site.add_resource(("ingest",), _IngestResource(handler))
+    site.add_resource(("ingest",), _DeviceIngest(handler))
+    return site
+
+
+class CoapIngestServer:
+    """Cloud-side CoAP endpoint."""
+
+    name = "coap"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5683) -> None:
+        self.host = host
+        self.port = port
+        self._ctx: aiocoap.Context | None = None
+
+    async def start(self, handler: IngestHandler) -> None:
+        try:
+            self._ctx = await aiocoap.Context.create_server_context(
+                _site(handler), bind=(self.host, self.port))
+        except OSError as exc:
+            raise TransportError(f"cannot bind CoAP on {self.host}:{self.port}: {exc}",
+                                 retriable=False) from exc
+
+    async def stop(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            await ctx.shutdown()
+
+
+def parse_coap_uri(uri: str) -> tuple[str, int]:
+    u = urlsplit(uri)
+    return (u.hostname or "127.0.0.1", u.port or 5683)
