@@ -52,6 +52,7 @@ class _Open:
 class _Append:
     readings: Sequence[Reading]
     fut: asyncio.Future[list[Reading]]
+    since: float  # monotonic arrival time: its group commit is due at since + window
 
 
 @dataclass
@@ -268,7 +269,7 @@ class DurableBuffer:
         fut: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._first_pending = self._clock.monotonic()
-        self._pending.append(_Append(readings, fut))
+        self._pending.append(_Append(readings, fut, self._clock.monotonic()))
         self._pending_n += len(readings)
         self._wake.set()
         if self._pending_n >= self._cfg.commit_max_readings:
@@ -329,9 +330,11 @@ class DurableBuffer:
             callers.append(a)
             n += len(a.readings)
         self._pending_n -= n
-        if self._pending:
+        if self._pending:  # left for the next commit, due a window after the oldest came
+            self._first_pending = self._pending[0].since
             self._wake.set()
-            self._kick.set()
+            if self._pending_n >= self._cfg.commit_max_readings:
+                self._kick.set()
         plan = _Plan(callers=callers, states=self._states, waiters=self._waiters)
         self._states, self._waiters = {}, []
         flush, self._flush_req = self._flush_req, False
@@ -507,8 +510,10 @@ class DurableBuffer:
                     await db.execute("ROLLBACK")
             raise
         self._stats.commits += 1
-        if fx.touched():
-            await self._refresh_heads(fx.touched())
+        stale = {r.priority for r in fx.removed} | {p for p, _, _ in fx.resized} | {
+            p for p, _, _ in fx.inserted if self._ledger.head[p] is None}
+        if stale:
+            await self._refresh_heads(stale)
         self._apply(fx)  # no await from here to the caller's own bookkeeping
         return fx
 

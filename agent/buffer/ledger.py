@@ -36,10 +36,6 @@ class Effects:
     degraded: int = 0
     quarantined: int = 0
 
-    def touched(self) -> set[int]:
-        return ({p for p, _, _ in self.inserted} | {r.priority for r in self.removed}
-                | {p for p, _, _ in self.resized})
-
 
 @dataclass
 class Ledger:
