@@ -133,6 +133,10 @@ async def ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "ingest_readings_per_commit": round(done / max(commits, 1), 1)}
 
 
+def _files_size(d: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in d.glob(pattern) if not p.name.endswith(".seq"))
+
+
 def _attributable(snapshot: tracemalloc.Snapshot) -> int:
     me = os.path.abspath(__file__)
     snap = snapshot.filter_traces([tracemalloc.Filter(False, me),
@@ -168,7 +172,7 @@ async def day(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     s = buf.stats()
     readings = sum(s.readings_pending.values())
     await buf.close()
-    closed = sum(p.stat().st_size for p in tmp.glob("day.db*") if not p.name.endswith(".seq"))
+    closed = _files_size(tmp, "day.db*")
     return {
         "bytes_on_disk_24h": s.bytes_on_disk,
         "bytes_on_disk_24h_after_close": closed,
