@@ -191,8 +191,11 @@ class JobsClient:
     # -- apply / rollback -----------------------------------------------------------
     async def _apply(self, msg: JobNotify) -> None:
         seen = self._done.get(msg.job_id)
-        if seen is not None and seen["attempt"] == msg.attempt:
-            # re-delivered (QoS 1 duplicate, pull after restart): answer, do not re-apply
+        if seen is not None and (seen["attempt"] == msg.attempt
+                                 or seen["status"] == "succeeded"):
+            # re-delivered (QoS 1 duplicate, pull or retry after a coordinator restart):
+            # answer with the earlier outcome, never apply twice (.prev must stay the old
+            # config)
             await self._send(JobResult(self.device_id, msg.job_id, seen["status"], msg.attempt,
                                        False, seen.get("reason", "")))
             return

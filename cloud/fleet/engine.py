@@ -288,8 +288,10 @@ class Rollout:
             self.effects.changed(self)
 
     def abort(self, now: float, reason: str = "aborted") -> None:
-        """Abort and roll back every device that may have applied the change, in waves."""
-        if self.done or self.status == ROLLING_BACK:
+        """Abort and roll back every device that may have applied the change, in waves.
+
+        Also valid on a completed or cancelled rollout (undo it)."""
+        if self.status in (ROLLING_BACK, ROLLED_BACK):
             return
         self.status, self.reason = ROLLING_BACK, reason
         self.ready.clear()
