@@ -10,7 +10,7 @@ import pytest
 from cloud.fleet.protocol import Health, JobResult, JobStart, JobUpdate
 from cloud.fleet.spec import Gate, Pacing, RolloutSpec, WavePlan, Window
 from cloud.fleet.states import DeviceState, InvalidTransition, NotOwner, UnknownRollout
-from tests.unit.fleet_helpers import T0, Scripted
+from tests.unit.test_fleet_helpers import T0, Scripted
 
 S = DeviceState
 

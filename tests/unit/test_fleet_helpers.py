@@ -1,4 +1,4 @@
-"""Shared helpers for fleet unit tests: a scripted device fleet on virtual time."""
+"""Shared helpers for fleet unit tests (no tests here): a scripted fleet on virtual time."""
 
 from __future__ import annotations
 
