@@ -180,7 +180,10 @@ class JobsClient:
         self._done[job_id] = {"attempt": attempt, "status": status, "reason": reason}
         while len(self._done) > 64:
             self._done.pop(next(iter(self._done)))
-        atomic_write(self.state_path, json.dumps(self._done).encode())
+        try:
+            atomic_write(self.state_path, json.dumps(self._done).encode())
+        except OSError as exc:  # reporting matters more than remembering
+            log.warning("cannot persist job state", path=str(self.state_path), error=str(exc))
 
     async def _result(self, msg: JobNotify, status: str, *, reason: str = "",
                       retriable: bool = False, health: Health | None = None) -> None:
@@ -215,7 +218,11 @@ class JobsClient:
             return
         self.applied += 1
         await self.clock.sleep(self.check_delay_s)
-        h: Health = await _maybe_await(self.health())
+        try:
+            h: Health = await _maybe_await(self.health())
+        except Exception as exc:  # a crashing health check is an unhealthy device
+            log.warning("post-update health check failed", job=msg.job_id, error=repr(exc))
+            h = Health(ok=False)
         if not h.ok:
             await self._do(doc, rollback=True)
             self.rolled_back += 1

@@ -190,3 +190,22 @@ async def test_stats_and_events_content(tmp_path: Path) -> None:
         assert s.readings_pending == {"critical": 0, "high": 15, "normal": 0, "low": 0}
         got = await buf.take(1 << 20)
         assert open_chunk(got[0].chunk)[0].value == rs[0].value
+
+
+async def test_unencodable_reading_fails_only_its_caller(tmp_path: Path) -> None:
+    from pymigrate.types import Reading
+
+    clock = VirtualClock()
+    async with opened(tmp_path / "b.db", clock=clock, commit_window_ms=100) as buf:
+        bad = Reading(device_id="dev-1", sensor="s", ts_ms=1, value="oops")  # type: ignore[arg-type]
+        t_good = asyncio.create_task(buf.append(readings(5)))
+        t_bad = asyncio.create_task(buf.append([bad]))
+        t_state = asyncio.create_task(buf.put_state("k", b"v"))
+        await clock.advance(0.1)
+        good = await within(t_good)
+        with pytest.raises(Exception):  # noqa: B017 - whatever the codec raises reaches the caller
+            await within(t_bad)
+        await within(t_state)
+        assert [r.seq for r in good] == [1, 2, 3, 4, 5]
+        assert (await buf.append(readings(1)))[0].seq == 6  # the refused one took no number
+        assert await buf.get_state("k") == b"v"

@@ -165,3 +165,15 @@ async def test_disk_full_evicts_then_raises_without_losing_accepted(tmp_path: Pa
         assert crit == list(range(1, 10 * CH + 1))  # nothing accepted was lost
         assert sorted(r.seq for r in got if r.device_id == "n") == list(range(1, 8 * CH + 1))
         assert sorted(r.seq for r in got if r.device_id == "l2") == list(range(1, 11))
+
+
+async def test_failing_degrader_means_plain_eviction(tmp_path: Path) -> None:
+    def broken(rs: list[Reading]) -> list[Reading]:
+        raise KeyError("bug")
+
+    async with opened(tmp_path / "b.db", budget_bytes=BUDGET, chunk_max_readings=CH,
+                      degrade_low_priority=True, degrader=broken) as buf:
+        await fill(buf, Priority.LOW, 90, device="l")
+        s = buf.stats()
+        assert s.degraded == 0 and s.evicted.get("budget:low", 0) > 0
+        assert s.payload_bytes <= BUDGET

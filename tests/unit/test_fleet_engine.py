@@ -3,6 +3,7 @@ offline devices, windows, pacing, ownership."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -40,7 +41,7 @@ def test_happy_path_waves_grow_and_all_succeed_after_soak() -> None:
     prog = r.progress(f.now)
     assert prog["states"] == {"succeeded": 100}
     assert prog["success_rate"] == 1.0 and prog["eta_s"] == 0.0
-    assert [w["states"] for w in prog["waves"]][0] == {"succeeded": 10}  # type: ignore[index]
+    assert next(w["states"] for w in prog["waves"]) == {"succeeded": 10}  # type: ignore[index]
 
 
 def test_device_counts_as_succeeded_only_after_soak() -> None:
@@ -248,7 +249,7 @@ def test_ingest_budget_caps_rate_and_wave_size() -> None:
     assert r.waves[0].end - r.waves[0].start == 10
     times = [t for t, *_ in f.sent]
     assert len(times) == 10
-    assert min(b - a for a, b in zip(times, times[1:])) == pytest.approx(1.0, abs=0.01)
+    assert min(b - a for a, b in itertools.pairwise(times)) == pytest.approx(1.0, abs=0.01)
     assert r.pacer.budget_rate_per_s(100_000) == pytest.approx(1.0)
     assert r.pacer.budget_rate_per_s(0) == math.inf
 
