@@ -84,6 +84,7 @@ class Coordinator:
         self.refused = 0
         self.transitions = 0
         self._flush_lock = asyncio.Lock()
+        self._finished: dict[str, asyncio.Event] = {}
 
     def now(self) -> float:
         """Wall time in epoch seconds from the injected clock."""
@@ -108,6 +109,23 @@ class Coordinator:
     def changed(self, rollout: Rollout) -> None:
         self._dirty.add(rollout.id)
         self._flush_evt.set()
+        if rollout.done:
+            self._finished_event(rollout.id).set()
+
+    def _finished_event(self, rollout_id: str) -> asyncio.Event:
+        evt = self._finished.get(rollout_id)
+        if evt is None:
+            evt = self._finished[rollout_id] = asyncio.Event()
+        return evt
+
+    async def wait_finished(self, rollout_id: str) -> Rollout:
+        """Wait until a rollout reaches a final status (completed / rolled back / cancelled)."""
+        r = self.core.get(rollout_id)
+        if not r.done:
+            evt = self._finished_event(rollout_id)
+            evt.clear()
+            await evt.wait()
+        return r
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
