@@ -1,0 +1,68 @@
+"""Shared helpers for the transport contract tests: batches, a recording store, a sender."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.codec import seal_chunk
+from cloud.stores.base import WriteResult
+from cloud.stores.sqlite import SqliteStore
+from pymigrate.envelope import Batch, encode_batch
+from pymigrate.errors import PayloadRejected, ThrottledError, TransportError
+from pymigrate.types import Ack, Priority, Reading
+from transports.base import Uplink
+
+T0 = 1_767_225_600_000
+
+
+def make_batch(device_id: str, index: int, per_batch: int = 20,
+               sensors: int = 2) -> tuple[str, bytes, list[int]]:
+    """Batch number ``index`` of ``device_id``: seqs ``index*per_batch+1 ..``."""
+    first = index * per_batch + 1
+    seqs = list(range(first, first + per_batch))
+    readings = [Reading(device_id, f"s{seq % sensors}", T0 + seq * 1000, 20.0 + (seq % 7) * 0.5,
+                        Priority.NORMAL, seq) for seq in seqs]
+    chunk = seal_chunk(readings, "columnar-zstd")
+    batch_id = f"{device_id}-{index:05d}"
+    payload = encode_batch(Batch(device_id, batch_id, [chunk], sent_ms=T0))
+    return batch_id, payload, seqs
+
+
+class RecordingStore(SqliteStore):
+    """SQLite store that also records the seqs of every write that stored something."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.writes: dict[str, list[list[int]]] = {}
+
+    async def write(self, device_id: str, batch_id: str,  # type: ignore[override]
+                    readings: Sequence[Reading], **kw: object) -> WriteResult:
+        res = await super().write(device_id, batch_id, readings)
+        if res.written:
+            self.writes.setdefault(device_id, []).append([r.seq for r in readings])
+        return res
+
+
+async def send_until_acked(uplink: Uplink, batch_id: str, payload: bytes, *,
+                           timeout: float = 3.0, deadline_s: float = 40.0,
+                           errors: list[str] | None = None) -> Ack:
+    """Send like an uploader does: retry on TransportError/throttle until acked."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await uplink.send(payload, batch_id=batch_id, timeout=timeout)
+        except ThrottledError as exc:
+            if errors is not None:
+                errors.append("throttled")
+            await asyncio.sleep(min(exc.retry_after_s, 0.2))
+        except PayloadRejected:
+            raise
+        except TransportError as exc:
+            if errors is not None:
+                errors.append(type(exc).__name__)
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.05)

@@ -1,0 +1,91 @@
+"""Pieces every transport shares: the Ack -> error mapping, per-device ordering, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+
+from pymigrate.errors import ConfigError, PayloadRejected, ThrottledError, TransportError
+from pymigrate.types import Ack
+
+
+def check_ack(ack: Ack, batch_id: str, transport: str) -> Ack:
+    """Return an ``ok``/``duplicate`` ack; turn every other status into the typed error.
+
+    ``throttled`` -> :class:`ThrottledError` (with the server's retry-after),
+    ``rejected`` -> :class:`PayloadRejected`, ``error`` or unknown -> retriable
+    :class:`TransportError` (the device keeps the data and resends).
+    """
+    if ack.status in ("ok", "duplicate"):
+        return ack
+    if ack.status == "throttled":
+        raise ThrottledError(f"{transport} ingest throttled batch {batch_id}",
+                             retry_after_s=max(0.0, ack.retry_after_s) or 1.0,
+                             batch_id=batch_id, transport=transport)
+    if ack.status == "rejected":
+        raise PayloadRejected(f"{transport} ingest rejected batch {batch_id}: {ack.reason}",
+                              reason=ack.reason or "rejected", batch_id=batch_id,
+                              transport=transport)
+    raise TransportError(f"{transport} ingest answered {ack.status!r} ({ack.reason})",
+                         batch_id=batch_id, transport=transport)
+
+
+def transport_ack(batch_id: str, t_ms: int) -> Ack:
+    """The ack of the weaker transport-only mode (PUBACK / publisher confirm).
+
+    ``reason="transport"`` tells the caller the cloud has not committed anything yet;
+    server times are the local time (no clock sample to take from it).
+    """
+    return Ack(batch_id=batch_id, status="ok", t_recv_ms=t_ms, t_send_ms=t_ms,
+               reason="transport")
+
+
+class KeyedLocks:
+    """One FIFO lock per key (device), dropped when nobody holds or waits on it.
+
+    The cloud side handles batches of different devices concurrently but one device's
+    batches in arrival order, so a device's seqs reach the store in order.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                self._locks.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+def client_tls_context(section: str, ca_file: str, cert_file: str, key_file: str,
+                       *, verify_hostname: bool = True) -> ssl.SSLContext:
+    """A client TLS context from PEM files (``ca_file`` empty = system trust store).
+
+    File problems are :class:`ConfigError` naming ``<section>.<key>``.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{section}.ca_file", f"cannot load CA {ca_file!r}: {exc}") from exc
+    ctx.check_hostname = verify_hostname
+    if cert_file:
+        try:
+            ctx.load_cert_chain(cert_file, key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{section}.cert_file",
+                              f"cannot load client certificate {cert_file!r}: {exc}") from exc
+    return ctx
