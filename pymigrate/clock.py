@@ -61,11 +61,11 @@ class VirtualClock:
         self._ids = itertools.count()
 
     def time_ms(self) -> int:
-        return self._start_ms + int(round(self._now * 1000)) + self.wall_offset_ms
+        return self._start_ms + round(self._now * 1000) + self.wall_offset_ms
 
     def true_time_ms(self) -> int:
         """True (simulation) time without this device's wall offset."""
-        return self._start_ms + int(round(self._now * 1000))
+        return self._start_ms + round(self._now * 1000)
 
     def monotonic(self) -> float:
         return self._now
@@ -118,6 +118,7 @@ class VirtualClock:
             if self._now >= end:
                 return False
             nxt = self.next_deadline()
-            dt = min(step, end - self._now) if nxt is None else min(nxt - self._now, end - self._now)
+            limit = end - self._now
+            dt = min(step, limit) if nxt is None else min(nxt - self._now, limit)
             await self.advance(max(dt, 0.0))
         return True

@@ -52,7 +52,8 @@ class ThrottledError(TransportError):
 
     def __init__(self, message: str = "throttled", *, retry_after_s: float = 1.0,
                  **attrs: object) -> None:
-        super().__init__(message, **attrs)
+        super().__init__(message)
+        self.attrs = attrs
         self.retry_after_s = retry_after_s
 
 

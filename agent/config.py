@@ -1,0 +1,208 @@
+"""The agent's configuration: one TOML file, validated at start; errors name the key.
+
+Phase one only (parse + validate into frozen structs); :mod:`agent.supervisor` builds the
+heavy objects. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.aggregate import AggregationConfig, parse_aggregation
+from agent.buffer import BufferConfig
+from agent.dedup import DedupConfig
+from agent.retry import RetryConfig
+from agent.timesync import TimeSyncConfig
+from pymigrate.configload import convert, load_toml
+from pymigrate.errors import ConfigError
+
+_DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+PRIORITIES = ("critical", "high", "normal", "low")
+
+
+class DeviceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[device]``: identity and where state lives (relative to the start directory)."""
+
+    id: str = "station-001"
+    data_dir: str = "./var"
+
+    def __post_init__(self) -> None:
+        if not _DEVICE_RE.match(self.id):
+            raise ConfigError("device.id",
+                              f"{self.id!r} must be 1-128 chars of A-Z a-z 0-9 . _ : -")
+
+
+class SensorPriority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Maps sensor-name globs to a priority (first match wins)."""
+
+    match: str
+    priority: str = "normal"
+
+
+class WeatherSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="weather",
+                    tag_field="type"):
+    """Simulated weather station: diurnal temperature, humidity, pressure, wind, rain..."""
+
+    sensors: int = 10
+    interval_s: float = 1.0
+    seed: int = 1
+    resolution: float = 0.1
+    alarm_threshold: float | None = None  # temperature above this is sent as critical
+
+
+class MqttSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="mqtt",
+                 tag_field="type"):
+    """Subscribe to a local broker; payloads are JSON or SenML (JSON/CBOR)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topics: list[str] = msgspec.field(default_factory=lambda: ["sensors/#"])
+    qos: int = 1
+    client_id: str = ""
+    username: str = ""
+    password: str = ""
+    format: str = "auto"  # auto | json | senml-json | senml-cbor
+
+
+class ReplaySource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="replay",
+                   tag_field="type"):
+    """Replay a CSV dataset: first column a timestamp, every other numeric column a sensor."""
+
+    path: str = ""
+    speed: float = 0.0  # 0 = as fast as the pipeline takes it; 1 = real time
+    shift_to_now: bool = False
+    loop: bool = False
+
+
+SourceConfig = WeatherSource | MqttSource | ReplaySource
+
+
+class UplinkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[uplink]``: ordered failover list of transports and their settings."""
+
+    transports: list[str] = msgspec.field(default_factory=lambda: ["coap"])
+    coap: dict[str, Any] = msgspec.field(default_factory=dict)
+    mqtt: dict[str, Any] = msgspec.field(default_factory=dict)
+    amqp: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ValidationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[validation]``: what ingest rejects (with a counted reason)."""
+
+    max_future_s: float = 300.0  # timestamps further ahead of now are implausible
+    max_past_days: float = 3650.0
+    allow_nan: bool = False
+    strict_sensors: list[str] = msgspec.field(default_factory=list)  # non-empty = allow-list
+    max_sensor_len: int = 128
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[metrics]``: Prometheus text over HTTP and a health endpoint."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[log]``: ``console`` for humans, ``json`` for journald/containers."""
+
+    format: str = "console"
+    level: str = "info"
+
+
+class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[pipeline]``: queue bounds and shutdown deadline."""
+
+    queue_size: int = 64  # batches between stages (bounded: backpressure)
+    drain_timeout_s: float = 10.0  # < systemd TimeoutStopSec
+    status_interval_s: float = 5.0  # `pymigrate run` progress line period
+
+
+class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole agent configuration."""
+
+    device: DeviceConfig = msgspec.field(default_factory=DeviceConfig)
+    sources: list[SourceConfig] = msgspec.field(default_factory=list)
+    priorities: list[SensorPriority] = msgspec.field(default_factory=list)
+    validation: ValidationConfig = msgspec.field(default_factory=ValidationConfig)
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    dedup: DedupConfig = msgspec.field(default_factory=DedupConfig)
+    timesync: TimeSyncConfig = msgspec.field(default_factory=TimeSyncConfig)
+    aggregation: AggregationConfig = msgspec.field(default_factory=AggregationConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    source_file: str = ""
+
+    def data_path(self, name: str) -> Path:
+        """A state file under the device's data directory (relative to the start dir)."""
+        p = Path(name)
+        return p if p.is_absolute() else Path(self.device.data_dir) / p
+
+
+AGENT_SECTIONS = {f for f in AgentConfig.__struct_fields__ if f != "source_file"}
+IGNORED_SECTIONS = {"cloud", "fleet", "simulate"}  # other programs' sections in a shared file
+
+
+def parse_agent_config(data: dict[str, Any], *, source_file: str = "") -> AgentConfig:
+    """Validate a parsed TOML mapping into an AgentConfig (raises ConfigError)."""
+    data = {k: v for k, v in data.items() if k not in IGNORED_SECTIONS}
+    agg = parse_aggregation(data.pop("aggregation", None))
+    cfg = convert(data, AgentConfig)
+    _check(cfg)
+    return msgspec.structs.replace(cfg, aggregation=agg, source_file=source_file)
+
+
+def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
+    return parse_agent_config(load_toml(str(path)), source_file=str(path))
+
+
+def _check(cfg: AgentConfig) -> None:
+    """Cross-field checks a type cannot express."""
+    known = {"coap", "mqtt", "amqp"}
+    if not cfg.uplink.transports:
+        raise ConfigError("uplink.transports", "must name at least one transport")
+    for i, t in enumerate(cfg.uplink.transports):
+        if t not in known:
+            raise ConfigError(f"uplink.transports[{i}]",
+                              f"unknown transport {t!r} (known: {', '.join(sorted(known))})")
+    for i, p in enumerate(cfg.priorities):
+        if p.priority not in PRIORITIES:
+            raise ConfigError(f"priorities[{i}].priority",
+                              f"{p.priority!r} is not one of {', '.join(PRIORITIES)}")
+    for i, s in enumerate(cfg.sources):
+        key = f"sources[{i}]"
+        if isinstance(s, WeatherSource):
+            if not 1 <= s.sensors <= 1000:
+                raise ConfigError(f"{key}.sensors", f"must be in 1..1000, got {s.sensors}")
+            if not (math.isfinite(s.interval_s) and s.interval_s > 0):
+                raise ConfigError(f"{key}.interval_s", f"must be > 0, got {s.interval_s}")
+        elif isinstance(s, MqttSource):
+            if s.qos not in (0, 1, 2):
+                raise ConfigError(f"{key}.qos", f"must be 0, 1 or 2, got {s.qos}")
+            if s.format not in ("auto", "json", "senml-json", "senml-cbor"):
+                raise ConfigError(f"{key}.format", f"unknown payload format {s.format!r}")
+            if not 0 < s.port < 65536:
+                raise ConfigError(f"{key}.port", f"must be a TCP port, got {s.port}")
+        elif isinstance(s, ReplaySource):
+            if not s.path:
+                raise ConfigError(f"{key}.path", "a replay source needs a CSV path")
+            if s.speed < 0:
+                raise ConfigError(f"{key}.speed", f"must be >= 0, got {s.speed}")
+    if cfg.log.format not in ("console", "json"):
+        raise ConfigError("log.format", f"must be 'console' or 'json', got {cfg.log.format!r}")
+    if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
+    if cfg.pipeline.queue_size < 1:
+        raise ConfigError("pipeline.queue_size", "must be >= 1")
+    if cfg.pipeline.drain_timeout_s < 0:
+        raise ConfigError("pipeline.drain_timeout_s", "must be >= 0")

@@ -1,0 +1,189 @@
+"""The ingest stage: source batches -> dedup -> time correction -> validation -> priority
+-> aggregation -> durable buffer, then acknowledge the source.
+
+It is one task consuming one bounded queue: a full queue slows the sources (backpressure).
+It sleeps on the queue or on the aggregator's next window deadline, never on a tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from agent.aggregate import Aggregator
+from agent.buffer import DurableBuffer
+from agent.config import SensorPriority
+from agent.dedup import Deduplicator
+from agent.sources.base import SourceBatch
+from agent.timesync import TimeCorrector
+from agent.validate import Validator
+from pymigrate.clock import Clock
+from pymigrate.errors import BufferFull
+from pymigrate.types import Priority, Reading
+
+log = structlog.get_logger("pymigrate.agent.pipeline")
+
+AGG_STATE_KEY = "aggregation"
+_STOP = object()
+
+
+class PriorityMap:
+    """Sensor-name globs -> priority; first match wins; a source's own priority is kept
+    when it is more important than the rule's."""
+
+    def __init__(self, rules: Sequence[SensorPriority]) -> None:
+        self.rules = [(r.match, Priority.parse(r.priority)) for r in rules]
+        self._cache: dict[str, Priority | None] = {}
+
+    def lookup(self, sensor: str) -> Priority | None:
+        if sensor not in self._cache:
+            hit = next((p for pat, p in self.rules if fnmatch.fnmatchcase(sensor, pat)), None)
+            if len(self._cache) < 100_000:
+                self._cache[sensor] = hit
+            return hit
+        return self._cache[sensor]
+
+    def apply(self, readings: list[Reading]) -> list[Reading]:
+        if not self.rules:
+            return readings
+        out = []
+        for r in readings:
+            p = self.lookup(r.sensor)
+            if p is not None and p < r.priority:
+                r = Reading(r.device_id, r.sensor, r.ts_ms, r.value, p, r.seq, r.raw_ts_ms,
+                            r.quality, r.uncert_ms, r.agg)
+            out.append(r)
+        return out
+
+
+class IngestStage:
+    """Consumes SourceBatches from ``queue`` until it gets the stop sentinel."""
+
+    def __init__(self, queue: asyncio.Queue[Any], *, buffer: DurableBuffer, clock: Clock,
+                 validator: Validator, dedup: Deduplicator, timesync: TimeCorrector,
+                 aggregator: Aggregator, priorities: PriorityMap,
+                 max_pending: int = 256) -> None:
+        self.queue = queue
+        self.buffer = buffer
+        self.clock = clock
+        self.validator = validator
+        self.dedup = dedup
+        self.timesync = timesync
+        self.aggregator = aggregator
+        self.priorities = priorities
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._has_rules = bool(aggregator.config.rules)
+        self._tg: asyncio.TaskGroup | None = None
+        self._slots = asyncio.Semaphore(max_pending)
+
+    async def restore(self) -> None:
+        """Restore persisted window state; forward what the restore hands back."""
+        if not self._has_rules:
+            return
+        blob = await self.buffer.get_state(AGG_STATE_KEY)
+        if blob:
+            out = self.aggregator.restore(blob)
+            if out:
+                await self._store(out)
+
+    async def stop(self) -> None:
+        await self.queue.put(_STOP)
+
+    async def run(self) -> None:
+        # Appends run as tasks so that many source batches share one group commit; they
+        # are started in arrival order, and the buffer assigns sequence numbers in call
+        # order, so acceptance order is arrival order. The semaphore bounds them.
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            while True:
+                item = await self._next()
+                if item is _STOP:
+                    break
+                if item is None:  # a window deadline passed
+                    closed = self.aggregator.advance()
+                    if closed:
+                        await self._spawn(closed, None)
+                    continue
+                await self.process(item)
+        self._tg = None
+        # graceful stop: persist open windows (not flushed: a restart continues them)
+        await self._persist_windows()
+
+    async def _next(self) -> Any:
+        deadline = self.aggregator.next_deadline_ms() if self._has_rules else None
+        if deadline is None:
+            return await self.queue.get()
+        delay = max(0.0, (deadline - self.clock.time_ms()) / 1000.0)
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        getter = asyncio.ensure_future(self.queue.get())
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        try:
+            done, _ = await asyncio.wait({getter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter in done and not getter.cancelled():
+            return getter.result()
+        return None
+
+    async def process(self, batch: SourceBatch) -> None:
+        """Run one source batch through the stages and hand it to the buffer."""
+        for reason, detail in batch.rejects:
+            self.validator.reject(reason, detail=detail)
+        readings = batch.readings
+        self.counts["received"] += len(readings)
+        out: list[Reading] = []
+        if readings:
+            fresh = self.dedup.filter(readings)
+            self.counts["duplicates_dropped"] += len(readings) - len(fresh)
+            corrected = self.timesync.correct(fresh)
+            valid = self.validator.filter(corrected)
+            prioritized = self.priorities.apply(valid)
+            out = self.aggregator.process(prioritized) if self._has_rules else prioritized
+        await self._spawn(out, batch.ack)
+
+    async def _spawn(self, readings: list[Reading], ack: Any) -> None:
+        if self._tg is None:  # called outside run(): do it inline
+            await self._accept(readings, ack)
+            return
+        await self._slots.acquire()
+        self._tg.create_task(self._accept(readings, ack), name="agent[ingest-append]")
+
+    async def _accept(self, readings: list[Reading], ack: Any) -> None:
+        try:
+            if readings:
+                await self._store(readings)
+                if self._has_rules:
+                    await self._persist_windows()
+            if ack is not None:
+                await ack()  # only now: the readings are committed (or were invalid)
+        finally:
+            if self._tg is not None:
+                self._slots.release()
+
+    async def _store(self, readings: list[Reading]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                accepted = await self.buffer.append(readings)
+                break
+            except BufferFull as exc:
+                # nothing accepted yet: hold the batch (the source stays un-acked and
+                # backpressured) and retry once eviction or the uploader freed space
+                self.counts["buffer_full_waits"] += 1
+                log.error("buffer full: holding readings", count=len(readings),
+                          error=str(exc), retry_in_s=delay)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self.counts["accepted"] += len(accepted)
+
+    async def _persist_windows(self) -> None:
+        if self._has_rules:
+            await self.buffer.put_state(AGG_STATE_KEY, self.aggregator.snapshot())

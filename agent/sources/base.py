@@ -1,0 +1,32 @@
+"""What every source hands the pipeline: readings plus an optional acknowledgement."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import msgspec
+
+from pymigrate.types import Reading
+
+
+class SourceBatch(msgspec.Struct):
+    """Readings from one source event. ``ack`` (if any) is called once they are accepted
+    (committed in the buffer) or definitively rejected; ``rejects`` are (reason, detail)
+    pairs found while parsing, counted by the validator."""
+
+    readings: list[Reading]
+    ack: Callable[[], Awaitable[None]] | None = None
+    rejects: list[tuple[str, str]] = msgspec.field(default_factory=list)
+
+
+class Emit(Protocol):
+    async def __call__(self, batch: SourceBatch) -> None: ...
+
+
+class Source(Protocol):
+    """A long-running producer: ``run(emit)`` until cancelled or exhausted."""
+
+    name: str
+
+    async def run(self, emit: Emit) -> None: ...

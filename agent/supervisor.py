@@ -1,0 +1,178 @@
+"""The agent daemon: one supervisor owning a TaskGroup of named stages.
+
+sources -> [bounded queue] -> ingest (dedup, time, validate, aggregate) -> durable buffer
+-> uploader -> transport. A stage that dies cancels its siblings; the error propagates
+so the process exits non-zero and systemd restarts it. ``request_stop()`` (first signal)
+stops gracefully: sources stop, the queue drains into the buffer, open windows are
+persisted, open chunks sealed, the uploader drains within ``drain_timeout_s``, the buffer
+closes. ``force_stop()`` (second signal) cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from agent.aggregate import Aggregator, make_degrader
+from agent.buffer import DurableBuffer
+from agent.config import AgentConfig
+from agent.dedup import Deduplicator
+from agent.pipeline import IngestStage, PriorityMap
+from agent.sources import SourceBatch, build_source
+from agent.sources.base import Source
+from agent.timesync import TimeCorrector
+from agent.uploader import Uploader
+from agent.validate import Validator
+from pymigrate.clock import Clock, WallClock
+from pymigrate.types import Ack
+from transports.base import Uplink
+
+log = structlog.get_logger("pymigrate.agent")
+
+
+def build_uplinks(cfg: AgentConfig) -> list[Uplink]:
+    """Phase two for the uplink section: the ordered failover list of transports."""
+    from transports.registry import build_uplinks as _build
+
+    uplinks: list[Uplink] = _build(cfg.uplink, cfg.device.id)
+    return uplinks
+
+
+class Agent:
+    """The edge agent. ``await agent.run()`` until stopped."""
+
+    def __init__(self, config: AgentConfig, *, clock: Clock | None = None,
+                 uplinks: Sequence[Uplink] | None = None,
+                 sources: Sequence[Source] | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.config = cfg = config
+        self.clock = clock or WallClock()
+        self.device_id = cfg.device.id
+        self.on_event = on_event
+        bcfg = cfg.buffer
+        import msgspec
+
+        bcfg = msgspec.structs.replace(bcfg, path=str(cfg.data_path(bcfg.path)))
+        degrader = make_degrader(cfg.aggregation.degrade) if cfg.aggregation.degrade else None
+        self.buffer = DurableBuffer(bcfg, clock=self.clock, on_event=self._event,
+                                    degrader=degrader)
+        self.timesync = TimeCorrector(cfg.timesync, clock=self.clock)
+        self.dedup = Deduplicator(cfg.dedup, clock=self.clock)
+        self.validator = Validator(cfg.validation, now_ms=self.timesync.now_ms)
+        self.aggregator = Aggregator(cfg.aggregation, clock=self.clock)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
+        self.ingest = IngestStage(self.queue, buffer=self.buffer, clock=self.clock,
+                                  validator=self.validator, dedup=self.dedup,
+                                  timesync=self.timesync, aggregator=self.aggregator,
+                                  priorities=PriorityMap(cfg.priorities))
+        self.uplinks = list(uplinks) if uplinks is not None else build_uplinks(cfg)
+        self.uploader = Uploader(self.buffer, self.uplinks, device_id=self.device_id,
+                                 clock=self.clock, config=cfg.retry, on_ack=self._on_ack,
+                                 on_event=self._event,
+                                 wants_sync=self.timesync.wants_samples)
+        self.sources: list[Source] = list(sources) if sources is not None else [
+            build_source(s, device_id=self.device_id, clock=self.clock) for s in cfg.sources]
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.started = asyncio.Event()
+        self.stopped_cleanly = False
+
+    # ----------------------------------------------------------------- callbacks
+    def _event(self, name: str, data: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(name, data)
+
+    def _on_ack(self, ack: Ack, t1_ms: float, t4_ms: float) -> None:
+        self.timesync.add_sample(int(t1_ms), ack.t_recv_ms, ack.t_send_ms, int(t4_ms))
+
+    async def _emit(self, batch: SourceBatch) -> None:
+        await self.queue.put(batch)  # bounded: a full queue slows the source
+
+    # ----------------------------------------------------------------- lifecycle
+    def request_stop(self) -> None:
+        """Graceful stop (first SIGTERM/SIGINT)."""
+        self._stop.set()
+
+    def force_stop(self) -> None:
+        """Immediate stop (second signal): cancel every stage."""
+        log.warning("forced stop: cancelling all stages")
+        for t in self._tasks:
+            t.cancel()
+
+    async def run(self) -> None:
+        """Run every stage until stopped; raises if a stage fails."""
+        await self.buffer.open()
+        try:
+            await self.ingest.restore()
+            async with asyncio.TaskGroup() as tg:
+                src_tasks = [tg.create_task(self._run_source(s),
+                                            name=f"agent[source:{s.name}:{i}]")
+                             for i, s in enumerate(self.sources)]
+                ingest = tg.create_task(self.ingest.run(), name="agent[ingest]")
+                upload = tg.create_task(self.uploader.run(), name="agent[uploader]")
+                ctl = tg.create_task(self._controller(src_tasks, ingest, upload),
+                                     name="agent[supervisor]")
+                self._tasks = [*src_tasks, ingest, upload, ctl]
+                self.started.set()
+                log.info("agent started", device=self.device_id,
+                         sources=[s.name for s in self.sources],
+                         uplinks=[u.name for u in self.uplinks])
+        finally:
+            with contextlib.suppress(Exception):
+                for u in self.uplinks:
+                    await u.close()
+            await self.buffer.close()
+            log.info("agent stopped", clean=self.stopped_cleanly)
+
+    async def _run_source(self, source: Source) -> None:
+        await source.run(self._emit)
+        log.info("source finished", source=source.name)
+
+    async def _controller(self, sources: list[asyncio.Task[None]], ingest: asyncio.Task[None],
+                          upload: asyncio.Task[None]) -> None:
+        await self._stop.wait()
+        log.info("stopping: sources")
+        for t in sources:
+            t.cancel()
+        await asyncio.gather(*sources, return_exceptions=True)
+        log.info("stopping: draining ingest queue into the buffer")
+        await self.ingest.stop()
+        await ingest
+        await self.buffer.flush()
+        log.info("stopping: uploader drain", deadline_s=self.config.pipeline.drain_timeout_s)
+        drained = await self.uploader.drain(self.config.pipeline.drain_timeout_s)
+        if not upload.done():
+            self.uploader.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(upload), 2.0)
+            except TimeoutError:
+                log.warning("uploader did not stop in time: cancelling")
+                upload.cancel()
+        self.stopped_cleanly = True
+        log.info("stopped", drained=drained)
+
+    def status(self) -> dict[str, Any]:
+        """A health/progress view for `pymigrate run`, metrics and the health endpoint."""
+        b = self.buffer.stats()
+        up = self.uploader.stats()
+        return {
+            "device": self.device_id,
+            "received": self.ingest.counts["received"],
+            "accepted": self.ingest.counts["accepted"],
+            "rejected": dict(self.validator.rejected),
+            "duplicates_dropped": self.ingest.counts["duplicates_dropped"],
+            "buffered_chunks": b.chunks_pending,
+            "buffered_readings": sum(b.readings_pending.values()),
+            "buffer_bytes": b.bytes_on_disk,
+            "evicted": dict(b.evicted),
+            "quarantined": b.quarantined,
+            "delivered": up.get("readings_acked", 0),
+            "batches_acked": up.get("batches_acked", 0),
+            "batches_failed": up.get("batches_failed", 0),
+            "clock": self.timesync.status(),
+            "uplinks": up.get("uplinks", {}),
+        }

@@ -1,0 +1,205 @@
+"""``pymigrate``: the command line. It only parses, builds and runs.
+
+  pymigrate agent --config FILE [--check-config]   the edge daemon
+  pymigrate cloud --config FILE                    the cloud ingest
+  pymigrate cloud query ...                        print a device's series
+  pymigrate run --config FILE                      agent + cloud ingest in one process
+  pymigrate fleet ...                              fleet coordinator (rollouts in waves)
+  pymigrate simulate NAME ...                      field scenarios on virtual time
+  pymigrate status [--url URL]                     read a running agent's health
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pymigrate import __version__
+from pymigrate.errors import ConfigError, PyMigrateError
+
+DELEGATES = {
+    "fleet": ("cloud.fleet.cli", "fleet coordinator: rollouts in waves, gates, rollback"),
+    "simulate": ("simulators.cli", "run a field scenario on virtual time and report"),
+    "status": ("agent.status", "print a running agent's health and counters"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pymigrate",
+        description="PyMigrate IoT: durable edge-to-cloud time-series migration.",
+        epilog="Run 'pymigrate COMMAND --help' for a command's options.")
+    p.add_argument("--version", action="version", version=f"pymigrate {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    a = sub.add_parser("agent", help="run the edge agent daemon",
+                       description="Run the edge agent: sources -> dedup -> time correction -> "
+                       "aggregation -> durable buffer -> uploader. SIGTERM/SIGINT stop "
+                       "gracefully (a second one forces), SIGHUP reloads the config.")
+    a.add_argument("--config", help="agent TOML config file")
+    a.add_argument("--check-config", nargs="?", const="", default=None, metavar="FILE",
+                   help="validate the config (FILE or --config) and exit: 0 valid, 2 invalid")
+
+    c = sub.add_parser("cloud", help="run the cloud ingest (or 'cloud query')",
+                       description="Run the cloud ingest from the [cloud] table of FILE. "
+                       "'pymigrate cloud query --help' prints a device's stored series.")
+    c.add_argument("--config", help="TOML config with a [cloud] table")
+    c.add_argument("--check-config", action="store_true", help="validate and exit")
+
+    r = sub.add_parser("run", help="agent + cloud ingest in one process (what `make run` does)",
+                       description="Run the agent and the embedded cloud ingest together and "
+                       "print progress (accepted, buffered, delivered) until stopped.")
+    r.add_argument("--config", required=True, help="TOML config with agent sections and [cloud]")
+    r.add_argument("--duration", type=float, default=0.0,
+                   help="stop gracefully after this many seconds (0 = run until signalled)")
+
+    for name, (_, helptext) in DELEGATES.items():
+        d = sub.add_parser(name, help=helptext, add_help=False)
+        d.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _install_signals(stop: Callable[[], None], force: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    hits = {"n": 0}
+
+    def handler() -> None:
+        hits["n"] += 1
+        (stop if hits["n"] == 1 else force)()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler)
+
+
+def _load(path: str) -> dict[str, Any]:
+    from pymigrate.configload import load_toml
+
+    return load_toml(path)
+
+
+def _check_agent(path: str) -> int:
+    from agent.config import load_agent_config
+
+    cfg = load_agent_config(path)
+    print(f"{path}: OK (device {cfg.device.id}, {len(cfg.sources)} source(s), "
+          f"uplink {' -> '.join(cfg.uplink.transports)})")
+    return 0
+
+
+async def _agent_main(path: str) -> int:
+    from agent.config import load_agent_config
+    from agent.supervisor import Agent
+    from pymigrate.logsetup import setup_logging
+
+    cfg = load_agent_config(path)
+    setup_logging(cfg.log.format, cfg.log.level)
+    agent = Agent(cfg)
+    _install_signals(agent.request_stop, agent.force_stop)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        return 1
+    return 0 if agent.stopped_cleanly else 1
+
+
+async def _cloud_main(path: str) -> int:
+    from cloud.app import build_cloud_app
+    from pymigrate.logsetup import setup_logging
+
+    data = _load(path)
+    log = data.get("log", {})
+    setup_logging(log.get("format", "console"), log.get("level", "info"))
+    app = build_cloud_app(data.get("cloud", {}))
+    _install_signals(app.request_stop, app.request_stop)
+    await app.run()
+    return 0
+
+
+async def _run_main(path: str, duration: float) -> int:
+    from agent.config import parse_agent_config
+    from agent.supervisor import Agent
+    from cloud.app import build_cloud_app
+    from pymigrate.logsetup import setup_logging
+
+    data = _load(path)
+    cfg = parse_agent_config(data, source_file=path)
+    setup_logging(cfg.log.format, cfg.log.level)
+    app = build_cloud_app(data.get("cloud", {}))
+    await app.start()
+    agent = Agent(cfg)
+    _install_signals(agent.request_stop, agent.force_stop)
+    if duration > 0:
+        asyncio.get_running_loop().call_later(duration, agent.request_stop)
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(cfg.pipeline.status_interval_s)
+            s = agent.status()
+            stored = await app.store.count()
+            print(f"accepted={s['accepted']} buffered={s['buffered_readings']} "
+                  f"(chunks={s['buffered_chunks']}, {s['buffer_bytes']} B) "
+                  f"delivered={s['delivered']} stored_in_cloud={stored} "
+                  f"rejected={sum(s['rejected'].values())} evicted={sum(s['evicted'].values())}",
+                  flush=True)
+
+    ticker = asyncio.create_task(progress(), name="run[progress]")
+    try:
+        await agent.run()
+    finally:
+        ticker.cancel()
+        stored = await app.store.count()
+        print(f"stopped: accepted={agent.ingest.counts['accepted']} "
+              f"delivered={agent.uploader.stats().get('readings_acked', 0)} "
+              f"stored_in_cloud={stored}", flush=True)
+        await app.stop()
+    return 0 if agent.stopped_cleanly else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "cloud" and len(argv) > 1 and argv[1] == "query":
+        return int(importlib.import_module("cloud.query").main(argv[2:]) or 0)
+    if argv and argv[0] in DELEGATES:
+        mod = importlib.import_module(DELEGATES[argv[0]][0])
+        return int(mod.main(argv[1:]) or 0)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "agent":
+            path = args.check_config or args.config
+            if not path:
+                print("pymigrate agent: --config FILE is required", file=sys.stderr)
+                return 2
+            if args.check_config is not None:
+                return _check_agent(path)
+            return asyncio.run(_agent_main(path))
+        if args.command == "cloud":
+            if not args.config:
+                print("pymigrate cloud: --config is required", file=sys.stderr)
+                return 2
+            if args.check_config:
+                from cloud.config import parse_cloud_config
+
+                parse_cloud_config(_load(args.config).get("cloud", {}))
+                print(f"{args.config}: OK")
+                return 0
+            return asyncio.run(_cloud_main(args.config))
+        if args.command == "run":
+            return asyncio.run(_run_main(args.config, args.duration))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except PyMigrateError as exc:
+        print(f"error ({exc.reason}): {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
