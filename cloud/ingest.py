@@ -4,7 +4,24 @@ Order of checks: size and envelope (magic, version, checksum) -> channel identit
 every chunk's checksum and codec -> store write (one transaction) -> ack. A batch is
 written whole or not at all; malformed input is rejected with a reason code and counted,
 never crashes the service. A store failure answers ``error`` (retriable: the device keeps
-the data and retries), so an outage is back-pressure, not loss.
+the data and retries), so an outage is back-pressure, not loss. Data the store refuses
+(:class:`~cloud.stores.base.StoreRejected`: bad sequence numbers, names, values the store
+cannot hold) is answered ``rejected`` (non-retriable) and written to the dead-letter table
+with its reason.
+
+Exactly once: the store reads, updates and saves the device's idempotency state (acked
+sequence ranges) in the write transaction, so a resend is acked ``duplicate`` and written
+zero times, across ingest restarts and across replicas sharing the store.
+
+Redundant gateways (optional ``gateway`` :class:`~cloud.dedup.GatewayDeduper`): readings
+of the same sensor identity heard by several gateways (devices) within
+``tolerance_ms`` are one event. Inside the write transaction, after the sequence check,
+the deduper classifies the batch's new readings: a copy of an event another gateway
+already delivered is acked but not stored (``gateway_dropped``), unless the policy
+(``last``, ``best_quality``, ``average``) replaces the stored copy, which the store then
+deletes and rewrites in the same transaction. The deduper's memory is per replica: route
+a sensor's gateways to one replica (e.g. by shared-subscription group) or accept that
+copies split across replicas are each stored.
 """
 
 from __future__ import annotations
@@ -16,7 +33,8 @@ from typing import Any
 import structlog
 
 from agent.codec import open_chunk
-from cloud.stores.base import Store
+from cloud.dedup import GatewayDeduper
+from cloud.stores.base import Admission, Store, StoreRejected
 from pymigrate.clock import Clock, WallClock
 from pymigrate.envelope import DEFAULT_MAX_BYTES, decode_batch
 from pymigrate.errors import DecodeError, ThrottledError
@@ -31,8 +49,10 @@ class IngestService:
 
     def __init__(self, store: Store, *, clock: Clock | None = None,
                  max_batch_bytes: int = DEFAULT_MAX_BYTES,
-                 limiter: Any | None = None) -> None:
+                 limiter: Any | None = None,
+                 gateway: GatewayDeduper | None = None) -> None:
         self.store = store
+        self.gateway = gateway
         self.clock = clock or WallClock()
         self.max_batch_bytes = max_batch_bytes
         self.limiter = limiter  # object with .check(device_id) raising ThrottledError
@@ -74,25 +94,50 @@ class IngestService:
         except DecodeError as exc:
             await self._dead_letter(batch.device_id, batch.batch_id, exc.reason, inc.payload)
             return self._reject(exc.reason, t_recv, batch.batch_id, device=batch.device_id)
+        admit = self._gateway_admit if self.gateway is not None else None
         try:
-            result = await self.store.write(batch.device_id, batch.batch_id, readings)
+            result = await self.store.write(batch.device_id, batch.batch_id, readings,
+                                            admit=admit)
+        except StoreRejected as exc:  # bad data: never retried, kept for inspection
+            await self._dead_letter(batch.device_id, batch.batch_id, exc.reason, inc.payload)
+            return self._reject(exc.reason, t_recv, batch.batch_id, device=batch.device_id,
+                                error=str(exc))
         except Exception as exc:  # store outage: do not ack, the device keeps the data
             self.counters["store_errors"] += 1
             log.error("store write failed", batch_id=batch.batch_id, error=str(exc),
                       error_type=type(exc).__name__)
             return Ack(batch_id=batch.batch_id, status="error", t_recv_ms=t_recv,
                        t_send_ms=self.clock.time_ms(), reason="store_unavailable")
+        self.counters["gateway_dropped"] += result.gateway_dropped
+        self.counters["gateway_replaced"] += result.replaced
         self.counters["readings_written"] += result.written
         self.counters["readings_duplicate"] += result.duplicates
-        status = "ok" if result.written or not readings else "duplicate"
+        fresh = result.written + result.gateway_dropped
+        status = "ok" if fresh or not readings else "duplicate"
         self.counters[f"batches_{status}"] += 1
         return Ack(batch_id=batch.batch_id, status=status, t_recv_ms=t_recv,
                    t_send_ms=self.clock.time_ms(), accepted=result.written,
                    duplicates=result.duplicates)
 
+    def _gateway_admit(self, fresh: list[Reading]) -> Admission:
+        """Store-side filter: classify a batch's new readings against other gateways."""
+        assert self.gateway is not None
+        res = self.gateway.offer(fresh)
+        write = list(res.store)
+        delete: list[tuple[str, int]] = []
+        incoming = {id(r) for r in fresh}
+        for old, new in res.replaced:
+            delete.append((old.device_id, old.seq))
+            write.append(new)  # the incoming copy, or (average) the merged stored one
+        kept = {id(r) for r in write if id(r) in incoming}
+        skip = [r for r in fresh if id(r) not in kept]
+        return Admission(write=write, skip=skip, delete=delete)
+
     async def _dead_letter(self, device_id: str, batch_id: str, reason: str,
                            payload: bytes) -> None:
+        self.counters["dead_letters"] += 1
         try:
             await self.store.dead_letter(device_id, batch_id, reason, payload[:65536])
         except Exception as exc:  # dead-lettering must never take the ingest down
+            self.counters["dead_letter_errors"] += 1
             logging.getLogger(__name__).warning("dead-letter write failed: %s", exc)

@@ -15,17 +15,34 @@ Table ``readings`` (documented in the README):
 | raw_ts_ms | INTEGER | timestamp as the device reported it (NULL if unchanged) |
 | agg_rule, agg_fn, agg_window_end_ms, agg_count | | aggregate metadata (NULL for raw) |
 | received_ms | INTEGER | ingest receive time |
+
+Table ``idempotency`` holds one :class:`~cloud.dedup.IdempotencyState` blob per device,
+read and saved inside the write transaction (``BEGIN IMMEDIATE``: writers, including
+other processes on the same file, serialize), so a resend is written zero times across
+restarts and replicas sharing the file. ``dead_letters`` keeps rejected batches with
+their reason.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
-from cloud.stores.base import WriteResult
+from cloud.dedup import IdempotencyState
+from cloud.stores.base import (
+    Admit,
+    StoreRejected,
+    StoreUnavailable,
+    WriteResult,
+    plan_write,
+    validate,
+)
 from pymigrate.types import AggInfo, Priority, Reading
 
 SCHEMA = """
@@ -47,6 +64,11 @@ CREATE TABLE IF NOT EXISTS readings (
   PRIMARY KEY (device_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_series ON readings (device_id, sensor, ts_ms);
+CREATE TABLE IF NOT EXISTS idempotency (
+  device_id TEXT PRIMARY KEY,
+  state BLOB NOT NULL,
+  updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   device_id TEXT,
@@ -62,24 +84,50 @@ _INSERT = (
     " uncert_ms, raw_ts_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count, received_ms)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+_SELECT = ("SELECT device_id, sensor, ts_ms, value, priority, seq, raw_ts_ms, quality,"
+           " uncert_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count FROM readings")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def row_to_reading(row: Sequence[Any]) -> Reading:
+    """A ``_SELECT``-shaped row (also used by the PostgreSQL store) as a Reading."""
+    agg = None
+    if row[9] is not None or row[10] is not None:
+        agg = AggInfo(row[9] or "", row[10] or "", int(row[11] or 0), int(row[12] or 0))
+    return Reading(
+        device_id=row[0], sensor=row[1], ts_ms=int(row[2]), value=float(row[3]),
+        priority=Priority(row[4]), seq=int(row[5]),
+        raw_ts_ms=None if row[6] is None else int(row[6]),
+        quality=int(row[7]), uncert_ms=int(row[8]), agg=agg)
 
 
 class SqliteStore:
-    """Idempotent SQLite store; ``write`` commits before returning."""
+    """Idempotent SQLite store; ``write`` commits before returning.
+
+    One connection per store; writes of one store instance are serialized by an
+    asyncio lock (they share the connection), writes of several instances or processes
+    on the same file by SQLite's write lock (``BEGIN IMMEDIATE`` + ``busy_timeout``).
+    """
 
     name = "sqlite"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path)
+        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.executescript(SCHEMA)
-        await self._db.commit()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -92,40 +140,81 @@ class SqliteStore:
             raise RuntimeError("store is not open")
         return self._db
 
-    async def write(self, device_id: str, batch_id: str,
-                    readings: Sequence[Reading]) -> WriteResult:
-        now = time.time_ns() // 1_000_000
-        rows = [
-            (device_id, r.seq, r.sensor, r.ts_ms, r.value, int(r.priority), r.quality,
-             r.uncert_ms, r.raw_ts_ms,
-             r.agg.rule if r.agg else None, r.agg.fn if r.agg else None,
-             r.agg.window_end_ms if r.agg else None, r.agg.count if r.agg else None, now)
-            for r in readings
-        ]
-        db = self.db
-        before = db.total_changes
-        try:
-            await db.executemany(_INSERT, rows)
-            await db.commit()
-        except BaseException:
-            await db.rollback()
-            raise
-        written = db.total_changes - before
-        return WriteResult(written=written, duplicates=len(rows) - written)
+    async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
+                    *, admit: Admit | None = None) -> WriteResult:
+        validate(device_id, readings)
+        async with self._lock:
+            db = self.db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite busy: {exc}", batch_id=batch_id) from exc
+            try:
+                state = await self._load_state(device_id)
+                plan = plan_write(state, readings, admit)
+                written = 0
+                now = _now_ms()
+                if plan.delete:
+                    await db.executemany("DELETE FROM readings WHERE device_id = ? AND seq = ?",
+                                         plan.delete)
+                if plan.write:
+                    before = db.total_changes
+                    await db.executemany(_INSERT, [
+                        (r.device_id, r.seq, r.sensor, r.ts_ms, r.value, int(r.priority),
+                         r.quality, r.uncert_ms, r.raw_ts_ms,
+                         r.agg.rule if r.agg else None, r.agg.fn if r.agg else None,
+                         r.agg.window_end_ms if r.agg else None,
+                         r.agg.count if r.agg else None, now)
+                        for r in plan.write])
+                    written = db.total_changes - before
+                if plan.state is not None:
+                    await db.execute(
+                        "INSERT INTO idempotency (device_id, state, updated_ms) VALUES (?,?,?)"
+                        " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state,"
+                        " updated_ms = excluded.updated_ms",
+                        (device_id, plan.state.to_bytes(), now))
+                await db.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    await db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
+                    raise StoreRejected(str(exc), reason="constraint") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreUnavailable(str(exc), batch_id=batch_id) from exc
+                raise
+        # a write the natural key swallowed (state lost or edited by hand) is a duplicate
+        return WriteResult(written=written,
+                           duplicates=plan.duplicates + len(plan.write) - written,
+                           gateway_dropped=plan.skipped, replaced=len(plan.delete))
+
+    async def _load_state(self, device_id: str) -> IdempotencyState:
+        async with self.db.execute("SELECT state FROM idempotency WHERE device_id = ?",
+                                   (device_id,)) as cur:
+            row = await cur.fetchone()
+        return IdempotencyState() if row is None else IdempotencyState.from_bytes(row[0])
+
+    async def idempotency_state(self, device_id: str) -> IdempotencyState:
+        async with self._lock:
+            return await self._load_state(device_id)
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
                           payload: bytes) -> None:
-        await self.db.execute(
-            "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"
-            " VALUES (?,?,?,?,?)",
-            (device_id, batch_id, reason, payload, time.time_ns() // 1_000_000))
-        await self.db.commit()
+        async with self._lock:
+            await self.db.execute(
+                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"
+                " VALUES (?,?,?,?,?)", (device_id, batch_id, reason, payload, _now_ms()))
+
+    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        async with self.db.execute(
+                "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT ?",
+                (limit,)) as cur:
+            return [(str(a or ""), str(b or ""), str(c)) async for a, b, c in cur]
 
     async def query(self, device_id: str, sensor: str | None = None,
                     start_ms: int | None = None, end_ms: int | None = None) -> list[Reading]:
-        sql = ("SELECT device_id, sensor, ts_ms, value, priority, seq, raw_ts_ms, quality,"
-               " uncert_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count FROM readings"
-               " WHERE device_id = ?")
+        sql = _SELECT + " WHERE device_id = ?"
         args: list[object] = [device_id]
         if sensor is not None:
             sql += " AND sensor = ?"
@@ -137,20 +226,13 @@ class SqliteStore:
             sql += " AND ts_ms < ?"
             args.append(end_ms)
         sql += " ORDER BY sensor, ts_ms, seq"
-        out: list[Reading] = []
         async with self.db.execute(sql, args) as cur:
-            async for row in cur:
-                out.append(Reading(
-                    device_id=row[0], sensor=row[1], ts_ms=row[2], value=row[3],
-                    priority=Priority(row[4]), seq=row[5], raw_ts_ms=row[6], quality=row[7],
-                    uncert_ms=row[8],
-                    agg=AggInfo(row[9], row[10], row[11], row[12]) if row[9] is not None
-                    or row[10] is not None else None))
-        return out
+            return [row_to_reading(row) async for row in cur]
 
     async def count(self, device_id: str | None = None) -> int:
+        args: tuple[str, ...] = ()
         if device_id is None:
-            sql, args = "SELECT COUNT(*) FROM readings", ()
+            sql = "SELECT COUNT(*) FROM readings"
         else:
             sql, args = "SELECT COUNT(*) FROM readings WHERE device_id = ?", (device_id,)
         async with self.db.execute(sql, args) as cur:

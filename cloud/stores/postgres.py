@@ -1,0 +1,337 @@
+"""PostgreSQL / TimescaleDB store via asyncpg: pooled, versioned schema, exactly-once writes.
+
+Schema (created or migrated at :meth:`PostgresStore.open`, under an advisory lock so
+replicas starting together do not race; applied versions are recorded in
+``pymigrate_migrations``):
+
+- ``readings``: the SQLite store's columns (``device_id, seq, sensor, ts_ms, value,
+  priority, quality, uncert_ms, raw_ts_ms``, aggregate metadata ``agg_rule, agg_fn,
+  agg_window_end_ms, agg_count``, and ``received_ms``), unique on ``(device_id, seq)``
+  (plus ``ts_ms`` on a hypertable, whose unique keys must hold the time column), so
+  every insert is ``ON CONFLICT DO NOTHING``: an upsert that is the second line of
+  defence after the idempotency state. Index ``(device_id, sensor, ts_ms)`` for queries.
+- ``idempotency``: one :class:`~cloud.dedup.IdempotencyState` blob per device.
+- ``dead_letters``: rejected batches with their reason.
+
+When the ``timescaledb`` extension is available it is created and ``readings`` becomes a
+hypertable on ``ts_ms`` (integer milliseconds, 1-day chunks); otherwise a plain table.
+
+A batch is one transaction: ``SELECT state ... FOR UPDATE`` (two replicas writing the
+same device serialize here), only readings whose seq the state does not contain are
+written, in bulk (``COPY`` into a per-connection temporary staging table, then one
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING``; or one ``INSERT ... SELECT FROM
+unnest($arrays)``, setting ``bulk``), then the new state is saved and the transaction
+commits. Data errors (SQLSTATE classes 22 and 23) raise
+:class:`~cloud.stores.base.StoreRejected`; everything else (refused connection, killed
+backend, timeout) raises :class:`~cloud.stores.base.StoreUnavailable`; the pool
+reconnects by itself when the server is back.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from cloud.dedup import IdempotencyState
+from cloud.stores.base import (
+    Admit,
+    StoreRejected,
+    StoreUnavailable,
+    WriteResult,
+    plan_write,
+    validate,
+)
+from cloud.stores.sqlite import row_to_reading
+from pymigrate.types import Reading
+
+__all__ = ["MIGRATIONS", "PostgresStore", "detect_timescale"]
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_LOCK_KEY = 0x706D6967  # "pmig": advisory lock serializing migrations
+_STAGING = "pm_staging"
+_COLS = ("seq", "sensor", "ts_ms", "value", "priority", "quality", "uncert_ms", "raw_ts_ms",
+         "agg_rule", "agg_fn", "agg_window_end_ms", "agg_count")
+_TYPES = ("bigint", "text", "bigint", "double precision", "smallint", "integer", "integer",
+          "bigint", "text", "text", "bigint", "integer")
+_COLLIST = ", ".join(_COLS)
+_INSERT_STAGED = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms)"
+                  f" SELECT $1, {_COLLIST}, $2 FROM {_STAGING} ON CONFLICT DO NOTHING")
+_INSERT_UNNEST = (
+    f"INSERT INTO readings (device_id, {_COLLIST}, received_ms) SELECT $1, u.*, $2 FROM unnest("
+    + ", ".join(f"${i + 3}::{t}[]" for i, t in enumerate(_TYPES))
+    + ") AS u ON CONFLICT DO NOTHING")
+_INSERT_ONE = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms) VALUES ("
+               + ", ".join(f"${i + 1}" for i in range(len(_COLS) + 2))
+               + ") ON CONFLICT DO NOTHING")
+_SELECT = ("SELECT device_id, sensor, ts_ms, value, priority, seq, raw_ts_ms, quality,"
+           " uncert_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count FROM readings")
+
+Conn = Any  # asyncpg.Connection (or a test double with execute/fetchval)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _row(r: Reading) -> tuple[Any, ...]:
+    a = r.agg
+    if a is None:
+        return (r.seq, r.sensor, r.ts_ms, r.value, int(r.priority), r.quality, r.uncert_ms,
+                r.raw_ts_ms, None, None, None, None)
+    return (r.seq, r.sensor, r.ts_ms, r.value, int(r.priority), r.quality, r.uncert_ms,
+            r.raw_ts_ms, a.rule, a.fn, a.window_end_ms, a.count)
+
+
+async def detect_timescale(conn: Conn) -> str | None:
+    """Schema holding the timescaledb extension, creating it when available; else None."""
+    installed = await conn.fetchval(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+        " WHERE e.extname = 'timescaledb'")
+    if installed:
+        return str(installed)
+    available = await conn.fetchval(
+        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
+    if not available:
+        return None
+    try:
+        async with conn.transaction():  # a savepoint: a failure leaves the migration intact
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except asyncpg.PostgresError:
+        # packaged but not preloaded (shared_preload_libraries), or no privilege
+        return None
+    ns = await conn.fetchval(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+        " WHERE e.extname = 'timescaledb'")
+    return str(ns) if ns else None
+
+
+async def _m1_schema(conn: Conn, ctx: dict[str, Any]) -> None:
+    ts_ns = await detect_timescale(conn)
+    # a hypertable's unique keys must contain its time column
+    key = "device_id, seq, ts_ms" if ts_ns else "device_id, seq"
+    cols = ",\n  ".join(f"{c} {t}" for c, t in zip(_COLS, _TYPES))
+    await conn.execute(f"""
+CREATE TABLE IF NOT EXISTS readings (
+  device_id text NOT NULL,
+  {cols},
+  received_ms bigint NOT NULL,
+  PRIMARY KEY ({key})
+);
+CREATE INDEX IF NOT EXISTS readings_series ON readings (device_id, sensor, ts_ms);
+CREATE TABLE IF NOT EXISTS idempotency (
+  device_id text PRIMARY KEY,
+  state bytea NOT NULL,
+  updated_ms bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+  id bigserial PRIMARY KEY,
+  device_id text,
+  batch_id text,
+  reason text NOT NULL,
+  payload bytea,
+  received_ms bigint NOT NULL
+);""")
+    for c in ("sensor", "ts_ms", "value"):
+        await conn.execute(f"ALTER TABLE readings ALTER COLUMN {c} SET NOT NULL")
+    if ts_ns:
+        await conn.execute(
+            f"SELECT {ts_ns}.create_hypertable('readings', 'ts_ms',"
+            " chunk_time_interval => 86400000::bigint, if_not_exists => TRUE)")
+    ctx["hypertable"] = bool(ts_ns)
+
+
+Migration = Callable[[Conn, dict[str, Any]], Awaitable[None]]
+
+#: (version, name, step); append new versions, never edit applied ones
+MIGRATIONS: list[tuple[int, str, Migration]] = [
+    (1, "readings, idempotency, dead_letters (hypertable when timescaledb)", _m1_schema),
+]
+
+
+async def migrate(conn: Conn, migrations: Sequence[tuple[int, str, Migration]] = MIGRATIONS
+                  ) -> dict[str, Any]:
+    """Apply pending migrations in one transaction; returns facts (``applied``,
+    ``hypertable``)."""
+    ctx: dict[str, Any] = {"applied": []}
+    async with conn.transaction():
+        await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS pymigrate_migrations (version integer PRIMARY KEY,"
+            " name text NOT NULL, applied_ms bigint NOT NULL)")
+        done = {int(r[0]) for r in await conn.fetch("SELECT version FROM pymigrate_migrations")}
+        for version, name, step in migrations:
+            if version in done:
+                continue
+            await step(conn, ctx)
+            await conn.execute("INSERT INTO pymigrate_migrations VALUES ($1, $2, $3)",
+                               version, name, _now_ms())
+            ctx["applied"].append(version)
+        if "hypertable" not in ctx:
+            ctx["hypertable"] = bool(await conn.fetchval(
+                "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"))
+    return ctx
+
+
+class PostgresStore:
+    """Idempotent PostgreSQL/TimescaleDB store over an asyncpg pool.
+
+    ``schema``: tables live there (created if missing; the pool's ``search_path``).
+    ``bulk``: ``"copy"`` (COPY into a staging table) or ``"unnest"`` (array insert).
+    """
+
+    name = "postgres"
+
+    def __init__(self, dsn: str, *, schema: str = "public", pool_min: int = 1,
+                 pool_max: int = 4, bulk: str = "copy", command_timeout_s: float = 30.0,
+                 connect_timeout_s: float = 5.0, application_name: str = "pymigrate-ingest"
+                 ) -> None:
+        if not _IDENT.match(schema):
+            raise ValueError(f"schema {schema!r} is not a plain SQL identifier")
+        if bulk not in ("copy", "unnest"):
+            raise ValueError("bulk must be 'copy' or 'unnest'")
+        self.dsn = dsn
+        self.schema = schema
+        self.pool_min, self.pool_max = pool_min, pool_max
+        self.bulk = bulk
+        self.command_timeout_s = command_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.application_name = application_name
+        self.hypertable = False
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            await conn.execute(f"SET search_path TO {self.schema}")
+            facts = await migrate(conn)
+            self.hypertable = bool(facts["hypertable"])
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=self.pool_min, max_size=self.pool_max,
+            command_timeout=self.command_timeout_s, timeout=self.connect_timeout_s,
+            server_settings={"search_path": self.schema,
+                             "application_name": self.application_name},
+            init=self._init_conn)
+
+    async def _init_conn(self, conn: asyncpg.Connection) -> None:
+        if self.bulk == "copy":
+            cols = ", ".join(f"{c} {t}" for c, t in zip(_COLS, _TYPES))
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ({cols}) ON COMMIT DELETE ROWS")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
+                    *, admit: Admit | None = None) -> WriteResult:
+        validate(device_id, readings)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                state = await self._lock_state(conn, device_id)
+                plan = plan_write(state, readings, admit)
+                written = 0
+                if plan.delete:
+                    await conn.executemany(
+                        "DELETE FROM readings WHERE device_id = $1 AND seq = $2", plan.delete)
+                if plan.write:
+                    written = await self._insert(conn, device_id, plan.write)
+                if plan.state is not None:
+                    await conn.execute(
+                        "UPDATE idempotency SET state = $2, updated_ms = $3 WHERE device_id = $1",
+                        device_id, plan.state.to_bytes(), _now_ms())
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            raise StoreRejected(f"PostgreSQL refused the data: {exc}",
+                                reason=f"pg_{exc.sqlstate}") from exc
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"PostgreSQL write failed: {type(exc).__name__}: {exc}",
+                                   batch_id=batch_id) from exc
+        return WriteResult(written=written,
+                           duplicates=plan.duplicates + len(plan.write) - written,
+                           gateway_dropped=plan.skipped, replaced=len(plan.delete))
+
+    async def _lock_state(self, conn: Conn, device_id: str) -> IdempotencyState:
+        sql = "SELECT state FROM idempotency WHERE device_id = $1 FOR UPDATE"
+        blob = await conn.fetchval(sql, device_id)
+        if blob is None:
+            # a first write: make the row exist so FOR UPDATE has something to lock;
+            # a racing replica's insert waits on the unique key, then does nothing
+            empty = IdempotencyState().to_bytes()
+            await conn.execute(
+                "INSERT INTO idempotency (device_id, state, updated_ms) VALUES ($1, $2, $3)"
+                " ON CONFLICT (device_id) DO NOTHING", device_id, empty, _now_ms())
+            blob = await conn.fetchval(sql, device_id)
+        return IdempotencyState.from_bytes(bytes(blob))
+
+    async def _insert(self, conn: Conn, device_id: str, rs: list[Reading]) -> int:
+        now = _now_ms()
+        own = [r for r in rs if r.device_id == device_id]
+        written = 0
+        for r in rs:  # merged copies of other gateways' readings (average policy): rare
+            if r.device_id != device_id:
+                status = await conn.execute(_INSERT_ONE, r.device_id, *_row(r), now)
+                written += int(status.rsplit(" ", 1)[1])
+        if not own:
+            return written
+        if self.bulk == "copy":
+            await conn.copy_records_to_table(_STAGING, records=[_row(r) for r in own],
+                                             columns=_COLS)
+            # one staged insert per transaction; ON COMMIT DELETE ROWS empties the table
+            status = await conn.execute(_INSERT_STAGED, device_id, now)
+        else:
+            cols: list[list[Any]] = [list(c) for c in zip(*(_row(r) for r in own))]
+            status = await conn.execute(_INSERT_UNNEST, device_id, now, *cols)
+        return written + int(status.rsplit(" ", 1)[1])
+
+    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
+                          payload: bytes) -> None:
+        try:
+            await self.pool.execute(
+                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"
+                " VALUES ($1, $2, $3, $4, $5)", device_id, batch_id, reason, payload, _now_ms())
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"dead-letter write failed: {exc}") from exc
+
+    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        rows = await self.pool.fetch(
+            "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT $1",
+            limit)
+        return [(r[0] or "", r[1] or "", r[2]) for r in rows]
+
+    async def idempotency_state(self, device_id: str) -> IdempotencyState:
+        blob = await self.pool.fetchval("SELECT state FROM idempotency WHERE device_id = $1",
+                                        device_id)
+        return IdempotencyState() if blob is None else IdempotencyState.from_bytes(bytes(blob))
+
+    async def query(self, device_id: str, sensor: str | None = None,
+                    start_ms: int | None = None, end_ms: int | None = None) -> list[Reading]:
+        sql = _SELECT + " WHERE device_id = $1"
+        args: list[Any] = [device_id]
+        for cond, val in (("sensor = ", sensor), ("ts_ms >= ", start_ms), ("ts_ms < ", end_ms)):
+            if val is not None:
+                args.append(val)
+                sql += f" AND {cond}${len(args)}"
+        sql += " ORDER BY sensor, ts_ms, seq"
+        return [row_to_reading(tuple(r)) for r in await self.pool.fetch(sql, *args)]
+
+    async def count(self, device_id: str | None = None) -> int:
+        if device_id is None:
+            return int(await self.pool.fetchval("SELECT count(*) FROM readings"))
+        return int(await self.pool.fetchval(
+            "SELECT count(*) FROM readings WHERE device_id = $1", device_id))
