@@ -1,0 +1,338 @@
+"""AMQP 0-9-1 transport (aio-pika): persistent, confirmed, mandatory publishes; reply-to acks.
+
+Device side publishes each encoded batch as a persistent message to the durable topic
+exchange ``exchange`` with routing key ``<routing_prefix>.<device_id>``, ``mandatory``
+(an unroutable batch comes back as an error, not a silent loss), on a channel with
+publisher confirms. ``reply_to`` names the device's exclusive callback queue and
+``correlation_id`` the batch id; the ingest's Ack comes back there (end-to-end). With
+``end_to_end = false`` the broker's confirm is the ack (weaker: persisted by the broker,
+not yet committed by the ingest).
+
+Cloud side: competing consumers on the durable queue ``queue`` (bound to
+``<routing_prefix>.*``) with ``prefetch`` unacked deliveries each; a delivery is acked to
+the broker only after the ingest answered, so a crashed replica's batches are redelivered
+(and deduplicated by the store). Identity: the routing key's device segment, or the
+broker-validated ``user_id`` with ``identity = "user_id"``.
+
+Throttling: an Ack ``throttled`` -> :class:`ThrottledError`; with ``max_queue_length`` the
+queue is declared ``x-overflow = reject-publish``, so when ingest falls behind the broker
+nacks publishes and the device gets :class:`ThrottledError` (``throttle_retry_after_s``).
+No aio-pika or aiormq type or exception leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from pymigrate.clock import Clock, WallClock
+from pymigrate.envelope import decode_ack, encode_ack
+from pymigrate.errors import DecodeError, PyMigrateError, ThrottledError, TransportError
+from pymigrate.types import Ack
+from transports._common import KeyedLocks, check_ack, client_tls_context, transport_ack
+from transports.base import Incoming, IngestHandler
+from transports.config import AmqpConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AmqpIngestServer", "AmqpUplink"]
+
+# everything the library raises for a broken link, a closed channel or a refused login
+_LINK_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError, OSError,
+    TimeoutError, ssl.SSLError, RuntimeError)
+
+
+def _tls(cfg: AmqpConfig) -> ssl.SSLContext | None:
+    if not cfg.use_tls:
+        return None
+    return client_tls_context("uplink.amqp", cfg.ca_file, cfg.cert_file, cfg.key_file,
+                              verify_hostname=cfg.tls_verify_hostname)
+
+
+async def _connect(cfg: AmqpConfig, ctx: ssl.SSLContext | None, *,
+                   robust: bool) -> aio_pika.abc.AbstractConnection:
+    kw: dict[str, Any] = dict(host=cfg.host, port=cfg.port, login=cfg.username,
+                              password=cfg.password, virtualhost=cfg.virtualhost,
+                              timeout=cfg.connect_timeout_s)
+    if ctx is not None:
+        kw.update(ssl=True, ssl_context=ctx)
+    conn: aio_pika.abc.AbstractConnection
+    if robust:
+        conn = await aio_pika.connect_robust(**kw)
+    else:
+        conn = await aio_pika.connect(**kw)
+    return conn
+
+
+class _Link:
+    """One device connection: confirmed channel, exchange, exclusive callback queue."""
+
+    def __init__(self, conn: aio_pika.abc.AbstractConnection,
+                 channel: aio_pika.abc.AbstractChannel,
+                 exchange: aio_pika.abc.AbstractExchange,
+                 replies: aio_pika.abc.AbstractQueue | None) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.exchange = exchange
+        self.replies = replies
+
+    @property
+    def alive(self) -> bool:
+        return not self.conn.is_closed and not self.channel.is_closed
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_LINK_ERRORS):
+            await asyncio.wait_for(self.conn.close(), 1.0)
+
+
+class AmqpUplink:
+    """Device-side AMQP uplink; ``send()`` returns the ingest's Ack via reply-to."""
+
+    name = "amqp"
+
+    def __init__(self, cfg: AmqpConfig, *, device_id: str, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.device_id = device_id
+        self.clock = clock or WallClock()
+        self.max_payload = cfg.max_payload
+        self.end_to_end = cfg.end_to_end
+        self.routing_key = f"{cfg.routing_prefix}.{device_id}"
+        self._tls = _tls(cfg)
+        self._link: _Link | None = None
+        self._lock = asyncio.Lock()
+        self._waiters: dict[str, asyncio.Future[Ack]] = {}
+        self.stale_acks = 0
+
+    async def connect(self) -> None:
+        """Connect, open a confirmed channel, declare the exchange and the reply queue."""
+        await self._ensure()
+
+    async def _ensure(self) -> _Link:
+        async with self._lock:
+            if self._link is not None and self._link.alive:
+                return self._link
+            if self._link is not None:
+                await self._link.close()
+                self._link = None
+            conn: aio_pika.abc.AbstractConnection | None = None
+            try:
+                conn = await _connect(self.cfg, self._tls, robust=False)
+                channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+                exchange = await channel.declare_exchange(
+                    self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+                replies = None
+                if self.end_to_end:
+                    replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+                    await replies.consume(self._on_reply, no_ack=True)
+            except _LINK_ERRORS as exc:
+                if conn is not None:
+                    with contextlib.suppress(*_LINK_ERRORS):
+                        await conn.close()
+                raise TransportError(f"AMQP connect to {self.cfg.host}:{self.cfg.port} failed: "
+                                     f"{exc or type(exc).__name__}", device=self.device_id,
+                                     retriable=not isinstance(
+                                         exc, aiormq.exceptions.AuthenticationError)) from exc
+            conn.close_callbacks.add(self._on_close)
+            self._link = _Link(conn, channel, exchange, replies)
+            return self._link
+
+    def _on_close(self, *_: object) -> None:
+        self._fail_all(TransportError("AMQP connection lost", device=self.device_id))
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            ack = decode_ack(message.body)
+        except DecodeError:
+            log.warning("AMQP uplink %s: undecodable ack", self.device_id)
+            return
+        fut = self._waiters.get(message.correlation_id or ack.batch_id)
+        if fut is None or fut.done():
+            self.stale_acks += 1
+            return
+        fut.set_result(ack)
+
+    def _fail_all(self, exc: PyMigrateError) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:  # noqa: ASYNC109
+        """Publish (persistent, mandatory, confirmed) and wait for the Ack.
+
+        Raises TransportError (link, unroutable, timeout), ThrottledError (broker nack or
+        Ack ``throttled``) or PayloadRejected.
+        """
+        deadline = self.clock.monotonic() + timeout
+        try:
+            link = await asyncio.wait_for(self._ensure(), timeout)
+        except TimeoutError as exc:
+            raise TransportError(f"AMQP connect timed out after {timeout:.1f}s",
+                                 batch_id=batch_id) from exc
+        fut: asyncio.Future[Ack] | None = None
+        if self.end_to_end:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters[batch_id] = fut
+        msg = aio_pika.Message(
+            payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/vnd.pymigrate.batch", message_id=batch_id,
+            correlation_id=batch_id,
+            reply_to=link.replies.name if link.replies is not None else None,
+            user_id=self.cfg.username if self.cfg.identity == "user_id" else None)
+        try:
+            try:
+                await link.exchange.publish(msg, self.routing_key, mandatory=True,
+                                            timeout=max(0.01, deadline - self.clock.monotonic()))
+            except aio_pika.exceptions.PublishError as exc:
+                raise TransportError(f"AMQP batch {batch_id} unroutable: no queue bound to "
+                                     f"{self.cfg.exchange}/{self.routing_key}",
+                                     reason="unroutable", batch_id=batch_id) from exc
+            except aio_pika.exceptions.DeliveryError as exc:
+                # a broker nack: the ingest queue is full (x-overflow reject-publish)
+                raise ThrottledError(f"AMQP broker nacked batch {batch_id}",
+                                     retry_after_s=self.cfg.throttle_retry_after_s,
+                                     batch_id=batch_id) from exc
+            except _LINK_ERRORS as exc:
+                await self._drop(link)
+                raise TransportError(f"AMQP publish of {batch_id} failed: "
+                                     f"{exc or type(exc).__name__}", batch_id=batch_id) from exc
+            if fut is None:
+                return transport_ack(batch_id, self.clock.time_ms())
+            try:
+                ack = await asyncio.wait_for(asyncio.shield(fut),
+                                             max(0.0, deadline - self.clock.monotonic()))
+            except TimeoutError as exc:
+                await self._drop(link)
+                raise TransportError(f"no AMQP ack for {batch_id} within {timeout:.1f}s",
+                                     batch_id=batch_id) from exc
+        finally:
+            if fut is not None and self._waiters.get(batch_id) is fut:
+                del self._waiters[batch_id]
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+        return check_ack(ack, batch_id, "amqp")
+
+    async def _drop(self, link: _Link) -> None:
+        if self._link is link:
+            self._link = None
+        await link.close()
+
+    async def close(self) -> None:
+        """Close the connection (the exclusive reply queue goes with it)."""
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+        self._fail_all(TransportError("AMQP uplink closed", device=self.device_id))
+
+
+class AmqpIngestServer:
+    """Cloud-side AMQP ingest: one of any number of competing consumers on ``queue``."""
+
+    name = "amqp"
+
+    def __init__(self, cfg: AmqpConfig, *, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or WallClock()
+        self._tls = _tls(cfg)
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._tag: str | None = None
+        self._handler: IngestHandler | None = None
+        self._locks = KeyedLocks()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handled = 0
+
+    async def start(self, handler: IngestHandler) -> None:
+        """Declare exchange, queue and binding, then consume (robust: reconnects itself)."""
+        self._handler = handler
+        args: dict[str, Any] = {}
+        if self.cfg.max_queue_length:
+            args = {"x-max-length": self.cfg.max_queue_length, "x-overflow": "reject-publish"}
+        try:
+            self._conn = await _connect(self.cfg, self._tls, robust=True)
+            self._channel = await self._conn.channel()
+            await self._channel.set_qos(prefetch_count=self.cfg.prefetch)
+            exchange = await self._channel.declare_exchange(
+                self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            self._queue = await self._channel.declare_queue(self.cfg.queue, durable=True,
+                                                            arguments=args or None)
+            await self._queue.bind(exchange, f"{self.cfg.routing_prefix}.*")
+            self._tag = await self._queue.consume(self._on_message)
+        except _LINK_ERRORS as exc:
+            await self.stop()
+            raise TransportError(f"AMQP ingest cannot consume {self.cfg.queue} on "
+                                 f"{self.cfg.host}:{self.cfg.port}: {exc or type(exc).__name__}"
+                                 ) from exc
+
+    def _identity(self, message: aio_pika.abc.AbstractIncomingMessage) -> str | None:
+        if self.cfg.identity == "user_id":
+            return message.user_id
+        key = message.routing_key or ""
+        head = f"{self.cfg.routing_prefix}."
+        return key[len(head):] if key.startswith(head) else None
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        device = self._identity(message)
+        assert self._handler is not None and self._channel is not None
+        async with self._locks.hold(device or ""):
+            try:
+                ack = await self._handler(Incoming(bytes(message.body), "amqp", device))
+            except Exception as exc:  # a handler bug must not kill the consumer
+                log.exception("AMQP ingest handler failed")
+                t = self.clock.time_ms()
+                ack = Ack(batch_id=message.correlation_id or "", status="error",
+                          t_recv_ms=t, t_send_ms=t, reason=type(exc).__name__)
+        self.handled += 1
+        try:
+            if message.reply_to:
+                reply = aio_pika.Message(encode_ack(ack), correlation_id=message.correlation_id,
+                                         content_type="application/json")
+                await self._channel.default_exchange.publish(reply, message.reply_to,
+                                                             mandatory=False)
+            # only now may the broker forget the batch: a crash before this redelivers it
+            await message.ack()
+        except _LINK_ERRORS as exc:  # redelivered to a replica; the store deduplicates
+            log.warning("AMQP ingest could not answer %s: %s", message.correlation_id, exc)
+
+    async def stop(self) -> None:
+        """Cancel the consumer, let running handlers finish, close."""
+        if self._queue is not None and self._tag is not None:
+            with contextlib.suppress(*_LINK_ERRORS):
+                await self._queue.cancel(self._tag)
+        self._tag = None
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(*_LINK_ERRORS):
+                await asyncio.wait_for(conn.close(), 2.0)
+
+    async def delete_topology(self) -> None:
+        """Delete the queue and the exchange (tests use unique names and clean up);
+        call before :meth:`stop`."""
+        if self._channel is not None and self._queue is not None:
+            with contextlib.suppress(*_LINK_ERRORS):
+                if self._tag is not None:
+                    tag, self._tag = self._tag, None
+                    await self._queue.cancel(tag)
+                await self._queue.delete(if_unused=False, if_empty=False)
+                await self._channel.exchange_delete(self.cfg.exchange)
