@@ -9,7 +9,6 @@ Unavailable with Max-Age (RFC 7252 §5.9.3.4); rejection as 4.00 Bad Request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from urllib.parse import urlsplit
 
@@ -30,7 +29,11 @@ DEFAULT_MAX_PAYLOAD = 256 * 1024
 
 
 class CoapUplink:
-    """Device-side CoAP uplink."""
+    """Device-side CoAP uplink: confirmable POST to ``<uri>/<device_id>``.
+
+    Bodies above one block go block-wise (Block1, done by aiocoap); the 2.04 response
+    carries the ingest's Ack, so every Ack is end-to-end.
+    """
 
     name = "coap"
     end_to_end = True
@@ -42,8 +45,12 @@ class CoapUplink:
         self._ctx: aiocoap.Context | None = None
 
     async def connect(self) -> None:
+        """Create the client context (binds a UDP socket; no handshake)."""
         if self._ctx is None:
-            self._ctx = await aiocoap.Context.create_client_context()
+            try:
+                self._ctx = await aiocoap.Context.create_client_context()
+            except OSError as exc:
+                raise TransportError(f"CoAP client socket: {exc}") from exc
 
     async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:
         if self._ctx is None:
@@ -54,8 +61,7 @@ class CoapUplink:
         try:
             resp = await asyncio.wait_for(req.response, timeout)
         except TimeoutError as exc:
-            with contextlib.suppress(Exception):
-                req.observation and req.observation.cancel()  # type: ignore[func-returns-value]
+            # wait_for cancelled the response future: aiocoap stops retransmitting
             raise TransportError(f"CoAP request timed out after {timeout:.1f}s",
                                  batch_id=batch_id) from exc
         except aiocoap.error.Error as exc:
@@ -102,7 +108,11 @@ class _IngestResource(aiocoap.resource.Resource):
         if len(path) > 1:
             return Message(code=Code.NOT_FOUND)
         device = path[0] if path and path[0] else None
-        ack = await self._handler(Incoming(bytes(request.payload), "coap", device))
+        try:
+            ack = await self._handler(Incoming(bytes(request.payload), "coap", device))
+        except Exception:  # a handler bug answers 5.00, it must not kill the server
+            log.exception("CoAP ingest handler failed")
+            return Message(code=Code.INTERNAL_SERVER_ERROR)
         return response_for(ack)
 
 
@@ -124,10 +134,12 @@ def response_for(ack: Ack) -> Message:
     return Message(code=Code.INTERNAL_SERVER_ERROR, payload=body)
 
 
-def _site(handler: IngestHandler) -> aiocoap.resource.Site:
+def _site(handler: IngestHandler, path: str = "ingest") -> aiocoap.resource.Site:
     site = aiocoap.resource.Site()
-    site.add_resource(("ingest",), _IngestResource(handler))
-    site.add_resource(("ingest",), _DeviceIngest(handler))
+    # /<path> (no channel identity) is a plain resource; /<path>/<device_id> goes to the
+    # PathCapable one (aiocoap keeps them apart: resources vs. sub-sites)
+    site.add_resource((path,), _IngestResource(handler))
+    site.add_resource((path,), _DeviceIngest(handler))
     return site
 
 
@@ -136,15 +148,18 @@ class CoapIngestServer:
 
     name = "coap"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 5683) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 5683, *,
+                 path: str = "ingest") -> None:
         self.host = host
         self.port = port
+        self.path = path.strip("/")
         self._ctx: aiocoap.Context | None = None
 
     async def start(self, handler: IngestHandler) -> None:
+        """Bind ``coap://host:port/<path>[/<device_id>]`` and serve until :meth:`stop`."""
         try:
             self._ctx = await aiocoap.Context.create_server_context(
-                _site(handler), bind=(self.host, self.port))
+                _site(handler, self.path), bind=(self.host, self.port))
         except OSError as exc:
             raise TransportError(f"cannot bind CoAP on {self.host}:{self.port}: {exc}",
                                  retriable=False) from exc
@@ -156,5 +171,6 @@ class CoapIngestServer:
 
 
 def parse_coap_uri(uri: str) -> tuple[str, int]:
+    """(host, port) of a ``coap://`` URI (default port 5683)."""
     u = urlsplit(uri)
     return (u.hostname or "127.0.0.1", u.port or 5683)

@@ -23,7 +23,7 @@ def make_batch(device_id: str, index: int, per_batch: int = 20,
     """Batch number ``index`` of ``device_id``: seqs ``index*per_batch+1 ..``."""
     first = index * per_batch + 1
     seqs = list(range(first, first + per_batch))
-    readings = [Reading(device_id, f"s{seq % sensors}", T0 + seq * 1000, 20.0 + (seq % 7) * 0.5,
+    readings = [Reading(device_id, f"s{seq % sensors}", T0 + seq * 1000, _noise(seq),
                         Priority.NORMAL, seq) for seq in seqs]
     chunk = seal_chunk(readings, "columnar-zstd")
     batch_id = f"{device_id}-{index:05d}"
@@ -66,3 +66,8 @@ async def send_until_acked(uplink: Uplink, batch_id: str, payload: bytes, *,
             if time.monotonic() > end:
                 raise
             await asyncio.sleep(0.05)
+
+
+def _noise(seq: int) -> float:
+    """A value that does not compress to nothing (so large batches need Block1)."""
+    return float((seq * 2654435761) % 1_000_003) / 997.0
