@@ -141,7 +141,9 @@ async def _control(args: argparse.Namespace) -> dict[str, Any]:
     return {"sent": body}
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None,
+                started: asyncio.Future[Coordinator] | None = None) -> int:
+    """Run the coordinator on MQTT until ``stop`` is set (default: SIGINT / SIGTERM)."""
     host, port = _broker(args.broker)
     store = open_store(args.store)
     await store.open()
@@ -154,17 +156,20 @@ async def _serve(args: argparse.Namespace) -> int:
     channel = MqttJobChannel(host, port, prefix=args.prefix, control=control)
     coord = holder["c"] = Coordinator(store=store, channel=channel, clock=WallClock(),
                                       metrics=metrics)
-    if args.metrics_port:
+    if args.metrics_port:  # pragma: no cover - binds a real port
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, registry=metrics.registry)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:  # pragma: no cover - the CLI process
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     try:
         async with coord:
             await coord.load_pending()
+            if started is not None:
+                started.set_result(coord)
             await stop.wait()
     finally:
         await store.close()
@@ -243,7 +248,7 @@ def main(argv: list[str]) -> int:
         if args.command == "dry-run":
             _print(_dry_run(args))
         elif args.command == "serve":
-            return asyncio.run(_serve(args))
+            return asyncio.run(serve(args))
         else:
             fn = {"status": _status, "add-devices": _add_devices, "add-group": _add_group,
                   "create-rollout": _create}.get(args.command, _control)

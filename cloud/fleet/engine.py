@@ -161,8 +161,8 @@ class Rollout:
 
     def _start_wave(self, now: float) -> None:
         prev = self.waves[-1].planned if self.waves else 0
-        planned = first_wave(self.n, self.plan) if not self.waves else next_wave(prev,
-                                                                                 self.plan)
+        planned = (first_wave(self.n, self.plan, self.spec.gate.min_executed)
+                   if not self.waves else next_wave(prev, self.plan))
         factor = self.pacer.factor(self.spec.max_notifications_per_min, now,
                                    self._mean_backlog())
         size = max(1, min(self.n - self.cursor, math.floor(planned * min(1.0, factor))))

@@ -105,10 +105,11 @@ def validate(spec: RolloutSpec) -> None:
                 raise ConfigError(f"rollout.windows[{i}].{part}", str(exc)) from exc
 
 
-def first_wave(n: int, plan: WavePlan) -> int:
-    """Size of the canary wave for a target of ``n`` devices."""
+def first_wave(n: int, plan: WavePlan, min_size: int = 1) -> int:
+    """Size of the canary wave for a target of ``n`` devices; at least ``min_size`` (the
+    gate's minimum of executed devices: a smaller canary could never pass on its own)."""
     size = plan.canary if plan.canary > 0 else math.ceil(n * plan.canary_pct / 100.0)
-    return max(1, min(n, size)) if n else 0
+    return max(1, min(n, max(size, min_size))) if n else 0
 
 
 def next_wave(prev_planned: int, plan: WavePlan) -> int:

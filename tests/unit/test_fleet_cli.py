@@ -1,0 +1,69 @@
+"""``pymigrate fleet`` commands that need no broker: dry-run, registry, rollouts, status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cloud.fleet.cli import build_parser, load_spec_file, main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    assert main(list(argv)) == 0
+    out: dict[str, object] = json.loads(capsys.readouterr().out)
+    return out
+
+
+def test_dry_run_prints_prediction(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[rollout]\nrollout_id = "fw-2"\nsoak_s = 60\n'
+                    "max_notifications_per_min = 2000\ndeadline_s = 3600\n"
+                    "[rollout.gate]\nmin_executed = 10\nsuccess_threshold = 0.9\n")
+    out = run(capsys, "dry-run", "--spec", str(spec), "--devices", "2000", "--failure", "0.02")
+    assert out["status"] == "completed"
+    assert out["peak_notifications_per_minute"] <= 2000  # type: ignore[operator]
+    plan = out["plan"]
+    assert isinstance(plan, dict) and plan["feasible_for_deadline"] is True
+    assert sum(plan["waves"]) == 2000
+    out = run(capsys, "dry-run", "--devices", "500", "--failure", "0.4")
+    assert out["status"] == "rolled_back" and out["gate_verdicts"] == ["failed"]
+
+
+def test_registry_rollout_and_status(capsys: pytest.CaptureFixture[str],
+                                     tmp_path: Path) -> None:
+    db = str(tmp_path / "fleet.db")
+    devs = tmp_path / "devices.jsonl"
+    devs.write_text("\n".join(json.dumps({"device_id": f"d{i}", "attrs": {
+        "region": "eu" if i % 2 else "us"}}) for i in range(6)) + "\n")
+    assert run(capsys, "add-devices", "--store", db, "--file", str(devs)) == {"added": 6}
+    devs2 = tmp_path / "more.json"
+    devs2.write_text(json.dumps([{"device_id": "x1"}]))
+    assert run(capsys, "add-devices", "--store", db, "--file", str(devs2)) == {"added": 1}
+    out = run(capsys, "add-group", "--store", db, "--name", "eu", "--select", "region=eu|eu-*")
+    assert out["group"]["selector"] == {"region": ["eu", "eu-*"]}  # type: ignore[index]
+    run(capsys, "add-group", "--store", db, "--name", "pair", "--members", "d0,d1")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"rollout_id": "cfg-7", "group": "eu",
+                                "document": {"content": "x = 1\n"}}))
+    assert run(capsys, "create-rollout", "--store", db, "--spec", str(spec)) == {
+        "created": "cfg-7", "status": "pending"}
+    out = run(capsys, "status", "--store", db)
+    assert out["fleet"]["devices"] == 7  # type: ignore[index]
+    assert out["rollouts"][0]["status"] == "pending"  # type: ignore[index]
+    out = run(capsys, "status", "--store", db, "--rollout", "other")
+    assert out["rollouts"] == []
+
+
+def test_errors_exit_nonzero_with_message(capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('rollout_id = "r"\n[plan]\ngrowth = 0.1\n')
+    assert main(["dry-run", "--spec", str(bad), "--devices", "10"]) == 1
+    assert "rollout.plan.growth" in capsys.readouterr().err
+    assert main(["add-devices", "--store", str(tmp_path / "f.db"),
+                 "--file", str(tmp_path / "missing.json")]) == 1
+    assert load_spec_file(str(bad))["rollout_id"] == "r"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pause"])  # --broker and --rollout are required
