@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from urllib.parse import urlsplit
 
 import aiocoap
@@ -52,7 +53,7 @@ class CoapUplink:
             except OSError as exc:
                 raise TransportError(f"CoAP client socket: {exc}") from exc
 
-    async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:
+    async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:  # noqa: ASYNC109
         if self._ctx is None:
             await self.connect()
         assert self._ctx is not None
@@ -127,7 +128,7 @@ def response_for(ack: Ack) -> Message:
         return Message(code=Code.CHANGED, payload=body)
     if ack.status == "throttled":
         m = Message(code=Code.SERVICE_UNAVAILABLE, payload=body)
-        m.opt.max_age = max(1, int(round(ack.retry_after_s)))
+        m.opt.max_age = max(1, math.ceil(ack.retry_after_s))  # never invite an early retry
         return m
     if ack.status == "rejected":
         return Message(code=Code.BAD_REQUEST, payload=body)
