@@ -1,0 +1,135 @@
+"""Idempotency state and dead letters in a small SQLite file, for stores without
+multi-statement transactions (InfluxDB, Timestream).
+
+:meth:`SqliteLedger.transaction` holds SQLite's write lock (``BEGIN IMMEDIATE``) for the
+whole batch: read the device's state, write to the time-series database, save the state,
+commit. Replicas on one host sharing the file serialize there like PostgreSQL's
+``FOR UPDATE``. The state is saved only after the database accepted the points, so a
+crash in between makes a resend write again; those stores overwrite the same series
+and timestamp, so that is harmless (idempotent) rather than a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiosqlite
+
+from cloud.dedup import IdempotencyState
+from cloud.stores.base import StoreUnavailable
+
+__all__ = ["LedgerTxn", "SqliteLedger"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency (
+  device_id TEXT PRIMARY KEY,
+  state BLOB NOT NULL,
+  updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  device_id TEXT,
+  batch_id TEXT,
+  reason TEXT NOT NULL,
+  payload BLOB,
+  received_ms INTEGER NOT NULL
+);
+"""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class LedgerTxn:
+    """One device's state inside a ledger transaction; ``save`` it to keep the change."""
+
+    def __init__(self, state: IdempotencyState) -> None:
+        self.state = state
+        self.saved: IdempotencyState | None = None
+
+    def save(self, state: IdempotencyState | None) -> None:
+        self.saved = state
+
+
+class SqliteLedger:
+    """Per-device idempotency state + dead-letter table in one SQLite file (WAL)."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.executescript(_SCHEMA)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("ledger is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def transaction(self, device_id: str) -> AsyncIterator[LedgerTxn]:
+        """Lock, load the device's state, yield it; commit a saved state on success."""
+        async with self._lock:
+            db = self.db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"idempotency ledger busy: {exc}") from exc
+            try:
+                txn = LedgerTxn(await self._load(device_id))
+                yield txn
+                if txn.saved is not None:
+                    await db.execute(
+                        "INSERT INTO idempotency (device_id, state, updated_ms) VALUES (?,?,?)"
+                        " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state,"
+                        " updated_ms = excluded.updated_ms",
+                        (device_id, txn.saved.to_bytes(), _now_ms()))
+                await db.execute("COMMIT")
+            except BaseException:
+                try:
+                    await db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
+
+    async def _load(self, device_id: str) -> IdempotencyState:
+        async with self.db.execute("SELECT state FROM idempotency WHERE device_id = ?",
+                                   (device_id,)) as cur:
+            row = await cur.fetchone()
+        return IdempotencyState() if row is None else IdempotencyState.from_bytes(row[0])
+
+    async def state(self, device_id: str) -> IdempotencyState:
+        async with self._lock:
+            return await self._load(device_id)
+
+    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
+                          payload: bytes) -> None:
+        async with self._lock:
+            await self.db.execute(
+                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"
+                " VALUES (?,?,?,?,?)", (device_id, batch_id, reason, payload, _now_ms()))
+
+    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        async with self.db.execute(
+                "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT ?",
+                (limit,)) as cur:
+            return [(str(a or ""), str(b or ""), str(c)) async for a, b, c in cur]
