@@ -17,6 +17,7 @@ import aiocoap
 import aiocoap.error
 import aiocoap.resource
 from aiocoap import Code, Message
+from aiocoap.numbers.constants import TransportTuning
 
 from pymigrate.envelope import decode_ack, encode_ack
 from pymigrate.errors import DecodeError, PayloadRejected, ThrottledError, TransportError
@@ -39,11 +40,14 @@ class CoapUplink:
     name = "coap"
     end_to_end = True
 
-    def __init__(self, uri: str, *, device_id: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, uri: str, *, device_id: str, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 ack_timeout_s: float = 2.0) -> None:
         self._base = uri.rstrip("/")
         self._device_id = device_id
         self.max_payload = max_payload
         self._ctx: aiocoap.Context | None = None
+        # RFC 7252 ACK_TIMEOUT (first retransmission; doubles each time): lower on LANs
+        self._tuning = type("CoapTuning", (TransportTuning,), {"ACK_TIMEOUT": ack_timeout_s})()
 
     async def connect(self) -> None:
         """Create the client context (binds a UDP socket; no handshake)."""
@@ -57,7 +61,8 @@ class CoapUplink:
         if self._ctx is None:
             await self.connect()
         assert self._ctx is not None
-        msg = Message(code=Code.POST, uri=f"{self._base}/{self._device_id}", payload=payload)
+        msg = Message(code=Code.POST, uri=f"{self._base}/{self._device_id}", payload=payload,
+                      transport_tuning=self._tuning)
         req = self._ctx.request(msg)
         try:
             resp = await asyncio.wait_for(req.response, timeout)
@@ -97,7 +102,7 @@ def _ack_from_response(resp: Message, batch_id: str) -> Ack:
     raise TransportError(f"CoAP ingest answered {code}", batch_id=batch_id)
 
 
-class _IngestResource(aiocoap.resource.Resource):
+class _IngestResource(aiocoap.resource.Resource):  # type: ignore[misc]
     """``/ingest`` (no channel identity) or, as a sub-site, ``/ingest/<device_id>``."""
 
     def __init__(self, handler: IngestHandler) -> None:
@@ -117,7 +122,7 @@ class _IngestResource(aiocoap.resource.Resource):
         return response_for(ack)
 
 
-class _DeviceIngest(_IngestResource, aiocoap.resource.PathCapable):
+class _DeviceIngest(_IngestResource, aiocoap.resource.PathCapable):  # type: ignore[misc]
     pass
 
 

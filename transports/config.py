@@ -109,9 +109,11 @@ class CoapConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="c
     port: int = 5683
     path: str = "ingest"
     max_payload: int = _MAX_PAYLOAD  # aiocoap sends larger bodies block-wise (Block1)
+    ack_timeout_s: float = 2.0  # RFC 7252 ACK_TIMEOUT: first retransmission of a CON
 
     def __post_init__(self) -> None:
         _check_port("coap", self.port)
+        _check_positive("coap", "ack_timeout_s", self.ack_timeout_s)
         if not self.path or "/" in self.path.strip("/"):
             raise ConfigError("uplink.coap.path", f"must be one path segment, got {self.path!r}")
         _check_positive("coap", "max_payload", self.max_payload)
