@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from agent.codec import open_chunk
-from cloud.dedup import GatewayDeduper
+from cloud.dedup import ConflictPolicy, ConflictResolver, GatewayDeduper
 from cloud.stores.base import Admission, Store, StoreRejected
 from pymigrate.clock import Clock, WallClock
 from pymigrate.envelope import DEFAULT_MAX_BYTES, decode_batch
@@ -50,9 +50,12 @@ class IngestService:
     def __init__(self, store: Store, *, clock: Clock | None = None,
                  max_batch_bytes: int = DEFAULT_MAX_BYTES,
                  limiter: Any | None = None,
-                 gateway: GatewayDeduper | None = None) -> None:
+                 gateway: GatewayDeduper | None = None,
+                 conflict_policy: ConflictPolicy | str | None = None) -> None:
         self.store = store
         self.gateway = gateway
+        # None: no in-batch conflict resolution (every distinct seq is stored)
+        self.conflicts = None if conflict_policy is None else ConflictResolver(conflict_policy)
         self.clock = clock or WallClock()
         self.max_batch_bytes = max_batch_bytes
         self.limiter = limiter  # object with .check(device_id) raising ThrottledError
@@ -94,7 +97,8 @@ class IngestService:
         except DecodeError as exc:
             await self._dead_letter(batch.device_id, batch.batch_id, exc.reason, inc.payload)
             return self._reject(exc.reason, t_recv, batch.batch_id, device=batch.device_id)
-        admit = self._gateway_admit if self.gateway is not None else None
+        admit = (self._admit if self.gateway is not None or self.conflicts is not None
+                 else None)
         try:
             result = await self.store.write(batch.device_id, batch.batch_id, readings,
                                             admit=admit)
@@ -119,9 +123,14 @@ class IngestService:
                    t_send_ms=self.clock.time_ms(), accepted=result.written,
                    duplicates=result.duplicates)
 
-    def _gateway_admit(self, fresh: list[Reading]) -> Admission:
-        """Store-side filter: classify a batch's new readings against other gateways."""
-        assert self.gateway is not None
+    def _admit(self, fresh: list[Reading]) -> Admission:
+        """Store-side filter over a batch's not-yet-stored readings (inside the write
+        transaction): same-instant conflicts within the batch, then other gateways."""
+        skip: list[Reading] = []
+        if self.conflicts is not None:
+            fresh, skip = self._resolve_conflicts(fresh)
+        if self.gateway is None:
+            return Admission(write=fresh, skip=skip, delete=[])
         res = self.gateway.offer(fresh)
         write = list(res.store)
         delete: list[tuple[str, int]] = []
@@ -130,8 +139,34 @@ class IngestService:
             delete.append((old.device_id, old.seq))
             write.append(new)  # the incoming copy, or (average) the merged stored one
         kept = {id(r) for r in write if id(r) in incoming}
-        skip = [r for r in fresh if id(r) not in kept]
+        skip.extend(r for r in fresh if id(r) not in kept)
         return Admission(write=write, skip=skip, delete=delete)
+
+    def _resolve_conflicts(self, rs: list[Reading]) -> tuple[list[Reading], list[Reading]]:
+        """Readings of one series at one instant within the batch: keep one (policy)."""
+        assert self.conflicts is not None
+        first: dict[tuple[str, int, str, str], int] = {}
+        merged: dict[int, tuple[Reading, int]] = {}  # index -> (kept reading, copies)
+        losers: list[Reading] = []
+        for i, r in enumerate(rs):
+            a = r.agg  # aggregates of different functions share sensor and instant
+            j = first.setdefault((r.sensor, r.ts_ms, a.rule, a.fn) if a else
+                                 (r.sensor, r.ts_ms, "", ""), i)
+            if j == i:
+                continue
+            kept, n = merged.get(j, (rs[j], 1))
+            res = self.conflicts.resolve(kept, r, count=n)
+            if res.action == "replace" and res.reading is r:
+                losers.append(kept)
+            else:
+                losers.append(r)
+            merged[j] = (res.reading, n + 1)
+        if not merged:
+            return rs, []
+        self.counters["conflicts_resolved"] += len(losers)
+        winners = set(first.values())
+        out = [merged[i][0] if i in merged else r for i, r in enumerate(rs) if i in winners]
+        return out, losers
 
     async def _dead_letter(self, device_id: str, batch_id: str, reason: str,
                            payload: bytes) -> None:

@@ -1,0 +1,223 @@
+"""Cloud ingest config: phase one parses and validates (frozen structs, errors name the
+key), phase two (:func:`build_store`, :func:`build_ingest`) creates the heavy objects.
+
+TOML (every key optional; defaults shown)::
+
+    [cloud]
+    store = "sqlite"              # sqlite | postgres | influx | timestream
+    listeners = ["coap"]          # coap | mqtt | amqp (transport settings: transports.config)
+    max_batch_bytes = 16777216
+
+    [cloud.sqlite]
+    path = "cloud.db"
+
+    [cloud.postgres]
+    dsn = "postgresql://postgres@127.0.0.1:5432/pymigrate"
+    schema = "public"
+    pool_min = 1
+    pool_max = 4
+    bulk = "copy"                 # copy | unnest
+    command_timeout_s = 30.0
+
+    [cloud.influx]
+    url = "http://127.0.0.1:8086"
+    version = 1                   # 1: /write?db=  2: /api/v2/write?org=&bucket=
+    db = "pymigrate"              # v1 database (rp optional)
+    token = ""                    # v2 (or v1 with auth): "Authorization: Token ..."
+    org = ""
+    bucket = ""                   # v2; defaults to db
+    ledger_path = "influx-ledger.db"
+
+    [cloud.timestream]
+    database = "pymigrate"
+    table = "readings"
+    region = "us-east-1"
+    ledger_path = "timestream-ledger.db"
+
+    [cloud.coap]
+    host = "0.0.0.0"
+    port = 5683
+
+    [cloud.dedup]
+    conflict_policy = "first"     # first | last | best_quality | average (same series+instant)
+    gateway_tolerance_ms = 0      # > 0 turns on redundant-gateway dedup
+    gateway_policy = "first"      # replacing policies need a SQL store (sqlite, postgres)
+
+    [cloud.rate_limit]
+    batches_per_s = 0.0           # per device; 0 = off
+    burst = 10
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from cloud.dedup import ConflictPolicy, GatewayDeduper
+from cloud.ratelimit import DeviceRateLimiter
+from cloud.stores.base import Store
+from pymigrate.clock import Clock
+from pymigrate.configload import convert
+from pymigrate.envelope import DEFAULT_MAX_BYTES
+from pymigrate.errors import ConfigError
+
+__all__ = ["CloudConfig", "CoapListener", "DedupSettings", "InfluxSettings",
+           "PostgresSettings", "RateLimitSettings", "SqliteSettings", "TimestreamSettings",
+           "build_ingest", "build_store", "parse_cloud_config"]
+
+
+
+class SqliteSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    path: str = "cloud.db"
+    busy_timeout_ms: int = 10_000
+
+
+class PostgresSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/pymigrate"
+    schema: str = "public"
+    pool_min: int = 1
+    pool_max: int = 4
+    bulk: Literal["copy", "unnest"] = "copy"
+    command_timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.pool_min <= self.pool_max:
+            raise ConfigError("cloud.postgres.pool_max", "need 1 <= pool_min <= pool_max")
+
+
+class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    url: str = "http://127.0.0.1:8086"
+    version: Literal[1, 2] = 1
+    db: str = "pymigrate"
+    rp: str = ""
+    token: str = ""
+    org: str = ""
+    bucket: str = ""
+    username: str = ""
+    password: str = ""
+    measurement: str = "readings"
+    ledger_path: str = "influx-ledger.db"
+    max_retries: int = 5
+    timeout_s: float = 10.0
+    max_lines: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.version == 2 and not (self.org and (self.bucket or self.db)):
+            raise ConfigError("cloud.influx.org", "InfluxDB 2 needs org and bucket")
+
+
+class TimestreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    database: str = "pymigrate"
+    table: str = "readings"
+    region: str = "us-east-1"
+    ledger_path: str = "timestream-ledger.db"
+    create: bool = False
+
+
+class CoapListener(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "0.0.0.0"
+    port: int = 5683
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("cloud.coap.port", f"must be in 1..65535, got {self.port}")
+
+
+class DedupSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    conflict_policy: ConflictPolicy = ConflictPolicy.FIRST
+    gateway_policy: ConflictPolicy = ConflictPolicy.FIRST
+    gateway_tolerance_ms: int = 0
+    gateway_match_values: bool = True
+    gateway_value_tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.gateway_tolerance_ms < 0:
+            raise ConfigError("cloud.dedup.gateway_tolerance_ms", "must be >= 0")
+
+
+class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    batches_per_s: float = 0.0
+    burst: int = 10
+
+    def __post_init__(self) -> None:
+        if self.batches_per_s < 0 or self.burst < 1:
+            raise ConfigError("cloud.rate_limit", "batches_per_s >= 0 and burst >= 1")
+
+
+class CloudConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything ``pymigrate cloud`` needs; see the module docstring for the TOML."""
+
+    store: Literal["sqlite", "postgres", "influx", "timestream"] = "sqlite"
+    sqlite: SqliteSettings = msgspec.field(default_factory=SqliteSettings)
+    postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
+    influx: InfluxSettings = msgspec.field(default_factory=InfluxSettings)
+    timestream: TimestreamSettings = msgspec.field(default_factory=TimestreamSettings)
+    listeners: list[Literal["coap", "mqtt", "amqp"]] = msgspec.field(
+        default_factory=lambda: ["coap"])
+    coap: CoapListener = msgspec.field(default_factory=CoapListener)
+    dedup: DedupSettings = msgspec.field(default_factory=DedupSettings)
+    max_batch_bytes: int = DEFAULT_MAX_BYTES
+    rate_limit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_bytes < 1024:
+            raise ConfigError("cloud.max_batch_bytes", "must be >= 1024")
+        if (self.store in ("influx", "timestream") and self.dedup.gateway_tolerance_ms
+                and self.dedup.gateway_policy is not ConflictPolicy.FIRST):
+            raise ConfigError("cloud.dedup.gateway_policy",
+                              f"{self.store} cannot delete a stored copy: use 'first'")
+
+
+def parse_cloud_config(data: dict[str, Any], *, section: str = "cloud") -> CloudConfig:
+    """Validate the ``[cloud]`` table; raises ConfigError naming the key."""
+    return convert(data, CloudConfig, section=section)
+
+
+def build_store(cfg: CloudConfig, *, clock: Clock | None = None) -> Store:
+    """The configured store, not yet opened."""
+    if cfg.store == "postgres":
+        from cloud.stores.postgres import PostgresStore
+
+        p = cfg.postgres
+        return PostgresStore(p.dsn, schema=p.schema, pool_min=p.pool_min, pool_max=p.pool_max,
+                             bulk=p.bulk, command_timeout_s=p.command_timeout_s,
+                             connect_timeout_s=p.connect_timeout_s)
+    if cfg.store == "influx":
+        from cloud.stores.influx import InfluxStore
+
+        i = cfg.influx
+        return InfluxStore(i.url, version=i.version, db=i.db, rp=i.rp, token=i.token,
+                           org=i.org, bucket=i.bucket, username=i.username,
+                           password=i.password, measurement=i.measurement,
+                           ledger_path=i.ledger_path, clock=clock, max_retries=i.max_retries,
+                           timeout_s=i.timeout_s, max_lines=i.max_lines)
+    if cfg.store == "timestream":
+        from cloud.stores.timestream import TimestreamStore
+
+        t = cfg.timestream
+        return TimestreamStore(t.database, t.table, region=t.region,
+                               ledger_path=t.ledger_path, create=t.create)
+    from cloud.stores.sqlite import SqliteStore
+
+    return SqliteStore(cfg.sqlite.path, busy_timeout_ms=cfg.sqlite.busy_timeout_ms)
+
+
+def build_ingest(cfg: CloudConfig, store: Store, *, clock: Clock | None = None) -> Any:
+    """An :class:`~cloud.ingest.IngestService` over ``store`` with the dedup and rate
+    limit settings applied."""
+    from cloud.ingest import IngestService
+
+    d = cfg.dedup
+    gateway = None
+    if d.gateway_tolerance_ms > 0:
+        gateway = GatewayDeduper(d.gateway_tolerance_ms, d.gateway_policy,
+                                 match_values=d.gateway_match_values,
+                                 value_tol=d.gateway_value_tol)
+    limiter = None
+    if cfg.rate_limit.batches_per_s > 0:
+        limiter = DeviceRateLimiter(cfg.rate_limit.batches_per_s, cfg.rate_limit.burst,
+                                    clock=clock)
+    return IngestService(store, clock=clock, max_batch_bytes=cfg.max_batch_bytes,
+                         limiter=limiter, gateway=gateway, conflict_policy=d.conflict_policy)
