@@ -318,10 +318,31 @@ class DurableBuffer:
             async with self._lock:
                 self._wake.clear()
                 self._kick.clear()
-                plan = self._grab()
+                plan, flush = self._grab()
+                try:
+                    self._build(plan, flush)
+                except Exception as exc:  # a reading the codec refuses: isolate its caller
+                    log.error("buffer.build_failed", error=repr(exc))
+                    await self._run_each(plan, flush)
+                    continue
                 await self._run(plan)
 
-    def _grab(self) -> _Plan:
+    async def _run_each(self, group: _Plan, flush: bool) -> None:
+        """Commit a group caller by caller, failing only the callers that cannot be built."""
+        for a in group.callers:
+            plan = _Plan(callers=[a])
+            try:
+                self._build(plan, False)
+            except Exception as exc:
+                if not a.fut.done():
+                    a.fut.set_exception(exc)
+                continue
+            await self._run(plan)
+        rest = _Plan(callers=[], states=group.states, waiters=group.waiters)
+        self._build(rest, flush)
+        await self._run(rest)
+
+    def _grab(self) -> tuple[_Plan, bool]:
         """Take the pending work of one group commit (up to commit_max_readings)."""
         callers: list[_Append] = []
         n = 0
@@ -338,8 +359,7 @@ class DurableBuffer:
         plan = _Plan(callers=callers, states=self._states, waiters=self._waiters)
         self._states, self._waiters = {}, []
         flush, self._flush_req = self._flush_req, False
-        self._build(plan, flush)
-        return plan
+        return plan, flush
 
     def _build(self, plan: _Plan, flush: bool) -> None:
         """Assign sequence numbers, grow open chunks, and seal what is full or due."""
@@ -398,8 +418,8 @@ class DurableBuffer:
                     need = max(plan.new_bytes, 4096) * (2 ** attempt)
                     if not await self._free_disk(need, plan.floor):
                         raise
-        except (sqlite3.Error, OSError) as exc:
-            err = BufferFull(f"cannot store readings: {exc}",
+        except Exception as exc:  # the writer must survive whatever one commit hits
+            err = BufferFull(f"cannot store readings: {exc!r}",
                              reason="disk_full" if _is_disk_full(exc) else "io_error")
             log.error("buffer.append_failed", error=str(exc), readings=sum(
                 len(a.readings) for a in plan.callers))
@@ -581,8 +601,8 @@ class DurableBuffer:
                 continue
             try:
                 await self._request()
-            except PyMigrateError as exc:
-                log.error("buffer.maintenance_failed", error=str(exc))
+            except Exception as exc:
+                log.error("buffer.maintenance_failed", error=repr(exc))
             nxt = self._next_deadline()
             if nxt is not None and nxt <= self._clock.monotonic():
                 await self._clock.sleep(1.0)  # could not make progress: do not spin

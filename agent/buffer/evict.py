@@ -16,7 +16,6 @@ import aiosqlite
 
 from agent.buffer.ledger import Effects, Ledger, Removed
 from agent.codec import ChunkCodec, open_chunk, seal_chunk
-from pymigrate.errors import PyMigrateError
 from pymigrate.types import Chunk, Priority, Reading
 
 Degrader = Callable[[list[Reading]], list[Reading]]
@@ -94,8 +93,8 @@ async def _degrade(db: aiosqlite.Connection, cid: int, fx: Effects, codec: Chunk
         if not compact:
             return 0
         new = seal_chunk(compact, codec)
-    except (PyMigrateError, ValueError, IndexError):
-        return 0  # not degradable (corrupt or refused): it will simply be evicted
+    except Exception:  # corrupt, or the degrader refused: the chunk is simply evicted
+        return 0
     saved = len(old.payload) - len(new.payload)
     if saved <= 0:
         return 0

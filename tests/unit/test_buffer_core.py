@@ -207,5 +207,7 @@ async def test_unencodable_reading_fails_only_its_caller(tmp_path: Path) -> None
             await within(t_bad)
         await within(t_state)
         assert [r.seq for r in good] == [1, 2, 3, 4, 5]
-        assert (await buf.append(readings(1)))[0].seq == 6  # the refused one took no number
+        nxt = asyncio.create_task(buf.append(readings(1)))
+        await clock.advance(0.1)
+        assert (await within(nxt))[0].seq == 6  # the refused one took no number
         assert await buf.get_state("k") == b"v"
