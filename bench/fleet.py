@@ -26,7 +26,8 @@ def spec_for(args: argparse.Namespace, rid: str) -> RolloutSpec:
         rollout_id=rid, plan=WavePlan(canary_pct=args.canary_pct, growth=args.growth),
         max_in_flight=args.max_in_flight, max_notifications_per_min=args.rate,
         device_timeout_s=420.0, max_retries=1, soak_s=args.soak_s, offline_wait_s=900.0,
-        gate=Gate(success_threshold=0.95, min_executed=20, on_fail="abort"))
+        gate=Gate(success_threshold=0.95, min_executed=20, on_fail="abort",
+                  advance_fraction=args.advance_fraction))
 
 
 def run_one(n: int, failure: float, args: argparse.Namespace, rid: str) -> dict[str, Any]:
@@ -45,6 +46,7 @@ def run_one(n: int, failure: float, args: argparse.Namespace, rid: str) -> dict[
     return {
         "status": res.status, "reason": res.reason,
         "simulated_minutes_to_complete": res.simulated_minutes_to_complete,
+        "simulated_minutes_to_last_update": res.simulated_minutes_to_last_update,
         "wall_seconds": round(wall, 2),
         "coordinator_peak_memory_bytes": coord,
         "bytes_per_device": round(coord / n, 1),
@@ -69,6 +71,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rollback-failure", type=float, default=0.30)
     p.add_argument("--offline", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--advance-fraction", type=float, default=1.0,
+                   help="gate: advance once this fraction of a wave executed (1.0: certain)")
     args = p.parse_args(argv)
     results: dict[str, Any] = {}
     for n in args.devices:

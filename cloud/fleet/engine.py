@@ -221,6 +221,10 @@ class Rollout:
                 return "fail"
             if executed >= g.min_executed and succ / sample >= g.success_threshold:
                 return "pass"
+            if (g.advance_fraction < 1.0 and executed >= g.min_executed
+                    and executed >= g.advance_fraction * sample
+                    and succ / executed >= g.success_threshold):
+                return "pass"
         if pending == 0 and not self.offline[w]:
             return "insufficient"
         return "wait"
@@ -232,7 +236,15 @@ class Rollout:
         self._check_done(now)
 
     def _evaluate(self, w: int, now: float) -> None:
-        if self.status != RUNNING or w != len(self.waves) - 1 or self.waves[w].gate != "open":
+        if self.status != RUNNING:
+            return
+        gate = self.waves[w].gate
+        if gate == "passed" and self.spec.gate.advance_fraction < 1.0:
+            # passed early on part of the wave: keep watching the rest of it
+            if self.gate_verdict(w) == "fail":
+                self._gate_failed(w, "fail", now)
+            return
+        if w != len(self.waves) - 1 or gate != "open":
             return
         verdict = self.gate_verdict(w)
         if verdict == "pass":
@@ -242,13 +254,16 @@ class Rollout:
             else:
                 self.effects.changed(self)
         elif verdict in ("fail", "insufficient"):
-            self.waves[w].gate = "failed"
-            self.reason = "gate_failed" if verdict == "fail" else "insufficient_evidence"
-            if self.spec.gate.on_fail == "abort" and verdict == "fail":
-                self.abort(now, reason=self.reason)
-            else:
-                self.status = PAUSED
-                self.effects.changed(self)
+            self._gate_failed(w, verdict, now)
+
+    def _gate_failed(self, w: int, verdict: str, now: float) -> None:
+        self.waves[w].gate = "failed"
+        self.reason = "gate_failed" if verdict == "fail" else "insufficient_evidence"
+        if self.spec.gate.on_fail == "abort" and verdict == "fail":
+            self.abort(now, reason=self.reason)
+        else:
+            self.status = PAUSED
+            self.effects.changed(self)
 
     def _check_done(self, now: float) -> None:
         if self.status == RUNNING and self.cursor >= self.n and self.waves \

@@ -30,6 +30,7 @@ from cloud.fleet.states import TERMINAL, DeviceState
 _START, _RESULT, _HEALTH, _ONLINE, _RB = range(5)
 _OK, _FAILS, _HANGS, _SICK = range(4)  # device behaviours
 _EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: simulated wall time starts here
+_DONE = frozenset(TERMINAL - {DeviceState.SKIPPED})
 
 
 class FleetModel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,6 +55,8 @@ class SimResult(msgspec.Struct):
     status: str
     reason: str
     simulated_minutes_to_complete: float
+    #: until the last device that was reached finished (excludes the offline wait)
+    simulated_minutes_to_last_update: float
     devices: int
     states: dict[str, int]
     waves: int
@@ -71,6 +74,7 @@ class _Effects:
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
         self.transitions = 0
+        self.last_done = 0.0
 
     def notify(self, rollout: Rollout, idx: int, op: str, attempt: int) -> None:
         self.sim._notified(rollout, idx, op, attempt)
@@ -78,6 +82,8 @@ class _Effects:
     def transition(self, rollout: Rollout, idx: int, src: int, dst: int, attempt: int,
                    reason: str, now: float) -> None:
         self.transitions += 1
+        if dst in _DONE:
+            self.last_done = now
 
     def changed(self, rollout: Rollout) -> None:
         pass
@@ -197,6 +203,8 @@ class Simulation:
         return SimResult(
             status=r.status, reason=r.reason,
             simulated_minutes_to_complete=round((end - start) / 60.0, 2),
+            simulated_minutes_to_last_update=round(
+                (max(self.effects.last_done, start) - start) / 60.0, 2),
             devices=r.n, states=prog["states"],  # type: ignore[arg-type]
             waves=len(r.waves), wave_sizes=[w.end - w.start for w in r.waves],
             gate_verdicts=[w.gate for w in r.waves], rollback_waves=len(r.rb_waves),

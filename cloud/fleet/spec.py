@@ -33,6 +33,11 @@ class Gate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     on_fail: Literal["pause", "abort"] = "abort"
     max_error_rate: float = 0.05
     max_lag_s: float = 0.0  # 0 = not checked
+    #: 1.0: advance only when the outcome is certain (even if every pending device failed
+    #: the wave would pass). Below 1.0: also advance once this fraction of the wave has
+    #: executed at the threshold; a passed wave stays watched and fails the rollout if
+    #: it can no longer reach the threshold.
+    advance_fraction: float = 1.0
 
 
 class Pacing(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -88,6 +93,7 @@ def validate(spec: RolloutSpec) -> None:
         ("plan.growth", spec.plan.growth >= 1.0, "must be >= 1"),
         ("plan.canary_pct", 0 < spec.plan.canary_pct <= 100, "must be in (0, 100]"),
         ("gate.success_threshold", 0 <= spec.gate.success_threshold <= 1, "must be in [0, 1]"),
+        ("gate.advance_fraction", 0 < spec.gate.advance_fraction <= 1, "must be in (0, 1]"),
         ("max_in_flight", spec.max_in_flight >= 1, "must be >= 1"),
         ("max_notifications_per_min", spec.max_notifications_per_min >= 1, "must be >= 1"),
         ("device_timeout_s", spec.device_timeout_s > 0, "must be > 0"),

@@ -354,3 +354,49 @@ def test_next_deadline_is_infinite_when_only_events_can_help() -> None:
     assert r.in_flight == 3
     assert r._next_dispatch == math.inf  # nothing queued: no dispatch timer
     assert r.next_deadline() == pytest.approx(T0 + 1e9, rel=1e-3)  # only the timeouts
+
+
+def test_advance_fraction_starts_next_wave_early_and_keeps_watching() -> None:
+    # half of the canary is fast, half slow: with advance_fraction=0.5 the next wave
+    # starts once the fast half passed, without waiting for the slow half
+    f = Scripted(60)
+    f.dur = 60
+    slow = set(range(5, 10))
+    orig = f.notify
+
+    def notify(rollout, idx, op, attempt):  # type: ignore[no-untyped-def]
+        if idx in slow and op == "apply":
+            f.sent.append((f.now, idx, op, attempt))
+            f.push(f.now + 1, "start", idx, attempt)
+            f.push(f.now + 1000, "ok", idx, attempt)
+            return
+        orig(rollout, idx, op, attempt)
+
+    f.notify = notify  # type: ignore[method-assign]
+    r = f.start(spec(plan=WavePlan(canary=10), soak_s=10, device_timeout_s=2000,
+                     gate=Gate(success_threshold=0.9, min_executed=5, advance_fraction=0.5)))
+    f.run(until=T0 + 200)
+    assert r.waves[0].gate == "passed" and len(r.waves) >= 2
+    f.run()
+    assert r.status == "completed"
+
+
+def test_early_passed_wave_that_degrades_aborts_the_rollout() -> None:
+    # the slow half of the canary fails after the wave already passed on its fast half
+    f = Scripted(60, behaviour=lambda i: "fail" if 5 <= i < 10 else "ok")
+    f.dur = 60
+    orig = f.notify
+
+    def notify(rollout, idx, op, attempt):  # type: ignore[no-untyped-def]
+        if 5 <= idx < 10 and op == "apply":
+            f.sent.append((f.now, idx, op, attempt))
+            f.push(f.now + 500, "fail", idx, attempt)
+            return
+        orig(rollout, idx, op, attempt)
+
+    f.notify = notify  # type: ignore[method-assign]
+    r = f.start(spec(plan=WavePlan(canary=10), soak_s=10, max_retries=0,
+                     gate=Gate(success_threshold=0.9, min_executed=5, advance_fraction=0.5)))
+    f.run()
+    assert r.waves[0].gate == "failed" and len(r.waves) >= 2
+    assert r.status == "rolled_back" and r.reason == "gate_failed"
