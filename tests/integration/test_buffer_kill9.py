@@ -46,8 +46,8 @@ async def test_no_accepted_reading_lost_across_kill9(tmp_path: Path) -> None:
     accepted: dict[str, list[int]] = {}
     for run in range(KILLS):
         for line in _run_and_kill(db, run, rnd, tmp_path / "child.log"):
-            dev, _prio, *seqs = line.split()
-            accepted.setdefault(dev, []).extend(int(s) for s in seqs)
+            dev, _prio, *fields = line.split()
+            accepted.setdefault(dev, []).extend(int(f) for f in fields)
     for dev, seqs in accepted.items():
         assert len(seqs) == len(set(seqs)), f"{dev}: a sequence number was handed out twice"
     assert sum(len(v) for v in accepted.values()) > 500  # the test did exercise the buffer
