@@ -19,9 +19,10 @@ T0 = 1_767_225_600_000
 
 
 def make_batch(device_id: str, index: int, per_batch: int = 20,
-               sensors: int = 2) -> tuple[str, bytes, list[int]]:
-    """Batch number ``index`` of ``device_id``: seqs ``index*per_batch+1 ..``."""
-    first = index * per_batch + 1
+               sensors: int = 2, first_seq: int | None = None) -> tuple[str, bytes, list[int]]:
+    """Batch number ``index`` of ``device_id``: seqs ``index*per_batch+1 ..`` (or from
+    ``first_seq``)."""
+    first = index * per_batch + 1 if first_seq is None else first_seq
     seqs = list(range(first, first + per_batch))
     readings = [Reading(device_id, f"s{seq % sensors}", T0 + seq * 1000, _noise(seq),
                         Priority.NORMAL, seq) for seq in seqs]
@@ -71,3 +72,15 @@ async def send_until_acked(uplink: Uplink, batch_id: str, payload: bytes, *,
 def _noise(seq: int) -> float:
     """A value that does not compress to nothing (so large batches need Block1)."""
     return float((seq * 2654435761) % 1_000_003) / 997.0
+
+
+def plan_batches(device_id: str, n: int, *, big_every: int = 0, small: int = 20,
+                 big: int = 1500) -> list[tuple[str, bytes, list[int]]]:
+    """``n`` consecutive batches (contiguous seqs); every ``big_every``-th is large."""
+    out = []
+    seq = 1
+    for i in range(n):
+        per = big if big_every and i % big_every == 0 else small
+        out.append(make_batch(device_id, i, per_batch=per, first_seq=seq))
+        seq += per
+    return out
