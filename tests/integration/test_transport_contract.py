@@ -89,7 +89,7 @@ async def rig(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator
 
 
 async def _device(rig: Rig, device: str, batches: int, *, big_every: int = 0,
-                  timeout: float = 2.0) -> tuple[list[str], list[str]]:
+                  timeout: float = 2.0) -> tuple[list[str], list[str]]:  # noqa: ASYNC109
     """Send ``batches`` batches one after another; return (acked batch ids, errors seen)."""
     up = rig.uplink(device)
     acked: list[str] = []

@@ -39,7 +39,7 @@ class RecordingStore(SqliteStore):
         super().__init__(path)
         self.writes: dict[str, list[list[int]]] = {}
 
-    async def write(self, device_id: str, batch_id: str,  # type: ignore[override]
+    async def write(self, device_id: str, batch_id: str,
                     readings: Sequence[Reading], **kw: object) -> WriteResult:
         res = await super().write(device_id, batch_id, readings)
         if res.written:
@@ -48,7 +48,7 @@ class RecordingStore(SqliteStore):
 
 
 async def send_until_acked(uplink: Uplink, batch_id: str, payload: bytes, *,
-                           timeout: float = 3.0, deadline_s: float = 40.0,
+                           timeout: float = 3.0, deadline_s: float = 40.0,  # noqa: ASYNC109
                            errors: list[str] | None = None) -> Ack:
     """Send like an uploader does: retry on TransportError/throttle until acked."""
     end = time.monotonic() + deadline_s
