@@ -21,9 +21,9 @@ same device serialize here), only readings whose seq the state does not contain 
 written, in bulk (``COPY`` into a per-connection temporary staging table, then one
 ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``; or one ``INSERT ... SELECT FROM
 unnest($arrays)``, setting ``bulk``), then the new state is saved and the transaction
-commits. Data errors (SQLSTATE classes 22 and 23) raise
-:class:`~cloud.stores.base.StoreRejected`; everything else (refused connection, killed
-backend, timeout) raises :class:`~cloud.stores.base.StoreUnavailable`; the pool
+commits. Data errors (SQLSTATE classes 22 and 23, or a value asyncpg cannot encode
+for its column) raise :class:`~cloud.stores.base.StoreRejected`; everything else
+(refused connection, killed backend, timeout) raises :class:`~cloud.stores.base.StoreUnavailable`; the pool
 reconnects by itself when the server is back.
 """
 
@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
+from asyncpg.exceptions._base import DataError as _ClientDataError
 
 from cloud.dedup import IdempotencyState
 from cloud.stores.base import (
@@ -259,6 +260,10 @@ class PostgresStore:
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise StoreRejected(f"PostgreSQL refused the data: {exc}",
                                 reason=f"pg_{exc.sqlstate}") from exc
+        except (_ClientDataError, OverflowError, UnicodeEncodeError) as exc:
+            # asyncpg could not encode a value for its column (e.g. int32 overflow)
+            raise StoreRejected(f"value does not fit its column: {exc}",
+                                reason="pg_encode") from exc
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"PostgreSQL write failed: {type(exc).__name__}: {exc}",
                                    batch_id=batch_id) from exc
