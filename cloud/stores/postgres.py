@@ -23,8 +23,9 @@ written, in bulk (``COPY`` into a per-connection temporary staging table, then o
 unnest($arrays)``, setting ``bulk``), then the new state is saved and the transaction
 commits. Data errors (SQLSTATE classes 22 and 23, or a value asyncpg cannot encode
 for its column) raise :class:`~cloud.stores.base.StoreRejected`; everything else
-(refused connection, killed backend, timeout) raises :class:`~cloud.stores.base.StoreUnavailable`; the pool
-reconnects by itself when the server is back.
+(refused connection, killed backend, timeout) raises
+:class:`~cloud.stores.base.StoreUnavailable`; the pool reconnects by itself when the
+server is back.
 """
 
 from __future__ import annotations
