@@ -177,3 +177,15 @@ async def test_failing_degrader_means_plain_eviction(tmp_path: Path) -> None:
         s = buf.stats()
         assert s.degraded == 0 and s.evicted.get("budget:low", 0) > 0
         assert s.payload_bytes <= BUDGET
+
+
+def test_disk_full_recognised_from_sqlite_and_os_errors() -> None:
+    import errno
+    import sqlite3
+
+    from agent.buffer.durable import _is_disk_full
+
+    assert _is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not _is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert _is_disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert not _is_disk_full(sqlite3.OperationalError("database is locked"))
