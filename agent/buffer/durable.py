@@ -222,7 +222,9 @@ class DurableBuffer:
             step = self._cfg.chunk_max_readings
             plan.seal.extend(seal_chunk(rs[i:i + step], self._codec)
                              for i in range(0, len(rs), step))
-            plan.next_seq[key[0]] = max(self._next_seq.get(key[0], 1), rs[-1].seq + 1)
+            dev = key[0]
+            plan.next_seq[dev] = max(plan.next_seq.get(dev, 1), self._next_seq.get(dev, 1),
+                                     rs[-1].seq + 1)
         await self._commit_plan(plan, clear_all_staging=True)
         self._next_seq.update(plan.next_seq)
         log.info("buffer.staging_recovered", chunks=len(plan.seal),
