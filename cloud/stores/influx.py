@@ -210,6 +210,8 @@ class InfluxStore:
         db = self.db if self.version == 1 else self.bucket
         data = await self._request("GET", "/query", {"db": db, "q": q, "epoch": "ms"})
         doc = json.loads(data)
+        if "error" in doc:
+            raise StoreUnavailable(f"InfluxQL error: {doc['error']}")
         results = doc.get("results") or [{}]
         if "error" in results[0]:
             raise StoreUnavailable(f"InfluxQL error: {results[0]['error']}")
