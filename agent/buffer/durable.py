@@ -75,6 +75,15 @@ class _Plan:
         return sum(len(c.payload) for c in self.seal) + sum(len(b) for _, b in self.stage)
 
 
+class _Corrupt(sqlite3.DatabaseError):
+    """The file opened but failed its integrity check."""
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    return isinstance(exc, _Corrupt) or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
@@ -141,6 +150,8 @@ class DurableBuffer:
         try:
             self._db = await self._connect()
         except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise  # locked, permissions, I/O: not a reason to move the file aside
             fresh = True
             await self._recover(exc)
             self._db = await self._connect()
@@ -163,7 +174,7 @@ class DurableBuffer:
             await db.executescript(schema.SCHEMA)
             rows = list(await db.execute_fetchall("PRAGMA quick_check"))
             if [tuple(r) for r in rows] != [("ok",)]:
-                raise sqlite3.DatabaseError(f"integrity check failed: {rows[:3]}")
+                raise _Corrupt(f"integrity check failed: {[tuple(r) for r in rows[:3]]}")
             await db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
         except BaseException:
             await db.close()
@@ -234,9 +245,9 @@ class DurableBuffer:
         """Seal open chunks, stop the background tasks and close the database."""
         if self._db is None:
             return
+        self._closing = True  # refuse new appends; what is pending gets committed
         with contextlib.suppress(PyMigrateError):
             await self.flush()
-        self._closing = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

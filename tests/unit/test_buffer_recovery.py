@@ -156,3 +156,18 @@ def test_sidecar_ignores_garbage(tmp_path: Path) -> None:
     sc.write({"a": 5})
     assert sc.read() == {"a": 5}
     assert os.listdir(tmp_path) == ["x.db.seq"]
+
+
+async def test_unopenable_but_not_corrupt_is_not_moved_aside(tmp_path: Path) -> None:
+    import pytest
+
+    from agent.buffer import DurableBuffer
+    from pymigrate.clock import VirtualClock
+    from tests.unit.buffer_helpers import config
+
+    db = tmp_path / "b.db"
+    db.mkdir()  # cannot be opened as a file: an environment problem, not corruption
+    buf = DurableBuffer(config(db), clock=VirtualClock())
+    with pytest.raises(sqlite3.OperationalError):
+        await buf.open()
+    assert _aside_files(tmp_path) == [] and db.is_dir()
