@@ -256,6 +256,10 @@ class DurableBuffer:
             if not a.fut.done():
                 a.fut.set_exception(BufferFull("buffer closed", reason="closed"))
         self._pending.clear()
+        for w in self._waiters:
+            if not w.done():
+                w.set_exception(BufferFull("buffer closed", reason="closed"))
+        self._waiters.clear()
         db, self._db = self._db, None
         with contextlib.suppress(sqlite3.Error):
             await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
