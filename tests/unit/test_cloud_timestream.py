@@ -96,7 +96,7 @@ class StubQuery:
         assert name == "query"
         return self
 
-    def paginate(self, QueryString: str) -> list[dict[str, Any]]:  # noqa: N803
+    def paginate(self, QueryString: str) -> list[dict[str, Any]]:
         self.sql.append(QueryString)
         return self.pages
 
