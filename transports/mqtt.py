@@ -96,8 +96,48 @@ class _Connection:
         self.dead = False  # the link is gone (reader saw the disconnect) or closing
         self._closing = False
 
+    def _watch_refusal(self) -> asyncio.Future[str]:
+        """A future set when the socket drops before CONNACK.
+
+        aiomqtt ignores a disconnect before CONNACK and keeps waiting for the timeout
+        (e.g. when a TLS 1.3 broker refuses our certificate with an alert after our side
+        of the handshake). paho's ``on_disconnect`` still fires: chain onto it.
+        """
+        loop = asyncio.get_running_loop()
+        refused: asyncio.Future[str] = loop.create_future()
+        paho = getattr(self.client, "_client", None)
+        inner = getattr(paho, "on_disconnect", None)
+        if paho is None or inner is None:
+            return refused
+
+        def on_disconnect(*args: object) -> None:
+            def note() -> None:
+                if not refused.done():
+                    refused.set_result(str(args[3]) if len(args) > 3 else "disconnected")
+            loop.call_soon_threadsafe(note)
+            inner(*args)
+        paho.on_disconnect = on_disconnect
+        return refused
+
     async def open(self, timeout: float) -> None:  # noqa: ASYNC109
-        await asyncio.wait_for(self.client.__aenter__(), timeout)
+        refused = self._watch_refusal()
+        enter = asyncio.ensure_future(self.client.__aenter__())
+        try:
+            done, _ = await asyncio.wait((enter, refused), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not refused.done():
+                refused.cancel()
+        if enter in done:
+            enter.result()
+            return
+        enter.cancel()
+        with contextlib.suppress(BaseException):
+            await enter
+        if refused in done and not refused.cancelled():
+            raise aiomqtt.MqttError(f"connection closed by the broker before CONNACK "
+                                    f"({refused.result()})")
+        raise TimeoutError
 
     async def close(self, *, grace_s: float = 1.0) -> None:
         """Disconnect; if the peer does not answer within ``grace_s``, drop the socket."""
@@ -115,6 +155,21 @@ class _Connection:
             # half-open link: stop waiting for DISCONNECT to be answered
             with contextlib.suppress(Exception):
                 self.client._client._sock_close()
+
+
+def _connect_error(cfg: MqttConfig, exc: BaseException, *, device: str) -> TransportError:
+    """Classify a failed connect. A broker certificate we do not trust cannot be fixed by
+    retrying (``retriable=False``, reason ``tls``); a refused CONNECT with a bad
+    username/password or "not authorized" neither (reason ``auth``); the rest is a link."""
+    text = str(exc) or type(exc).__name__
+    where = f"MQTT connect to {cfg.host}:{cfg.port} failed: {text}"
+    # aiomqtt re-raises socket/TLS errors as MqttError(str(exc)): the text is all there is
+    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return TransportError(where, reason="tls", retriable=False, device=device)
+    rc = getattr(exc, "rc", None)
+    if rc is not None and str(rc).lower() in ("not authorized", "bad user name or password"):
+        return TransportError(where, reason="auth", retriable=False, device=device)
+    return TransportError(where, device=device)
 
 
 def _props(msg: aiomqtt.Message, name: str) -> object:
@@ -157,9 +212,7 @@ class MqttUplink:
                     await conn.client.subscribe(self._ack, qos=1, timeout=timeout)
             except (aiomqtt.MqttError, OSError, TimeoutError, ssl.SSLError) as exc:
                 await conn.close(grace_s=0.2)
-                raise TransportError(f"MQTT connect to {self.cfg.host}:{self.cfg.port} "
-                                     f"failed: {exc or type(exc).__name__}",
-                                     device=self.device_id) from exc
+                raise _connect_error(self.cfg, exc, device=self.device_id) from exc
             conn.reader = asyncio.create_task(self._read(conn), name=f"mqtt[{self.device_id}]")
             self._conn = conn
             return conn
@@ -285,8 +338,7 @@ class MqttIngestServer:
             await conn.client.subscribe(self.subscription, qos=1)
         except (aiomqtt.MqttError, OSError, TimeoutError, ssl.SSLError) as exc:
             await conn.close(grace_s=0.2)
-            raise TransportError(f"MQTT ingest cannot subscribe on {self.cfg.host}:"
-                                 f"{self.cfg.port}: {exc or type(exc).__name__}") from exc
+            raise _connect_error(self.cfg, exc, device="") from exc
         self._conn = conn
         self._ready.set()
         return conn
