@@ -17,7 +17,6 @@ import sqlite3
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,51 +27,17 @@ import structlog
 from agent.buffer import evict, schema
 from agent.buffer.config import BufferConfig
 from agent.buffer.ledger import Effects, Key, Ledger, Removed
+from agent.buffer.plan import Append, OpenChunk, Plan, build_plan, write_plan
 from agent.buffer.types import BufferStats, StoredChunk
 from agent.codec import codec_by_id, codec_by_name, seal_chunk
 from pymigrate.clock import Clock
 from pymigrate.errors import BufferFull, PyMigrateError
-from pymigrate.types import Chunk, Priority, Reading
+from pymigrate.types import Priority, Reading
 
 log = structlog.get_logger("agent.buffer")
 
 EventSink = Callable[[str, dict[str, Any]], None]
 _DISK_FULL_RETRIES = 8
-
-
-@dataclass(slots=True)
-class _Open:
-    """The open chunk of one (device, priority): committed readings not yet sealed."""
-
-    readings: list[Reading]
-    deadline: float  # monotonic time at which it is sealed by age
-
-
-@dataclass(slots=True)
-class _Append:
-    readings: Sequence[Reading]
-    fut: asyncio.Future[list[Reading]]
-    since: float  # monotonic arrival time: its group commit is due at since + window
-
-
-@dataclass
-class _Plan:
-    """One group commit worked out in memory before touching the database."""
-
-    callers: list[_Append]
-    results: list[list[Reading]] = field(default_factory=list)
-    next_seq: dict[str, int] = field(default_factory=dict)
-    new_open: dict[Key, _Open | None] = field(default_factory=dict)
-    seal: list[Chunk] = field(default_factory=list)
-    clear_staging: set[Key] = field(default_factory=set)
-    stage: list[tuple[Key, bytes]] = field(default_factory=list)
-    states: dict[str, bytes] = field(default_factory=dict)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    floor: int = len(Priority)  # most important priority among new data (4 = none)
-
-    @property
-    def new_bytes(self) -> int:
-        return sum(len(c.payload) for c in self.seal) + sum(len(b) for _, b in self.stage)
 
 
 class _Corrupt(sqlite3.DatabaseError):
@@ -126,8 +91,8 @@ class DurableBuffer:
         self._ledger = Ledger()
         self._next_seq: dict[str, int] = {}
         self._reserved: dict[str, int] = {}
-        self._open: dict[Key, _Open] = {}
-        self._pending: deque[_Append] = deque()
+        self._open: dict[Key, OpenChunk] = {}
+        self._pending: deque[Append] = deque()
         self._pending_n = 0
         self._first_pending = 0.0
         self._states: dict[str, bytes] = {}
@@ -227,7 +192,7 @@ class DurableBuffer:
             by_key.setdefault((str(dev), int(prio)), []).extend(rs)
         if not by_key and not await db.execute_fetchall("SELECT 1 FROM staging LIMIT 1"):
             return
-        plan = _Plan(callers=[])
+        plan = Plan(callers=[])
         for key, rs in by_key.items():
             rs.sort(key=lambda r: r.seq)
             step = self._cfg.chunk_max_readings
@@ -286,7 +251,7 @@ class DurableBuffer:
         fut: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._first_pending = self._clock.monotonic()
-        self._pending.append(_Append(readings, fut, self._clock.monotonic()))
+        self._pending.append(Append(readings, fut, self._clock.monotonic()))
         self._pending_n += len(readings)
         self._wake.set()
         if self._pending_n >= self._cfg.commit_max_readings:
@@ -344,10 +309,10 @@ class DurableBuffer:
                     continue
                 await self._run(plan)
 
-    async def _run_each(self, group: _Plan, flush: bool) -> None:
+    async def _run_each(self, group: Plan, flush: bool) -> None:
         """Commit a group caller by caller, failing only the callers that cannot be built."""
         for a in group.callers:
-            plan = _Plan(callers=[a])
+            plan = Plan(callers=[a])
             try:
                 self._build(plan, False)
             except Exception as exc:
@@ -355,13 +320,13 @@ class DurableBuffer:
                     a.fut.set_exception(exc)
                 continue
             await self._run(plan)
-        rest = _Plan(callers=[], states=group.states, waiters=group.waiters)
+        rest = Plan(callers=[], states=group.states, waiters=group.waiters)
         self._build(rest, flush)
         await self._run(rest)
 
-    def _grab(self) -> tuple[_Plan, bool]:
+    def _grab(self) -> tuple[Plan, bool]:
         """Take the pending work of one group commit (up to commit_max_readings)."""
-        callers: list[_Append] = []
+        callers: list[Append] = []
         n = 0
         while self._pending and (not callers or n < self._cfg.commit_max_readings):
             a = self._pending.popleft()
@@ -373,55 +338,17 @@ class DurableBuffer:
             self._wake.set()
             if self._pending_n >= self._cfg.commit_max_readings:
                 self._kick.set()
-        plan = _Plan(callers=callers, states=self._states, waiters=self._waiters)
+        plan = Plan(callers=callers, states=self._states, waiters=self._waiters)
         self._states, self._waiters = {}, []
         flush, self._flush_req = self._flush_req, False
         return plan, flush
 
-    def _build(self, plan: _Plan, flush: bool) -> None:
-        """Assign sequence numbers, grow open chunks, and seal what is full or due."""
-        now = self._clock.monotonic()
-        age = self._cfg.chunk_max_age_s
-        cmax = self._cfg.chunk_max_readings
-        replace = msgspec.structs.replace
-        counters = plan.next_seq
-        fresh: dict[Key, list[Reading]] = {}
-        for a in plan.callers:
-            out: list[Reading] = []
-            for r in a.readings:
-                dev = r.device_id
-                n = counters.get(dev) or self._next_seq.get(dev, 1)
-                counters[dev] = n + 1
-                r2 = replace(r, seq=n)
-                out.append(r2)
-                fresh.setdefault((dev, int(r.priority)), []).append(r2)
-            plan.results.append(out)
-        for key, new in fresh.items():
-            plan.floor = min(plan.floor, key[1])
-            cur = self._open.get(key)
-            buf = [*cur.readings, *new] if cur else list(new)
-            deadline = cur.deadline if cur else now + age
-            staged_from = len(buf) - len(new)
-            if len(buf) >= cmax:
-                whole = len(buf) - len(buf) % cmax
-                plan.seal.extend(seal_chunk(buf[i:i + cmax], self._codec)
-                                 for i in range(0, whole, cmax))
-                buf = buf[whole:]
-                plan.clear_staging.add(key)
-                staged_from, deadline = 0, now + age
-            if buf[staged_from:]:
-                plan.stage.append((key, self._codec.encode(buf[staged_from:])))
-            plan.new_open[key] = _Open(buf, deadline) if buf else None
-        for key in [*self._open, *(k for k in plan.new_open if k not in self._open)]:
-            op = plan.new_open[key] if key in plan.new_open else self._open[key]
-            if op is not None and (flush or op.deadline <= now):
-                plan.seal.append(seal_chunk(op.readings, self._codec))
-                plan.floor = min(plan.floor, key[1])
-                plan.clear_staging.add(key)
-                plan.stage = [(k, b) for k, b in plan.stage if k != key]
-                plan.new_open[key] = None
+    def _build(self, plan: Plan, flush: bool) -> None:
+        build_plan(plan, self._open, self._next_seq, now=self._clock.monotonic(),
+                   max_age_s=self._cfg.chunk_max_age_s, max_readings=self._cfg.chunk_max_readings,
+                   codec=self._codec, flush=flush)
 
-    async def _run(self, plan: _Plan) -> None:
+    async def _run(self, plan: Plan) -> None:
         """Commit a plan, making room on a full disk; settle its waiters."""
         try:
             await self._reserve(plan.next_seq)
@@ -473,45 +400,12 @@ class DurableBuffer:
         await asyncio.to_thread(self._sidecar.write, marks)
         self._reserved = marks
 
-    async def _commit_plan(self, plan: _Plan, *, clear_all_staging: bool = False) -> None:
+    async def _commit_plan(self, plan: Plan, *, clear_all_staging: bool = False) -> None:
         now_ms = self._clock.time_ms()
 
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
-            if clear_all_staging:
-                await db.execute("DELETE FROM staging")
-                fx.staging.update(dict.fromkeys(self._ledger.staging, 0))
-            if plan.clear_staging:
-                await db.executemany("DELETE FROM staging WHERE device_id = ? AND priority = ?",
-                                     list(plan.clear_staging))
-                fx.staging.update(dict.fromkeys(plan.clear_staging, 0))
-            if plan.seal:
-                await db.executemany(
-                    "INSERT INTO chunks (device_id, priority, seq_first, seq_last, count, "
-                    "ts_first, ts_last, codec, checksum, nbytes, created_ms, payload) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [(c.device_id, int(c.priority), c.seq_first, c.seq_last, c.count,
-                      c.ts_first, c.ts_last, c.codec, c.checksum, len(c.payload), now_ms,
-                      c.payload) for c in plan.seal])
-                fx.inserted.extend((int(c.priority), len(c.payload), c.count)
-                                   for c in plan.seal)
-            if plan.stage:
-                await db.executemany(
-                    "INSERT INTO staging (device_id, priority, codec, checksum, payload) "
-                    "VALUES (?,?,?,?,?)",
-                    [(k[0], k[1], self._codec.codec_id, zlib.crc32(b), b)
-                     for k, b in plan.stage])
-                for k, b in plan.stage:
-                    base = fx.staging.get(k, self._ledger.staging.get(k, 0))
-                    fx.staging[k] = base + len(b)
-            if plan.next_seq:
-                await db.executemany(
-                    "INSERT INTO seqs (device_id, next_seq) VALUES (?, ?) ON CONFLICT(device_id)"
-                    " DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-                    list(plan.next_seq.items()))
-            if plan.states:
-                await db.executemany(
-                    "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) "
-                    "DO UPDATE SET value = excluded.value", list(plan.states.items()))
+            await write_plan(db, plan, self._ledger, fx, now_ms=now_ms,
+                             codec_id=self._codec.codec_id, clear_all_staging=clear_all_staging)
             await evict.expire(db, self._ledger, self._ttl, now_ms, fx)
             total = self._ledger.payload + sum(n for _, n, _ in fx.inserted) \
                 - sum(r.nbytes for r in fx.removed)
@@ -669,7 +563,7 @@ class DurableBuffer:
         for row in rows:
             cid = int(row[0])
             try:
-                chunk = evict._chunk_of(tuple(row[3:]))
+                chunk = evict.chunk_of(tuple(row[3:]))
                 if zlib.crc32(chunk.payload) != chunk.checksum:
                     raise PyMigrateError("checksum mismatch", reason="corrupt")
             except (PyMigrateError, ValueError, TypeError) as exc:
@@ -685,22 +579,7 @@ class DurableBuffer:
         now_ms = self._clock.time_ms()
 
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
-            for cid, why in bad:
-                rows = list(await db.execute_fetchall(
-                    "SELECT priority, nbytes, count FROM chunks WHERE id = ?", (cid,)))
-                await db.execute(
-                    "INSERT OR REPLACE INTO quarantine (id, device_id, priority, seq_first, "
-                    "seq_last, count, codec, checksum, reason, quarantined_ms, payload) "
-                    "SELECT id, device_id, priority, seq_first, seq_last, count, codec, "
-                    "checksum, ?, ?, payload FROM chunks WHERE id = ?", (why, now_ms, cid))
-                await db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
-                prio, nbytes, count = rows[0]
-                if prio in range(len(Priority)):
-                    fx.removed.append(Removed(cid, int(prio), int(nbytes), int(count), None))
-                fx.quarantined += 1
-            await db.execute(
-                "DELETE FROM quarantine WHERE id NOT IN (SELECT id FROM quarantine "
-                f"ORDER BY quarantined_ms DESC, id DESC LIMIT {schema.QUARANTINE_KEEP})")
+            await evict.quarantine(db, bad, now_ms, fx)
 
         await self._txn(body)
         for cid, why in bad:

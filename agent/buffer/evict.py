@@ -1,4 +1,5 @@
-"""Eviction inside a transaction: retention expiry, byte budget, degrade-before-drop.
+"""Removal inside a transaction: retention expiry, byte budget, degrade-before-drop,
+quarantine.
 
 Order: lowest priority first, oldest first. The data that needs the room only pushes out
 data of its own priority or less important (its ``floor``): LOW data never evicts NORMAL,
@@ -15,6 +16,7 @@ from typing import Any
 import aiosqlite
 
 from agent.buffer.ledger import Effects, Ledger, Removed
+from agent.buffer.schema import QUARANTINE_KEEP
 from agent.codec import ChunkCodec, open_chunk, seal_chunk
 from pymigrate.types import Chunk, Priority, Reading
 
@@ -22,7 +24,7 @@ Degrader = Callable[[list[Reading]], list[Reading]]
 _BATCH = 32
 
 
-def _chunk_of(row: Sequence[Any]) -> Chunk:
+def chunk_of(row: Sequence[Any]) -> Chunk:
     """Build a Chunk from a row of (device_id, priority, seq_first, seq_last, count,
     ts_first, ts_last, codec, payload, checksum)."""
     dev, prio, sf, sl, cnt, tf, tl, codec, payload, crc = row
@@ -88,7 +90,7 @@ async def _degrade(db: aiosqlite.Connection, cid: int, fx: Effects, codec: Chunk
         "payload, checksum FROM chunks WHERE id = ?", (cid,)))
     await db.execute("UPDATE chunks SET degraded = 1 WHERE id = ?", (cid,))
     try:
-        old = _chunk_of(tuple(rows[0]))
+        old = chunk_of(tuple(rows[0]))
         compact = degrader(open_chunk(old))
         if not compact:
             return 0
@@ -106,3 +108,24 @@ async def _degrade(db: aiosqlite.Connection, cid: int, fx: Effects, codec: Chunk
     fx.resized.append((int(Priority.LOW), -saved, new.count - old.count))
     fx.degraded += 1
     return saved
+
+
+async def quarantine(db: aiosqlite.Connection, bad: list[tuple[int, str]], now_ms: int,
+                     fx: Effects) -> None:
+    """Move chunks that failed verification to ``quarantine`` (newest few kept)."""
+    for cid, why in bad:
+        rows = list(await db.execute_fetchall(
+            "SELECT priority, nbytes, count FROM chunks WHERE id = ?", (cid,)))
+        await db.execute(
+            "INSERT OR REPLACE INTO quarantine (id, device_id, priority, seq_first, "
+            "seq_last, count, codec, checksum, reason, quarantined_ms, payload) "
+            "SELECT id, device_id, priority, seq_first, seq_last, count, codec, "
+            "checksum, ?, ?, payload FROM chunks WHERE id = ?", (why, now_ms, cid))
+        await db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+        prio, nbytes, count = rows[0]
+        if prio in range(len(Priority)):
+            fx.removed.append(Removed(cid, int(prio), int(nbytes), int(count), None))
+        fx.quarantined += 1
+    await db.execute(
+        "DELETE FROM quarantine WHERE id NOT IN (SELECT id FROM quarantine "
+        f"ORDER BY quarantined_ms DESC, id DESC LIMIT {QUARANTINE_KEEP})")
