@@ -97,6 +97,7 @@ class CsvReplay:
         while True:
             first_ts: int | None = None
             last_ts = 0
+            step = 1000
             start_mono = self.clock.monotonic()
             shift = 0
             for ts, vals, rejects in self.rows:
@@ -110,11 +111,13 @@ class CsvReplay:
                     await self.clock.sleep_until(start_mono + (ts - first_ts) / 1000.0
                                                  / self.cfg.speed)
                 t = ts + shift
+                if t > last_ts and last_ts:
+                    step = t - last_ts
                 last_ts = t
                 await emit(SourceBatch(
                     [Reading(device_id=self.device_id, sensor=s, ts_ms=t, value=v)
                      for s, v in vals], rejects=rejects))
             if not self.cfg.loop or first_ts is None:
                 break
-            loop_shift = last_ts - first_ts + 1000 if not self.cfg.shift_to_now else 0
+            loop_shift = last_ts + step - first_ts if not self.cfg.shift_to_now else 0
         self.done = True

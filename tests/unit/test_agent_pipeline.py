@@ -1,0 +1,213 @@
+"""The agent end to end in-process: sources -> pipeline -> durable buffer -> uploader ->
+the real cloud ingest code and SQLite store (a loopback uplink, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import SensorPriority, parse_agent_config
+from agent.pipeline import PriorityMap
+from agent.sources import SourceBatch
+from agent.sources.base import Emit
+from agent.supervisor import Agent
+from cloud.ingest import IngestService
+from cloud.stores import SqliteStore
+from pymigrate.types import Priority, Reading
+from tests.support.loopback import LoopbackUplink
+
+
+class ScriptedSource:
+    """Emits prepared batches, records when each source ack arrives."""
+
+    name = "scripted"
+
+    def __init__(self, batches: list[SourceBatch]) -> None:
+        self.batches = batches
+
+    async def run(self, emit: Emit) -> None:
+        for b in self.batches:
+            await emit(b)
+
+
+@asynccontextmanager
+async def run_agent(tmp_path: Path, overrides: dict[str, Any] | None = None, *,
+                    sources: list[Any] | None = None,
+                    device: str = "dev-1") -> AsyncIterator[tuple[Agent, SqliteStore,
+                                                                  LoopbackUplink]]:
+    """Start store + agent; on exit stop the agent gracefully and close the store."""
+    store = SqliteStore(tmp_path / "cloud.db")
+    await store.open()
+    service = IngestService(store)
+    data: dict[str, Any] = {
+        "device": {"id": device, "data_dir": str(tmp_path / "var")},
+        "sources": [{"type": "weather", "sensors": 4, "interval_s": 0.01}],
+        "buffer": {"chunk_max_age_s": 0.2, "commit_window_ms": 20},
+        "retry": {"backoff_base_s": 0.05, "backoff_cap_s": 0.2},
+        "pipeline": {"drain_timeout_s": 5.0},
+    }
+    for k, v in (overrides or {}).items():
+        data[k] = v
+    cfg = parse_agent_config(data)
+    up = LoopbackUplink(service, device)
+    agent = Agent(cfg, uplinks=[up], sources=sources)
+    task = asyncio.create_task(agent.run())
+    await agent.started.wait()
+    try:
+        yield agent, store, up
+    finally:
+        agent.request_stop()
+        await asyncio.wait_for(task, 30)
+        await store.close()
+
+
+async def _seqs(store: SqliteStore, device: str) -> list[int]:
+    async with store.db.execute("SELECT seq FROM readings WHERE device_id = ? ORDER BY seq",
+                                (device,)) as cur:
+        return [r[0] async for r in cur]
+
+
+async def test_every_accepted_reading_is_stored_once(tmp_path: Path) -> None:
+    async with run_agent(tmp_path) as (agent, store, _):
+        await asyncio.sleep(0.6)
+    accepted = agent.ingest.counts["accepted"]
+    assert accepted > 50
+    assert agent.stopped_cleanly
+    # the store was closed by the context manager: reopen it to inspect
+    st = SqliteStore(tmp_path / "cloud.db")
+    await st.open()
+    try:
+        seqs = await _seqs(st, "dev-1")
+    finally:
+        await st.close()
+    assert seqs == list(range(1, accepted + 1))  # every accepted seq, once, no gaps
+    assert agent.status()["delivered"] == accepted
+
+
+async def test_invalid_readings_are_rejected_with_reasons(tmp_path: Path) -> None:
+    import time
+
+    now = time.time_ns() // 1_000_000
+    acks: list[int] = []
+
+    async def ack() -> None:
+        acks.append(1)
+
+    src = ScriptedSource([SourceBatch([
+        Reading("dev-1", "ok", now, 1.0),
+        Reading("dev-1", "nan", now, math.nan),
+        Reading("dev-1", "inf", now, math.inf),
+        Reading("dev-1", "future", now + 10 * 86_400_000, 1.0),
+        Reading("dev-1", "ancient", 0, 1.0),
+        Reading("dev-1", "", now, 1.0),
+    ], ack=ack, rejects=[("malformed_json", "topic/x")])])
+    async with run_agent(tmp_path, sources=[src]) as (agent, _, _):
+        await asyncio.sleep(0.3)
+    rej = agent.validator.rejected
+    assert rej["nan"] == 1 and rej["infinite"] == 1
+    assert rej["timestamp_past"] == 1 and rej["bad_sensor_name"] == 1
+    assert rej["malformed_json"] == 1
+    # a timestamp 10 days ahead is an RTC jump: re-anchored on the monotonic clock and
+    # flagged, not dropped (the time corrector runs before validation)
+    assert rej["timestamp_future"] == 0
+    assert agent.ingest.counts["accepted"] == 2
+    st = SqliteStore(tmp_path / "cloud.db")
+    await st.open()
+    try:
+        (fut,) = await st.query("dev-1", "future")
+    finally:
+        await st.close()
+    assert fut.raw_ts_ms == now + 10 * 86_400_000
+    assert abs(fut.ts_ms - now) < 60_000 and fut.quality != 0
+    assert acks == [1]  # acked once the valid readings were committed
+
+
+async def test_source_ack_only_after_commit(tmp_path: Path) -> None:
+    import time
+
+    now = time.time_ns() // 1_000_000
+    seen: list[int] = []
+    holder: dict[str, Agent] = {}
+
+    async def ack() -> None:
+        # the buffer reports the reading as accepted (committed) before the source ack
+        seen.append(holder["a"].buffer.stats().accepted_total)
+
+    src = ScriptedSource([SourceBatch([Reading("dev-1", "t", now, 2.0)], ack=ack)])
+    async with run_agent(tmp_path, sources=[src]) as (agent, _, _):
+        holder["a"] = agent
+        await asyncio.sleep(0.3)
+    assert seen and seen[0] >= 1
+
+
+async def test_edge_dedup_drops_redelivered_batches(tmp_path: Path) -> None:
+    import time
+
+    now = time.time_ns() // 1_000_000
+    batch = [Reading("dev-1", "t", now + i, float(i)) for i in range(10)]
+    src = ScriptedSource([SourceBatch(batch), SourceBatch(list(batch))])
+    async with run_agent(tmp_path, sources=[src]) as (agent, _, _):
+        await asyncio.sleep(0.3)
+    assert agent.ingest.counts["duplicates_dropped"] == 10
+    assert agent.ingest.counts["accepted"] == 10
+
+
+async def test_priorities_and_aggregation_reach_the_store(tmp_path: Path) -> None:
+    overrides = {
+        "priorities": [{"match": "temp*", "priority": "high"}],
+        "aggregation": {"rules": [{"name": "hum10", "match": "humidity",
+                                   "window": {"type": "count", "count": 5},
+                                   "functions": ["min", "max", "count"]}]},
+    }
+    async with run_agent(tmp_path, overrides) as (agent, _, _):
+        await asyncio.sleep(0.6)
+    st = SqliteStore(tmp_path / "cloud.db")
+    await st.open()
+    try:
+        temps = await st.query("dev-1", "temperature")
+        hums = await st.query("dev-1", "humidity")
+    finally:
+        await st.close()
+    assert temps and all(r.priority == Priority.HIGH for r in temps)
+    assert hums and all(r.agg is not None and r.agg.rule == "hum10" for r in hums)
+    counts = [r.value for r in hums if r.agg and r.agg.fn == "count"
+              and not r.agg.rule.endswith("~partial")]
+    assert counts and all(c == 5.0 for c in counts)
+
+
+async def test_outage_buffers_then_delivers(tmp_path: Path) -> None:
+    async with run_agent(tmp_path) as (agent, _, up):
+        up.down = True
+        await asyncio.sleep(0.5)
+        assert agent.status()["buffered_readings"] + agent.buffer.stats().open_chunks >= 0
+        assert agent.status()["delivered"] == 0
+        up.down = False
+        await asyncio.sleep(0.8)
+    st = SqliteStore(tmp_path / "cloud.db")
+    await st.open()
+    try:
+        seqs = await _seqs(st, "dev-1")
+    finally:
+        await st.close()
+    assert seqs == list(range(1, agent.ingest.counts["accepted"] + 1))
+
+
+def test_priority_map() -> None:
+    pm = PriorityMap([SensorPriority("alarm*", "critical"), SensorPriority("*", "low")])
+    rs = pm.apply([Reading("d", "alarm1", 0, 1.0), Reading("d", "t", 0, 1.0),
+                   Reading("d", "t", 0, 1.0, priority=Priority.CRITICAL)])
+    assert [r.priority for r in rs] == [Priority.CRITICAL, Priority.NORMAL, Priority.CRITICAL]
+    assert PriorityMap([]).apply(rs) == rs
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> None:
+    from pymigrate.logsetup import setup_logging
+
+    setup_logging("console", "warning")
