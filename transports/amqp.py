@@ -137,10 +137,12 @@ class AmqpUplink:
                 if conn is not None:
                     with contextlib.suppress(*_LINK_ERRORS):
                         await conn.close()
+                auth = isinstance(exc, (aiormq.exceptions.AuthenticationError,
+                                        aiormq.exceptions.ProbableAuthenticationError))
                 raise TransportError(f"AMQP connect to {self.cfg.host}:{self.cfg.port} failed: "
                                      f"{exc or type(exc).__name__}", device=self.device_id,
-                                     retriable=not isinstance(
-                                         exc, aiormq.exceptions.AuthenticationError)) from exc
+                                     reason="auth" if auth else "transport",
+                                     retriable=not auth) from exc
             conn.close_callbacks.add(self._on_close)
             self._link = _Link(conn, channel, exchange, replies)
             return self._link
