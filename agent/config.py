@@ -84,7 +84,11 @@ SourceConfig = WeatherSource | MqttSource | ReplaySource
 
 
 class UplinkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """``[uplink]``: ordered failover list of transports and their settings."""
+    """``[uplink]``: ordered failover list of transports and their settings.
+
+    ``[uplink.coap]``, ``[uplink.mqtt]``, ``[uplink.amqp]`` are validated against
+    :mod:`transports.config` (keys documented there and in ``configs/agent-*.toml``).
+    """
 
     transports: list[str] = msgspec.field(default_factory=lambda: ["coap"])
     coap: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -171,10 +175,13 @@ def _check(cfg: AgentConfig) -> None:
     known = {"coap", "mqtt", "amqp"}
     if not cfg.uplink.transports:
         raise ConfigError("uplink.transports", "must name at least one transport")
+    from transports.config import parse_transport
+
     for i, t in enumerate(cfg.uplink.transports):
         if t not in known:
             raise ConfigError(f"uplink.transports[{i}]",
                               f"unknown transport {t!r} (known: {', '.join(sorted(known))})")
+        parse_transport(t, getattr(cfg.uplink, t), section="uplink")  # names uplink.<t>.<key>
     for i, p in enumerate(cfg.priorities):
         if p.priority not in PRIORITIES:
             raise ConfigError(f"priorities[{i}].priority",

@@ -22,6 +22,7 @@ from agent.buffer import DurableBuffer
 from agent.config import AgentConfig
 from agent.dedup import Deduplicator
 from agent.pipeline import IngestStage, PriorityMap
+from agent.sdnotify import Notifier
 from agent.sources import SourceBatch, build_source
 from agent.sources.base import Source
 from agent.timesync import TimeCorrector
@@ -34,12 +35,13 @@ from transports.base import Uplink
 log = structlog.get_logger("pymigrate.agent")
 
 
-def build_uplinks(cfg: AgentConfig) -> list[Uplink]:
+def build_uplinks(cfg: AgentConfig, clock: Clock | None = None) -> list[Uplink]:
     """Phase two for the uplink section: the ordered failover list of transports."""
+    from transports.config import parse_transport
     from transports.registry import build_uplinks as _build
 
-    uplinks: list[Uplink] = _build(cfg.uplink, cfg.device.id)
-    return uplinks
+    typed = [parse_transport(n, getattr(cfg.uplink, n)) for n in cfg.uplink.transports]
+    return _build(typed, cfg.device.id, clock=clock)
 
 
 class Agent:
@@ -69,7 +71,7 @@ class Agent:
                                   validator=self.validator, dedup=self.dedup,
                                   timesync=self.timesync, aggregator=self.aggregator,
                                   priorities=PriorityMap(cfg.priorities))
-        self.uplinks = list(uplinks) if uplinks is not None else build_uplinks(cfg)
+        self.uplinks = list(uplinks) if uplinks is not None else build_uplinks(cfg, self.clock)
         self.uploader = Uploader(self.buffer, self.uplinks, device_id=self.device_id,
                                  clock=self.clock, config=cfg.retry, on_ack=self._on_ack,
                                  on_event=self._event,
@@ -80,6 +82,9 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = asyncio.Event()
         self.stopped_cleanly = False
+        self.notifier = Notifier.from_env()  # no-op unless run by systemd (NOTIFY_SOCKET)
+        self.metrics: Any = None  # agent.metrics.MetricsServer when [metrics] enabled
+        self.runtime: dict[str, Any] = {}  # edge framework facts (agent.envconfig)
 
     # ----------------------------------------------------------------- callbacks
     def _event(self, name: str, data: dict[str, Any]) -> None:
@@ -117,6 +122,16 @@ class Agent:
                 ctl = tg.create_task(self._controller(src_tasks, ingest, upload),
                                      name="agent[supervisor]")
                 self._tasks = [*src_tasks, ingest, upload, ctl]
+                if self.config.metrics.enabled:
+                    from agent.metrics import MetricsServer
+
+                    self.metrics = MetricsServer(self, self.config.metrics)
+                    await self.metrics.start()  # bind before READY: a busy port fails start
+                    tg.create_task(self.metrics.serve_until(ctl), name="agent[metrics]")
+                if self.notifier.enabled:
+                    tg.create_task(self.notifier.run(self.stages_alive, stop=self._stop,
+                                                     status=self._status_line),
+                                   name="agent[sdnotify]")
                 self.started.set()
                 log.info("agent started", device=self.device_id,
                          sources=[s.name for s in self.sources],
@@ -154,6 +169,22 @@ class Agent:
                 upload.cancel()
         self.stopped_cleanly = True
         log.info("stopped", drained=drained)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a graceful stop was requested."""
+        return self._stop.is_set()
+
+    def stages_alive(self) -> dict[str, bool]:
+        """Stage name -> alive (running, or finished without error: a finite source)."""
+        return {t.get_name().removeprefix("agent[").removesuffix("]"):
+                not t.done() or (not t.cancelled() and t.exception() is None)
+                for t in self._tasks}
+
+    def _status_line(self) -> str:
+        c = self.ingest.counts
+        return (f"accepted={c['accepted']} buffered_chunks={self.buffer.stats().chunks_pending}"
+                f" delivered={self.uploader.stats().get('readings_acked', 0)}")
 
     def status(self) -> dict[str, Any]:
         """A health/progress view for `pymigrate run`, metrics and the health endpoint."""

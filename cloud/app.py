@@ -65,12 +65,27 @@ class CloudApp:
         return dict(self.service.counters)
 
 
+def build_servers(cfg: Any, *, clock: Clock | None = None) -> list[IngestServer]:
+    """The listeners named in ``cloud.listeners`` (phase two)."""
+    from transports.config import parse_transport
+    from transports.registry import build_ingest_server
+
+    out: list[IngestServer] = []
+    for name in cfg.listeners:
+        if name == "coap":
+            tcfg = parse_transport("coap", {"host": cfg.coap.host, "port": cfg.coap.port},
+                                   section="cloud")
+        else:
+            tcfg = parse_transport(name, dict(getattr(cfg, name, {}) or {}), section="cloud")
+        out.append(build_ingest_server(tcfg, clock=clock))
+    return out
+
+
 def build_cloud_app(section: dict[str, Any], *, clock: Clock | None = None) -> CloudApp:
     """Build the app from the ``[cloud]`` table of a config file."""
-    from cloud.config import build_servers, build_store, parse_cloud_config
+    from cloud.config import build_ingest, build_store, parse_cloud_config
 
     cfg = parse_cloud_config(section)
-    store = build_store(cfg)
-    return CloudApp(store, build_servers(cfg), clock=clock,
-                    service=IngestService(store, clock=clock,
-                                          max_batch_bytes=cfg.max_batch_bytes))
+    store = build_store(cfg, clock=clock)
+    return CloudApp(store, build_servers(cfg, clock=clock), clock=clock,
+                    service=build_ingest(cfg, store, clock=clock))
