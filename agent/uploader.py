@@ -614,6 +614,10 @@ class Uploader:
 
         Data that is already there returns ``"ready"`` without counting a wake-up.
         """
+        if self._wake.is_set():  # something already happened: re-decide, no sleep taken
+            if data is not None and asyncio.iscoroutine(data):
+                data.close()
+            return "wake"
         tasks: dict[asyncio.Future[Any], str] = {}
         if data is not None:
             dt = asyncio.ensure_future(data)

@@ -154,8 +154,18 @@ async def simulate(kind: str, chunks: list[tuple[float, Chunk]], *, loss: float,
     prod = asyncio.create_task(produce())
     task = asyncio.create_task(up.run())
     end = hours * 3600 + tail_hours * 3600
+
+    def woken() -> int:
+        return int(up.counts["wakeups"]) if isinstance(up, Uploader) else up.wakeups
+
+    marks: dict[float, int] = {}  # wake-ups counted at the outage edges
+    edges = sorted({t for o in outages for t in o})
     while clock.monotonic() < end:
-        await advance_settled(clock, min(3600.0, end - clock.monotonic()))
+        nxt = min([e for e in edges if e > clock.monotonic()] + [clock.monotonic() + 3600.0,
+                                                                  end])
+        await advance_settled(clock, nxt - clock.monotonic())
+        if clock.monotonic() in edges:
+            marks[clock.monotonic()] = woken()
         if prod.done() and len(buf) == 0 and buf.inflight == 0:
             break
     task.cancel()
@@ -177,6 +187,8 @@ async def simulate(kind: str, chunks: list[tuple[float, Chunk]], *, loss: float,
         "sends": uplink.attempts,
         "delays": [cloud.first_seen_ms[(DEVICE, s)] - created[s] for s in created
                    if (DEVICE, s) in cloud.first_seen_ms],
+        "outage_wakeups": sum(marks.get(b, 0) - marks.get(a, 0) for a, b in outages),
+        "outage_hours": sum(b - a for a, b in outages) / 3600,
     }
 
 
@@ -195,6 +207,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "wakeups_per_hour": round(sum(r["wakeups"] for r in runs)
                                   / sum(r["hours"] for r in runs), 1),
         "bytes_on_wire_per_reading": round(sum(r["wire"] for r in runs) / total, 3),
+        **({"wakeups_per_hour_during_outage": round(
+            sum(r["outage_wakeups"] for r in runs) / sum(r["outage_hours"] for r in runs), 1)}
+           if runs[0]["outage_hours"] else {}),
         "batches_acked": len(attempts),
         "send_attempts": sum(r["sends"] for r in runs),
         "delivery_delay_s": {"p50": _pct(delays, 0.5) / 1000, "p99": _pct(delays, 0.99) / 1000},
