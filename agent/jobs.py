@@ -113,6 +113,9 @@ class JobsClient:
     async def start(self) -> None:
         """Subscribe, start the worker and pull pending jobs."""
         await self.channel.connect(self._on_message)
+        register = getattr(self.channel, "on_reconnect", None)
+        if callable(register):  # links that reconnect by themselves tell us: pull then
+            register(self.pull)
         task = asyncio.create_task(self._worker(), name=f"agent[jobs:{self.device_id}]")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

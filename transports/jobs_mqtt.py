@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import aiomqtt
 import structlog
 
+from pymigrate.clock import Clock, WallClock
 from pymigrate.errors import TransportError
 from transports.jobs_protocol import Health, JobUpdate, encode
 
@@ -63,20 +64,30 @@ def _split(prefix: str, name: str) -> tuple[str, str] | None:
 
 
 class _Session:
-    """One aiomqtt connection with a reader task; translates library errors."""
+    """One aiomqtt connection with a reader task; reconnects with backoff after a lost
+    link, resubscribes, then runs ``on_reconnect`` callbacks (devices pull pending jobs).
+    Translates library errors into :class:`TransportError`."""
 
     def __init__(self, hostname: str, port: int, *, client_id: str | None,
                  username: str | None, password: str | None, will: aiomqtt.Will | None,
-                 on_message: Callable[[str, bytes], Awaitable[None]], name: str) -> None:
+                 on_message: Callable[[str, bytes], Awaitable[None]], name: str,
+                 clock: Clock | None = None, max_backoff_s: float = 30.0) -> None:
         self._client = aiomqtt.Client(hostname, port, identifier=client_id or
                                       f"pymigrate-{uuid.uuid4().hex[:12]}",
                                       username=username, password=password, will=will,
                                       max_queued_incoming_messages=100_000)
         self._on_message = on_message
         self._name = name
+        self._clock = clock or WallClock()
+        self._max_backoff_s = max_backoff_s
+        self._topics: list[str] = []
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self.reconnects = 0
+        self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
     async def open(self, topics: list[str]) -> None:
+        self._topics = list(topics)
         try:
             await self._client.__aenter__()
             if topics:
@@ -86,25 +97,54 @@ class _Session:
         self._reader = asyncio.create_task(self._read(), name=self._name)
 
     async def _read(self) -> None:
-        try:
-            async for message in self._client.messages:
-                payload = message.payload
-                data = payload if isinstance(payload, bytes) else str(payload).encode()
-                try:
-                    await self._on_message(message.topic.value, data)
-                except Exception as exc:  # one bad document never stops the reader
-                    log.error("job message handler failed", topic=message.topic.value,
-                              error=repr(exc))
-        except aiomqtt.MqttError as exc:
-            log.warning("MQTT job session lost", session=self._name, error=str(exc))
+        while True:
+            try:
+                async for message in self._client.messages:
+                    payload = message.payload
+                    data = payload if isinstance(payload, bytes) else str(payload).encode()
+                    try:
+                        await self._on_message(message.topic.value, data)
+                    except Exception as exc:  # one bad document never stops the reader
+                        log.error("job message handler failed", topic=message.topic.value,
+                                  error=repr(exc))
+            except aiomqtt.MqttError as exc:
+                log.warning("MQTT job session lost", session=self._name, error=str(exc))
+            if self._closing:
+                return
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay = 0.2
+        while True:
+            await self._clock.sleep(delay)
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+            try:
+                await self._client.__aenter__()
+                if self._topics:
+                    await self._client.subscribe([(t, 1) for t in self._topics])
+                break
+            except aiomqtt.MqttError as exc:
+                log.info("MQTT reconnect failed", session=self._name, error=str(exc))
+                delay = min(delay * 2, self._max_backoff_s)
+        self.reconnects += 1
+        log.info("MQTT job session reconnected", session=self._name)
+        for cb in self.on_reconnect:
+            try:
+                await cb()
+            except Exception as exc:
+                log.warning("reconnect callback failed", error=repr(exc))
 
     async def subscribe(self, name: str) -> None:
+        self._topics.append(name)
         try:
             await self._client.subscribe(name, qos=1)
         except aiomqtt.MqttError as exc:
             raise TransportError(f"MQTT subscribe failed: {exc}") from exc
 
     async def unsubscribe(self, name: str) -> None:
+        with contextlib.suppress(ValueError):
+            self._topics.remove(name)
         try:
             await self._client.unsubscribe(name)
         except aiomqtt.MqttError as exc:
@@ -117,6 +157,7 @@ class _Session:
             raise TransportError(f"MQTT publish failed: {exc}") from exc
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -133,11 +174,13 @@ class MqttJobChannel:
                  prefix: str = "pymigrate", client_id: str | None = None,
                  username: str | None = None, password: str | None = None,
                  share_group: str | None = None,
-                 control: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+                 control: Callable[[bytes], Awaitable[None]] | None = None,
+                 clock: Clock | None = None) -> None:
         self.hostname, self.port, self.prefix = hostname, port, prefix
         self.control = control  # operator / ingest commands on <prefix>/fleet/control
         self.client_id, self.username, self.password = client_id, username, password
         self.share_group = share_group
+        self.clock = clock
         self._session: _Session | None = None
         self._handler: CoordinatorHandler | None = None
         self.unroutable = 0
@@ -151,7 +194,8 @@ class MqttJobChannel:
             topics.append(control_topic(self.prefix))
         self._session = _Session(self.hostname, self.port, client_id=self.client_id,
                                  username=self.username, password=self.password, will=None,
-                                 on_message=self._route, name="fleet[mqtt-reader]")
+                                 on_message=self._route, name="fleet[mqtt-reader]",
+                                 clock=self.clock)
         await self._session.open(topics)
 
     async def _route(self, name: str, payload: bytes) -> None:
@@ -183,7 +227,7 @@ class MqttDeviceHub:
     def __init__(self, hostname: str = "127.0.0.1", port: int = 1883, *,
                  prefix: str = "pymigrate", client_id: str | None = None,
                  username: str | None = None, password: str | None = None,
-                 will_device: str | None = None) -> None:
+                 will_device: str | None = None, clock: Clock | None = None) -> None:
         self.prefix = prefix
         will = None
         if will_device is not None:  # tell the coordinator when this device drops off
@@ -191,7 +235,8 @@ class MqttDeviceHub:
             will = aiomqtt.Will(topic(prefix, will_device, "update"), body, qos=1)
         self._session = _Session(hostname, port, client_id=client_id, username=username,
                                  password=password, will=will, on_message=self._route,
-                                 name=f"agent[jobs-mqtt:{client_id or 'hub'}]")
+                                 name=f"agent[jobs-mqtt:{client_id or 'hub'}]",
+                                 clock=clock)
         self._handlers: dict[str, DeviceHandler] = {}
         self._open = False
 
@@ -199,6 +244,11 @@ class MqttDeviceHub:
         """Connect (device subscriptions are added by each link's ``connect``)."""
         await self._session.open([])
         self._open = True
+
+    @property
+    def reconnects(self) -> int:
+        """How often the connection was re-established."""
+        return self._session.reconnects
 
     async def stop(self) -> None:
         """Disconnect every device session of this hub."""
@@ -224,6 +274,10 @@ class MqttDeviceLink:
     def __init__(self, hub: MqttDeviceHub, device_id: str) -> None:
         self.hub = hub
         self.device_id = device_id
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` after the hub's connection came back (the jobs client pulls)."""
+        self.hub._session.on_reconnect.append(callback)
 
     async def connect(self, handler: DeviceHandler) -> None:
         """Subscribe to this device's notify topic."""

@@ -310,7 +310,10 @@ class Rollout:
             return
         self.status, self.reason = ROLLING_BACK, reason
         self.ready.clear()
-        self.rb_order = array("I", (p for p in range(self.n) if self.state[p] in APPLIED))
+        # ROLLING_BACK only occurs here when resuming an interrupted rollback
+        self.rb_order = array("I", (p for p in range(self.n)
+                                    if self.state[p] in APPLIED
+                                    or self.state[p] == S.ROLLING_BACK))
         self.rb_waves = []
         self._next_rb_wave(now)
         self.effects.changed(self)
@@ -405,6 +408,11 @@ class Rollout:
 
     def _send_rollback(self, pos: int, now: float) -> bool:
         st = self.state[pos]
+        if st == S.ROLLING_BACK:  # resumed after a restart: ask again (idempotent)
+            self._arm(pos, now + self.spec.device_timeout_s, _TIMEOUT)
+            self.effects.notify(self, self.targets[pos], "rollback", self.attempts[pos])
+            self.notifications += 1
+            return True
         if st not in APPLIED:
             self._rb_finished(st == S.ROLLED_BACK, now)
             return False
@@ -567,7 +575,7 @@ class Rollout:
         self.status, self.reason = status, reason
         for pos, t in since.items():
             st = self.state[pos]
-            if st in (S.NOTIFIED, S.IN_PROGRESS, S.ROLLING_BACK):
+            if st in (S.NOTIFIED, S.IN_PROGRESS):
                 self._arm(pos, t + self.spec.device_timeout_s, _TIMEOUT)
             elif st == S.SOAKING:
                 self._arm(pos, t + self.spec.soak_s, _SOAK)
