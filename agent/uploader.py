@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import logging
 import math
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
+
+import structlog
 
 from agent.retry.backoff import Backoff, agent_rng, make_backoff
 from agent.retry.breaker import BreakerState, CircuitBreaker
@@ -37,7 +38,7 @@ from transports.base import Uplink
 
 __all__ = ["AckCallback", "EventCallback", "StoredChunkLike", "UploadBuffer", "Uploader"]
 
-log = logging.getLogger("agent.uploader")
+log = structlog.get_logger("agent.uploader")
 
 ENVELOPE_OVERHEAD = 96  # header, ids, send time, trailer (bytes, generous)
 CHUNK_OVERHEAD = 64  # per-chunk msgpack fields besides the payload
@@ -202,7 +203,7 @@ class Uploader:
         if own is not None:
             await own
         self._draining = False
-        log.info("uploader drained=%s acked=%d", drained, self.counts["batches_acked"])
+        log.info("uploader.drained", drained=drained, acked=self.counts["batches_acked"])
         return drained
 
     def stop(self) -> None:
@@ -373,7 +374,7 @@ class Uploader:
         self._inflight.discard(task)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
-            log.error("uploader send task failed", exc_info=task.exception())
+            log.error("uploader.send_task_failed", exc_info=task.exception())
             self.counts["send_task_errors"] += 1
 
     # ------------------------------------------------------------------ batching
@@ -552,14 +553,14 @@ class Uploader:
         slot.breaker.record_failure(now, probe=batch.probe)
         slot.retry_at = now + slot.backoff.next_delay()
         slot.failures_in_row += 1
-        log.debug("batch %s via %s failed (attempt %d): %s", batch.batch_id, slot.name,
-                  batch.attempt, exc)
+        log.debug("uploader.attempt_failed", batch_id=batch.batch_id, uplink=slot.name,
+                  attempt=batch.attempt, error=str(exc))
         if slot.failures_in_row >= self.cfg.reconnect_after_failures and slot.connected:
             slot.connected = False
             try:
                 await slot.uplink.close()
             except (TransportError, OSError) as close_exc:
-                log.debug("closing %s failed: %s", slot.name, close_exc)
+                log.debug("uploader.close_failed", uplink=slot.name, error=str(close_exc))
 
     async def _throttled(self, slot: _Slot, batch: _Batch, retry_after_s: float) -> None:
         """Obey: wait retry-after (plus jitter, so a fleet does not return in step).
@@ -581,7 +582,7 @@ class Uploader:
         slot.counts["rejected"] += 1
         slot.breaker.record_neutral(probe=batch.probe)
         if not batch.items:  # a sync ping the cloud does not accept: nothing to lose
-            log.warning("sync ping refused via %s: %s", slot.name, reason)
+            log.warning("uploader.sync_ping_refused", uplink=slot.name, reason=reason)
             return
         if len(batch.items) > 1:
             self._isolate.update(batch.ids)
@@ -591,8 +592,8 @@ class Uploader:
 
     async def _dead_letter(self, items: Sequence[StoredChunkLike], reason: str) -> None:
         n = sum(i.chunk.count for i in items)
-        log.warning("dead-lettering %d chunks (%d readings) of %s: %s", len(items), n,
-                    self.device_id, reason)
+        log.warning("uploader.dead_letter", device=self.device_id, chunks=len(items),
+                    readings=n, reason=reason)
         if self.on_dead_letter is not None:
             res = self.on_dead_letter(items, reason)
             if res is not None:

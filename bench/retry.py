@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import resource
@@ -38,6 +39,8 @@ import tempfile
 import time
 from collections import Counter
 from typing import Any
+
+import structlog
 
 from agent.codec import seal_chunk
 from agent.retry import RetryConfig
@@ -358,6 +361,9 @@ def main(argv: list[str]) -> int:
                     help="wall seconds of the disconnected-agent CPU measurement (0: skip)")
     ap.add_argument("--cpu-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not structlog.is_configured():  # stdout carries the JSON: logs go to stderr
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if args.cpu_child is not None:
         print(json.dumps(asyncio.run(cpu_child(args.cpu_child))))
         return 0

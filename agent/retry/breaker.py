@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import collections
 import enum
-import logging
 import random
 from collections.abc import Callable
 
-log = logging.getLogger("agent.retry.breaker")
+import structlog
+
+log = structlog.get_logger("agent.retry.breaker")
 
 
 class BreakerState(enum.Enum):
@@ -134,6 +135,6 @@ class CircuitBreaker:
             return
         self._state = new
         self.transitions[f"{old.value}->{new.value}"] += 1
-        log.info("breaker %s: %s -> %s", self.name, old.value, new.value)
+        log.info("retry.breaker", uplink=self.name, old=old.value, new=new.value)
         if self._on_change is not None:
             self._on_change(self.name, old, new)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 from pathlib import Path
+
+import structlog
 
 from agent.retry.config import PROFILES
 from pymigrate.types import Priority
 
-log = logging.getLogger("agent.retry.power")
+log = structlog.get_logger("agent.retry.power")
 
 
 class PowerState:
@@ -47,7 +48,7 @@ class PowerState:
         if battery_pct is not None:
             self.battery_pct = battery_pct
         if (self.profile, self.battery_pct) != before:
-            log.info("power state: profile=%s battery=%s", self.profile, self.battery_pct)
+            log.info("retry.power_state", profile=self.profile, battery_pct=self.battery_pct)
             self._changed.set()
 
     async def wait_changed(self) -> None:
@@ -81,7 +82,7 @@ class PowerState:
             self.update(profile=profile, battery_pct=pct)
         except (OSError, ValueError) as exc:
             self.errors += 1
-            log.warning("power file %s unreadable: %s", self.path, exc)
+            log.warning("retry.power_file_unreadable", path=str(self.path), error=str(exc))
             return False
         return (self.profile, self.battery_pct) != before
 

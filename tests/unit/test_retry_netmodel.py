@@ -96,8 +96,13 @@ async def _run(clock: VirtualClock, coro: Awaitable[Ack]) -> Ack:
 
 
 def test_bench_retry_short_run(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = bench_retry.main(["--hours", "1", "--tail-hours", "1", "--seeds", "1",
-                           "--cpu-seconds", "0", "--only", "loss_10pct,outage_6h"])
+    import structlog
+
+    try:
+        rc = bench_retry.main(["--hours", "1", "--tail-hours", "1", "--seeds", "1",
+                               "--cpu-seconds", "0", "--only", "loss_10pct,outage_6h"])
+    finally:
+        structlog.reset_defaults()
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["results"]["scenarios"]
