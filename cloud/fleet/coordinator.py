@@ -82,6 +82,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self.rejected = 0
         self.refused = 0
+        self.write_errors = 0
         self.transitions = 0
         self._flush_lock = asyncio.Lock()
         self._finished: dict[str, asyncio.Event] = {}
@@ -346,10 +347,17 @@ class Coordinator:
                 self._out.task_done()
 
     async def _write_loop(self) -> None:
+        backoff = self.commit_interval_s
         while True:
             await self._flush_evt.wait()
-            await self.clock.sleep(self.commit_interval_s)  # group-commit window
-            await self.flush()
+            await self.clock.sleep(backoff)  # group-commit window (longer after errors)
+            try:
+                await self.flush()
+                backoff = self.commit_interval_s
+            except Exception as exc:  # keep the records, retry: never drop a transition
+                self.write_errors += 1
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                log.error("fleet state write failed", error=repr(exc), retry_s=backoff)
 
     def _record(self, r: Rollout) -> RolloutRecord:
         return RolloutRecord(
@@ -364,11 +372,21 @@ class Coordinator:
             recs, self._pending = self._pending, []
             dirty, self._dirty = self._dirty, set()
             devs, self._dirty_devices = self._dirty_devices, set()
-            await self.store.save_transitions(recs)
-            for rid in dirty:
-                await self.store.save_rollout(self._record(self.core.rollouts[rid]))
-            if devs:
-                await self.store.save_devices([self.registry.row(i) for i in devs])
+            try:
+                await self.store.save_transitions(recs)
+                recs = []
+                for rid in list(dirty):
+                    await self.store.save_rollout(self._record(self.core.rollouts[rid]))
+                    dirty.discard(rid)
+                if devs:
+                    await self.store.save_devices([self.registry.row(i) for i in devs])
+                    devs = set()
+            except BaseException:
+                self._pending[:0] = recs
+                self._dirty |= dirty
+                self._dirty_devices |= devs
+                self._flush_evt.set()
+                raise
 
     async def drain(self) -> None:
         """Wait until queued notifications were handed to the channel (tests, shutdown)."""

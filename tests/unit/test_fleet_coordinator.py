@@ -267,3 +267,27 @@ async def test_operator_controls_pending_rollouts_and_ingest(rig: Rig) -> None:
         await coord.create_rollout(s)  # duplicate id
     assert await coord.load_pending() == []
     await coord.drain()
+
+
+async def test_failed_state_write_keeps_records_and_retries(rig: Rig) -> None:
+    coord = await rig.coordinator()
+    await coord.add_devices([(f"d{i}", {}) for i in range(4)])
+    for i in range(4):
+        await rig.device(f"d{i}")
+    real = rig.store.save_transitions
+    calls = {"n": 0}
+
+    async def flaky(recs: list[Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OSError("disk full")
+        await real(recs)
+
+    rig.store.save_transitions = flaky  # type: ignore[method-assign]
+    r = await coord.create_rollout(spec(plan=WavePlan(canary=4)))
+    assert await rig.clock.run_until(lambda: r.done, max_seconds=3600, step=1)
+    assert await rig.clock.run_until(lambda: calls["n"] >= 3 and not coord._pending,
+                                     max_seconds=600, step=1)
+    assert coord.write_errors == 2
+    await coord.flush()
+    assert await rig.store.transition_count("r1") == coord.transitions == 16
