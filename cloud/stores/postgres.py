@@ -18,9 +18,12 @@ hypertable on ``ts_ms`` (integer milliseconds, 1-day chunks); otherwise a plain 
 
 A batch is one transaction: ``SELECT state ... FOR UPDATE`` (two replicas writing the
 same device serialize here), only readings whose seq the state does not contain are
-written, in bulk (``COPY`` into a per-connection temporary staging table, then one
-``INSERT ... SELECT ... ON CONFLICT DO NOTHING``; or one ``INSERT ... SELECT FROM
-unnest($arrays)``, setting ``bulk``), then the new state is saved and the transaction
+written, in bulk (``bulk = "copy"``: ``COPY`` straight into ``readings`` inside a
+savepoint, since the locked state says the rows are new; if the unique key still fires
+(state lost or restored from an older backup) the savepoint is rolled back and the rows
+go through a temporary staging table and ``INSERT ... SELECT ... ON CONFLICT DO
+NOTHING``; ``bulk = "unnest"``: one ``INSERT ... SELECT FROM unnest($arrays) ON CONFLICT
+DO NOTHING``), then the new state is saved and the transaction
 commits. Data errors (SQLSTATE classes 22 and 23, or a value asyncpg cannot encode
 for its column) raise :class:`~cloud.stores.base.StoreRejected`; everything else
 (refused connection, killed backend, timeout) raises
@@ -60,6 +63,10 @@ _COLS = ("seq", "sensor", "ts_ms", "value", "priority", "quality", "uncert_ms", 
 _TYPES = ("bigint", "text", "bigint", "double precision", "smallint", "integer", "integer",
           "bigint", "text", "text", "bigint", "integer")
 _COLLIST = ", ".join(_COLS)
+_ALLCOLS = ("device_id", *_COLS, "received_ms")
+_CREATE_STAGING = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ("
+                   + ", ".join(f"{c} {t}" for c, t in zip(_COLS, _TYPES))
+                   + ") ON COMMIT DELETE ROWS")
 _INSERT_STAGED = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms)"
                   f" SELECT $1, {_COLLIST}, $2 FROM {_STAGING} ON CONFLICT DO NOTHING")
 _INSERT_UNNEST = (
@@ -203,6 +210,7 @@ class PostgresStore:
         self.connect_timeout_s = connect_timeout_s
         self.application_name = application_name
         self.hypertable = False
+        self.copy_fallbacks = 0  # COPY hit the unique key: staged upsert used (counter)
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
@@ -221,14 +229,7 @@ class PostgresStore:
             self.dsn, min_size=self.pool_min, max_size=self.pool_max,
             command_timeout=self.command_timeout_s, timeout=self.connect_timeout_s,
             server_settings={"search_path": self.schema,
-                             "application_name": self.application_name},
-            init=self._init_conn)
-
-    async def _init_conn(self, conn: asyncpg.Connection) -> None:
-        if self.bulk == "copy":
-            cols = ", ".join(f"{c} {t}" for c, t in zip(_COLS, _TYPES))
-            await conn.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ({cols}) ON COMMIT DELETE ROWS")
+                             "application_name": self.application_name})
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -296,7 +297,19 @@ class PostgresStore:
         if not own:
             return written
         if self.bulk == "copy":
-            await conn.copy_records_to_table(_STAGING, records=[_row(r) for r in own],
+            records = [(device_id, *_row(r), now) for r in own]
+            try:
+                # the idempotency state (locked) says these are new: COPY straight in;
+                # the unique key still guards, and a hit (state lost, restored backup)
+                # falls back to the staged upsert below
+                async with conn.transaction():
+                    await conn.copy_records_to_table("readings", records=records,
+                                                     columns=_ALLCOLS)
+                return written + len(own)
+            except asyncpg.UniqueViolationError:
+                self.copy_fallbacks += 1
+            await conn.execute(_CREATE_STAGING)
+            await conn.copy_records_to_table(_STAGING, records=[r[1:-1] for r in records],
                                              columns=_COLS)
             # one staged insert per transaction; ON COMMIT DELETE ROWS empties the table
             status = await conn.execute(_INSERT_STAGED, device_id, now)

@@ -209,3 +209,26 @@ async def test_unreachable_at_open(schema: str) -> None:
                       connect_timeout_s=1.0)
     with pytest.raises(StoreUnavailable):
         await s.open()
+
+
+async def test_unique_key_is_second_line_of_defence(postgres_dsn: str, schema: str) -> None:
+    """The idempotency state is lost (restored from an old backup): the (device_id, seq)
+    key still keeps every reading once, and the state is rebuilt."""
+    from cloud.dedup import IdempotencyState
+
+    store = await factory(postgres_dsn, schema)()
+    try:
+        svc = IngestService(store)
+        data = payload("d", make_readings("d", 400))
+        assert (await svc.handle(incoming(data))).accepted == 400
+        await store.pool.execute("UPDATE idempotency SET state = $1",
+                                 IdempotencyState().to_bytes())
+        mixed = payload("d", make_readings("d", 500), "mixed")  # 400 old + 100 new
+        ack = await svc.handle(incoming(mixed))
+        assert (ack.status, ack.accepted, ack.duplicates) == ("ok", 100, 400)
+        assert store.copy_fallbacks == 1
+        assert await store.count("d") == 500
+        assert (await store.idempotency_state("d")).watermark == 500
+        assert (await svc.handle(incoming(mixed))).status == "duplicate"
+    finally:
+        await store.close()
