@@ -15,7 +15,12 @@ from cloud.ingest import IngestService
 from pymigrate.errors import PayloadRejected, TransportError
 from pymigrate.types import Ack
 from tests.conftest import free_port
-from tests.integration.transport_support import RecordingStore, make_batch, plan_batches
+from tests.integration.transport_support import (
+    RecordingStore,
+    make_batch,
+    plan_batches,
+    send_until_acked,
+)
 from transports.base import Incoming
 from transports.config import MqttConfig
 from transports.mqtt import MqttIngestServer, MqttUplink
@@ -160,3 +165,30 @@ async def test_dead_broker_is_retriable_transport_error() -> None:
     with pytest.raises(TransportError):
         await server.start(IngestService(None).handle)  # type: ignore[arg-type]
     await up.close()
+
+
+async def test_ingest_resubscribes_after_losing_the_broker(mosquitto: tuple[str, int],
+                                                           store: RecordingStore) -> None:
+    from simulators.netproxy import FaultProxy
+
+    cfg = _cfg(mosquitto)
+    async with FaultProxy(mosquitto) as proxy:
+        server = MqttIngestServer(msgspec.structs.replace(cfg, port=proxy.port()),
+                                  reconnect_max_s=0.2)
+        await server.start(IngestService(store).handle)
+        device = f"rc{uuid.uuid4().hex[:8]}"
+        up = MqttUplink(cfg, device_id=device)  # the device talks to the broker directly
+        try:
+            batches = plan_batches(device, 2)
+            await up.send(batches[0][1], batch_id=batches[0][0], timeout=5)
+            proxy.cut(mode="reset")
+            await asyncio.sleep(0.3)  # the ingest notices and retries, refused meanwhile
+            proxy.restore()
+            await server.wait_ready(5)
+            ack = await send_until_acked(up, batches[1][0], batches[1][1], timeout=2)
+            assert ack.status == "ok"
+            assert proxy.counters().connections >= 2
+        finally:
+            await up.close()
+            await server.stop()
+    assert await store.count(device) == 40
