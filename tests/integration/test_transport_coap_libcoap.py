@@ -106,6 +106,7 @@ async def test_our_ingest_throttles_with_503_max_age(
         await up.send(payload, batch_id=batch_id, timeout=5)
     await up.close()
     assert ei.value.retry_after_s == 3.0  # Max-Age rounds up: never invites an early retry
+    assert await store.count(device) == 0
 
 
 async def test_our_uplink_blockwise_to_libcoap_server(tmp_path: Path) -> None:
