@@ -24,7 +24,6 @@ F64 = npt.NDArray[np.float64]
 _ONE = np.uint64(1)
 _SH63 = np.uint64(63)
 _THRESH = np.array([1 << (7 * t) for t in range(1, 10)], dtype=np.uint64)
-_SHIFTS = np.arange(0, 70, 7, dtype=np.uint64)
 
 # integer column modes
 COL_CONST = 0  # every value equal: x0
@@ -46,19 +45,22 @@ def unzigzag(z: U64) -> U64:
 
 
 def varint_encode(z: U64) -> bytes:
-    """LEB128-encode an unsigned array, vectorised."""
+    """LEB128-encode an unsigned array, vectorised (one pass per output byte column)."""
     n = z.size
     if n == 0:
         return b""
-    nb = 1 + np.count_nonzero(z[:, None] >= _THRESH, axis=1)
-    maxb = int(nb.max())
+    extra = np.searchsorted(_THRESH, z, side="right")  # bytes beyond the first
+    maxb = int(extra.max()) + 1
     if maxb == 1:
-        return z.astype(np.uint8).tobytes()
-    groups = ((z[:, None] >> _SHIFTS[:maxb]) & np.uint64(0x7F)).astype(np.uint8)
-    cont = np.arange(maxb) < (nb[:, None] - 1)
-    groups |= cont.astype(np.uint8) << np.uint8(7)
-    out: bytes = groups[np.arange(maxb) < nb[:, None]].tobytes()
-    return out
+        one: bytes = z.astype(np.uint8).tobytes()
+        return one
+    out = np.empty((n, maxb), dtype=np.uint8)
+    for b in range(maxb):
+        col = (z >> np.uint64(7 * b)).astype(np.uint8) & np.uint8(0x7F)
+        col |= (extra > b).view(np.uint8) << np.uint8(7)
+        out[:, b] = col
+    res: bytes = out[np.arange(maxb) <= extra[:, None]].tobytes()
+    return res
 
 
 def uvarint(value: int) -> bytes:

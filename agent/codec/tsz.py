@@ -97,11 +97,12 @@ def _decimal_digits(v: F64) -> U8:
     sub = v[idx]
     with np.errstate(all="ignore"):
         for d, p in enumerate(_P10):
-            if idx.size == 0:
-                break
             m = np.rint(sub * p) + 0.0  # +0.0: the decoder has no -0
             k = sub.view(np.int64) - (m / p).view(np.int64)
-            ok = (np.abs(m) < _LIMIT52) & ((k + _KMAX).view(np.uint64) <= 2 * _KMAX)
+            ok = (k + _KMAX).view(np.uint64) <= 2 * _KMAX  # magnitude is checked at encode
+            if ok.all():
+                out[idx] = d
+                break
             out[idx[ok]] = d
             keep = ~ok
             idx = idx[keep]
