@@ -39,7 +39,7 @@ TOML (every key optional; defaults shown)::
     port = 5683
 
     [cloud.dedup]
-    conflict_policy = "first"     # first | last | best_quality | average (same series+instant)
+    # conflict_policy = "first"   # off by default; first | last | best_quality | average
     gateway_tolerance_ms = 0      # > 0 turns on redundant-gateway dedup
     gateway_policy = "first"      # replacing policies need a SQL store (sqlite, postgres)
 
@@ -126,7 +126,9 @@ class CoapListener(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class DedupSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    conflict_policy: ConflictPolicy = ConflictPolicy.FIRST
+    # None (default): every distinct sequence number is stored, even two values at one
+    # instant (real feeds have duplicate timestamps); a policy resolves them instead
+    conflict_policy: ConflictPolicy | None = None
     gateway_policy: ConflictPolicy = ConflictPolicy.FIRST
     gateway_tolerance_ms: int = 0
     gateway_match_values: bool = True
