@@ -87,7 +87,8 @@ class JobsClient:
     def __init__(self, device_id: str, *, channel: DeviceLink, apply_config: ApplyConfig,
                  health: HealthCheck, clock: Clock, config_path: str | Path,
                  hooks: Mapping[str, Hook] | None = None, check_delay_s: float = 5.0,
-                 health_interval_s: float = 30.0, soak_reports: int = 4) -> None:
+                 health_interval_s: float = 30.0, soak_reports: int = 4,
+                 heartbeat_s: float = 0.0) -> None:
         self.device_id = device_id
         self.channel = channel
         self.apply_config = apply_config
@@ -100,6 +101,7 @@ class JobsClient:
         self.check_delay_s = check_delay_s
         self.health_interval_s = health_interval_s
         self.soak_reports = soak_reports
+        self.heartbeat_s = heartbeat_s  # > 0: report health this often (last-seen health)
         self._queue: asyncio.Queue[JobNotify] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._soak: asyncio.Task[None] | None = None
@@ -119,7 +121,19 @@ class JobsClient:
         task = asyncio.create_task(self._worker(), name=f"agent[jobs:{self.device_id}]")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self.heartbeat_s > 0:
+            hb = asyncio.create_task(self._heartbeat(), name=f"agent[jobs-hb:{self.device_id}]")
+            self._tasks.add(hb)
+            hb.add_done_callback(self._tasks.discard)
         await self.pull()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.clock.sleep(self.heartbeat_s)
+            try:
+                await self.report_health()
+            except Exception as exc:  # a missed heartbeat is not fatal
+                log.warning("health heartbeat failed", error=repr(exc))
 
     async def stop(self) -> None:
         """Stop the worker and any soak reporter; close the link."""

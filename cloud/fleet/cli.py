@@ -24,7 +24,7 @@ from cloud.fleet.metrics import FleetMetrics
 from cloud.fleet.registry import Group, Registry
 from cloud.fleet.sim import FleetModel, dry_run, summary
 from cloud.fleet.spec import RolloutSpec, derive_plan, parse_spec, predict_seconds, wave_sizes
-from cloud.fleet.states import DeviceState
+from cloud.fleet.states import TERMINAL, DeviceState
 from cloud.fleet.store import FleetStore, RolloutRecord, open_store
 from pymigrate.clock import WallClock
 from pymigrate.configload import convert, load_toml
@@ -70,11 +70,30 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             counts = await store.state_counts(rec.rollout_id)
             waves = json.loads(rec.waves)
+            # target order is registry order: rebuild positions to count states per wave
+            rows = sorted((reg.get_index(r.device_id) or 0, r.state)
+                          for r in await store.load_device_states(rec.rollout_id))
+            per_wave = []
+            for w in waves:
+                c: dict[str, int] = {}
+                for _, st in rows[w["start"]:w["end"]]:
+                    name = DeviceState(st).name.lower()
+                    c[name] = c.get(name, 0) + 1
+                per_wave.append({"wave": w["index"], "size": w["end"] - w["start"],
+                                 "gate": w["gate"], "states": c})
+            total = sum(counts.values())
+            done = sum(n for s, n in counts.items() if DeviceState(s) in TERMINAL)
+            elapsed = max(0.001, (rec.finished_ms or rec.updated_ms) - rec.created_ms) / 1000
+            eta = None if not done else round((total - done) * elapsed / done, 1)
+            succ = counts.get(DeviceState.SUCCEEDED, 0)
+            fail = sum(counts.get(s, 0) for s in (DeviceState.FAILED, DeviceState.TIMED_OUT,
+                                                   DeviceState.REJECTED))
             out["rollouts"].append({
                 "rollout_id": rec.rollout_id, "status": rec.status, "reason": rec.reason,
+                "devices": total,
                 "states": {DeviceState(s).name.lower(): n for s, n in sorted(counts.items())},
-                "waves": [{"wave": w["index"], "size": w["end"] - w["start"],
-                           "gate": w["gate"]} for w in waves],
+                "success_rate": round(succ / (succ + fail), 4) if succ + fail else None,
+                "eta_s": eta, "waves": per_wave,
                 "transitions": await store.transition_count(rec.rollout_id),
                 "updated_ms": rec.updated_ms})
         return out

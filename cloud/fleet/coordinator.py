@@ -101,6 +101,7 @@ class Coordinator:
 
     def transition(self, rollout: Rollout, idx: int, src: int, dst: int, attempt: int,
                    reason: str, now: float) -> None:
+        self._dirty.add(rollout.id)
         self._pending.append(TransitionRecord(rollout.id, self.registry.ids[idx], src, dst,
                                               attempt, reason, int(now * 1000)))
         self.transitions += 1
@@ -372,6 +373,8 @@ class Coordinator:
             recs, self._pending = self._pending, []
             dirty, self._dirty = self._dirty, set()
             devs, self._dirty_devices = self._dirty_devices, set()
+            for rid in dirty:  # keep the exported gauges current without a scan
+                self.metrics.set_states(rid, self.core.rollouts[rid].counts)
             try:
                 await self.store.save_transitions(recs)
                 recs = []

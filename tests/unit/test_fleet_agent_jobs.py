@@ -188,6 +188,24 @@ async def test_bad_documents_refusals_and_internal_errors(fc: FakeCoordinator,
     await c.stop()
 
 
+async def test_heartbeat_reports_health_periodically(fc: FakeCoordinator,
+                                                     tmp_path: Path) -> None:
+    clock = VirtualClock()
+    n = {"calls": 0}
+
+    def health() -> Health:
+        n["calls"] += 1
+        if n["calls"] == 2:
+            raise RuntimeError("flaky sensor")
+        return Health(backlog_bytes=n["calls"])
+
+    c = await make(fc, tmp_path, clock, health=health, heartbeat_s=60)
+    await clock.advance(60 * 4)
+    beats = [m for m in fc.got if isinstance(m, JobUpdate)]
+    assert [b.health.backlog_bytes for b in beats if b.health] == [1, 3, 4]
+    await c.stop()
+
+
 async def test_state_file_survives_and_corrupt_state_is_ignored(fc: FakeCoordinator,
                                                                  tmp_path: Path) -> None:
     (tmp_path / "agent.toml.jobs.json").write_text("[1, 2]")

@@ -111,6 +111,16 @@ async def test_rollout_end_to_end_with_jobs_clients(rig: Rig) -> None:
     assert 'pymigrate_fleet_notifications_total{op="apply"} 20.0' in text
     assert 'pymigrate_fleet_rollout_devices{rollout="r1",state="succeeded"} 20.0' in text
     assert state_name(4) == "succeeded"
+    # `pymigrate fleet status` reads the same store: per-wave states, rates, ETA
+    import argparse
+
+    from cloud.fleet.cli import _status
+
+    out = await _status(argparse.Namespace(store=rig.store.path, rollout="r1"))
+    ro = out["rollouts"][0]
+    assert ro["status"] == "completed" and ro["success_rate"] == 1.0 and ro["eta_s"] == 0.0
+    assert [w["states"] for w in ro["waves"]] == [{"succeeded": n} for n in (4, 8, 8)]
+    assert out["fleet"]["devices"] == 20
 
 
 async def test_device_health_check_failure_rolls_back_locally(rig: Rig) -> None:
