@@ -232,3 +232,26 @@ async def test_unique_key_is_second_line_of_defence(postgres_dsn: str, schema: s
         assert (await svc.handle(incoming(mixed))).status == "duplicate"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("policy", "gw1", "gw2"), [
+    ("last", [], [1.5, 2.5]), ("average", [1.25, 2.25], [])])
+async def test_gateway_policies_replace_in_one_transaction(
+        postgres_dsn: str, schema: str, policy: str, gw1: list[float],
+        gw2: list[float]) -> None:
+    from cloud.dedup import GatewayDeduper
+    from pymigrate.types import Reading
+    from tests.unit.cloud_helpers import T0
+
+    store = await factory(postgres_dsn, schema)()
+    try:
+        svc = IngestService(store, gateway=GatewayDeduper(500, policy, match_values=False))
+        for dev, vals, skew in (("gw1", [1.0, 2.0], 0), ("gw2", [1.5, 2.5], 80)):
+            rs = [Reading(dev, "node-3", T0 + 60_000 * i + skew, v, seq=i + 1)
+                  for i, v in enumerate(vals)]
+            assert (await svc.handle(incoming(payload(dev, rs)))).status == "ok"
+        assert [r.value for r in await store.query("gw1")] == gw1
+        assert [r.value for r in await store.query("gw2")] == gw2
+        assert svc.counters["gateway_replaced"] == 2
+    finally:
+        await store.close()

@@ -141,3 +141,21 @@ async def test_aggregates_of_different_functions_are_not_conflicts(store: Sqlite
     dup = msgspec.structs.replace(rs[0], seq=4)
     ack = await svc.handle(incoming(payload("d", [*rs, dup])))
     assert ack.accepted == 3 and await store.count("d") == 3
+
+
+async def test_corrupt_chunk_in_valid_envelope(store: SqliteStore) -> None:
+    from agent.codec import seal_chunk
+
+    good = seal_chunk(make_readings("d", 10))
+    bad = msgspec.structs.replace(good, checksum=good.checksum ^ 1)
+    svc = IngestService(store)
+    ack = await svc.handle(incoming(encode_batch(Batch("d", "cb", [good, bad]))))
+    assert (ack.status, ack.reason) == ("rejected", "corrupt")
+    assert await store.dead_letters() == [("d", "cb", "corrupt")]
+    assert await store.count("d") == 0  # the good chunk is not written alone either
+
+
+async def test_conflict_policy_without_conflicts_changes_nothing(store: SqliteStore) -> None:
+    svc = IngestService(store, conflict_policy="average")
+    ack = await svc.handle(incoming(payload("d", make_readings("d", 30))))
+    assert ack.accepted == 30 and svc.counters["conflicts_resolved"] == 0
