@@ -94,6 +94,7 @@ class _Connection:
             max_queued_incoming_messages=10_000, **kwargs)  # type: ignore[arg-type]
         self.reader: asyncio.Task[None] | None = None
         self.dead = False  # the link is gone (reader saw the disconnect) or closing
+        self.lost = asyncio.Event()  # set when the reader saw the link go
         self._closing = False
 
     def _watch_refusal(self) -> asyncio.Future[str]:
@@ -135,7 +136,7 @@ class _Connection:
         with contextlib.suppress(BaseException):
             await enter
         if refused in done and not refused.cancelled():
-            raise aiomqtt.MqttError(f"connection closed by the broker before CONNACK "
+            raise aiomqtt.MqttError(f"connection closed before CONNACK "
                                     f"({refused.result()})")
         raise TimeoutError
 
@@ -225,6 +226,7 @@ class MqttUplink:
             log.info("MQTT uplink %s disconnected: %s", self.device_id, exc)
         finally:
             conn.dead = True
+            conn.lost.set()
             self._fail_all(TransportError("MQTT connection lost", device=self.device_id))
 
     def _on_ack(self, msg: aiomqtt.Message) -> None:
@@ -266,9 +268,8 @@ class MqttUplink:
             props.CorrelationData = batch_id.encode()
         try:
             try:
-                await conn.client.publish(self._up, payload, qos=1, properties=props,
-                                          timeout=max(0.01, deadline - self.clock.monotonic()))
-            except aiomqtt.MqttError as exc:
+                await self._publish(conn, payload, props, deadline)
+            except (aiomqtt.MqttError, ConnectionError) as exc:
                 await self._drop(conn)
                 raise TransportError(f"MQTT publish of {batch_id} failed: {exc}",
                                      batch_id=batch_id) from exc
@@ -288,6 +289,29 @@ class MqttUplink:
                 if fut.done() and not fut.cancelled():
                     fut.exception()  # retrieved: no "never retrieved" warning
         return check_ack(ack, batch_id, "mqtt")
+
+    async def _publish(self, conn: _Connection, payload: bytes, props: Properties | None,
+                       deadline: float) -> None:
+        """QoS 1 publish until PUBACK; a lost link fails it at once.
+
+        aiomqtt's publish waits for its PUBACK until the timeout even when the connection
+        is already gone; the reader task notices the loss, so race against that.
+        """
+        pub = asyncio.ensure_future(conn.client.publish(
+            self._up, payload, qos=1, properties=props,
+            timeout=max(0.01, deadline - self.clock.monotonic())))
+        lost = asyncio.ensure_future(conn.lost.wait())
+        try:
+            await asyncio.wait((pub, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if pub.done():
+            pub.result()
+            return
+        pub.cancel()
+        with contextlib.suppress(BaseException):
+            await pub
+        raise ConnectionError("connection lost before PUBACK")
 
     async def _drop(self, conn: _Connection) -> None:
         if self._conn is conn:
