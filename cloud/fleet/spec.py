@@ -138,11 +138,21 @@ def wave_sizes(n: int, plan: WavePlan) -> list[int]:
 
 
 def predict_seconds(n: int, plan: WavePlan, spec: RolloutSpec) -> float:
-    """Rough duration: per wave, notification time at the rate cap plus one slow update
-    and the soak (the gate needs nearly the whole wave)."""
+    """Rough duration. Each wave: notification time at the rate cap plus one slow update
+    and the soak (the gate needs nearly the whole wave). The last wave also waits for
+    the slowest outcome: hung devices (timeout x attempts) or offline ones (the wait)."""
     rate_s = spec.max_notifications_per_min / 60.0
-    return sum(size / rate_s + spec.expected_update_s + spec.soak_s
-               for size in wave_sizes(n, plan))
+    sizes = wave_sizes(n, plan)
+    if not sizes:
+        return 0.0
+    per = [size / rate_s + spec.expected_update_s + spec.soak_s for size in sizes]
+    attempts = 1 + (spec.max_retries if spec.retry_timeouts else 0)
+    tail = max(spec.expected_update_s + spec.soak_s, spec.device_timeout_s * attempts,
+               spec.offline_wait_s)
+    return sum(per[:-1]) + sizes[-1] / rate_s + tail
+
+
+DEADLINE_HEADROOM = 0.85
 
 
 def derive_plan(n: int, spec: RolloutSpec) -> tuple[WavePlan, bool]:
@@ -155,7 +165,8 @@ def derive_plan(n: int, spec: RolloutSpec) -> tuple[WavePlan, bool]:
     for growth in (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 1e9):
         plan = WavePlan(canary=base.canary, canary_pct=base.canary_pct, growth=growth,
                         max_wave=base.max_wave)
-        if predict_seconds(n, plan, spec) <= spec.deadline_s:
+        # 15 % headroom: the estimate ignores retries queueing behind the last wave
+        if predict_seconds(n, plan, spec) <= DEADLINE_HEADROOM * spec.deadline_s:
             return plan, True
         best = plan
     assert best is not None

@@ -19,7 +19,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
 def test_dry_run_prints_prediction(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     spec = tmp_path / "spec.toml"
     spec.write_text('[rollout]\nrollout_id = "fw-2"\nsoak_s = 60\n'
-                    "max_notifications_per_min = 2000\ndeadline_s = 3600\n"
+                    "max_notifications_per_min = 2000\ndeadline_s = 3600\noffline_wait_s = 600\n"
                     "[rollout.gate]\nmin_executed = 10\nsuccess_threshold = 0.9\n")
     out = run(capsys, "dry-run", "--spec", str(spec), "--devices", "2000", "--failure", "0.02")
     assert out["status"] == "completed"

@@ -47,12 +47,16 @@ def test_wave_sizes_canary_growth_and_cap() -> None:
 
 def test_plan_derived_from_deadline() -> None:
     spec = RolloutSpec("r", deadline_s=3600, expected_update_s=300, soak_s=120,
-                       max_notifications_per_min=1000)
+                       max_notifications_per_min=1000, device_timeout_s=420, max_retries=1,
+                       offline_wait_s=900)
     plan, ok = derive_plan(10_000, spec)
-    assert ok and predict_seconds(10_000, plan, spec) <= 3600
+    assert ok and predict_seconds(10_000, plan, spec) <= 0.85 * 3600
     # a slower growth would not fit: the derived plan is the most cautious that does
-    slower = WavePlan(canary_pct=1, growth=1.5)
-    assert predict_seconds(10_000, slower, spec) > 3600
+    slower = WavePlan(canary_pct=1, growth=plan.growth / 1.5)
+    assert predict_seconds(10_000, slower, spec) > 0.85 * 3600
+    # and the dry run of the derived plan meets the deadline
+    res = dry_run(spec, FleetModel(devices=10_000, seed=5))
+    assert res.status == "completed" and res.simulated_minutes_to_complete < 60
     assert effective_plan(10_000, spec) == plan
     assert effective_plan(10, RolloutSpec("r")) == WavePlan()
     # 100,000 devices at 1,000 notifications/min cannot be done in an hour
