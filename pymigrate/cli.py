@@ -98,7 +98,9 @@ async def _agent_main(path: str) -> int:
 
     cfg = load_agent_config(path)
     setup_logging(cfg.log.format, cfg.log.level)
-    agent = Agent(cfg)
+    from pymigrate.clock import clock_from_env
+
+    agent = Agent(cfg, clock=clock_from_env())  # PYMIGRATE_CLOCK_OFFSET_MS: test hook
     _install_signals(agent.request_stop, agent.force_stop)
     try:
         await agent.run()

@@ -122,3 +122,40 @@ class VirtualClock:
             dt = min(step, limit) if nxt is None else min(nxt - self._now, limit)
             await self.advance(max(dt, 0.0))
         return True
+
+
+class OffsetClock:
+    """Another clock's wall time shifted by ``offset_ms`` (monotonic time untouched).
+
+    For fault injection: a device whose RTC is wrong or jumped. ``pymigrate agent``
+    wraps its WallClock in one when ``PYMIGRATE_CLOCK_OFFSET_MS`` is set (test hook).
+    """
+
+    def __init__(self, base: Clock, offset_ms: int) -> None:
+        self.base = base
+        self.offset_ms = offset_ms
+
+    def time_ms(self) -> int:
+        return self.base.time_ms() + self.offset_ms
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.base.sleep(seconds)
+
+    async def sleep_until(self, deadline: float) -> None:
+        await self.base.sleep_until(deadline)
+
+
+def clock_from_env(env: dict[str, str] | None = None) -> Clock:
+    """WallClock, offset by ``PYMIGRATE_CLOCK_OFFSET_MS`` when that is set (test hook)."""
+    import os
+
+    raw = (os.environ if env is None else env).get("PYMIGRATE_CLOCK_OFFSET_MS", "").strip()
+    if not raw:
+        return WallClock()
+    try:
+        return OffsetClock(WallClock(), int(raw))
+    except ValueError:
+        raise ValueError(f"PYMIGRATE_CLOCK_OFFSET_MS must be an integer, got {raw!r}") from None
