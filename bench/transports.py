@@ -69,10 +69,16 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+def _mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found is None and Path("/usr/sbin/mosquitto").exists():  # sbin is not on every PATH
+        found = "/usr/sbin/mosquitto"
+    return found
+
+
 @contextlib.asynccontextmanager
 async def _private_mosquitto(workdir: Path) -> AsyncIterator[tuple[int, str]]:
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    binary = _mosquitto_binary()
     if binary is None:
         yield 1883, "system mosquitto 127.0.0.1:1883"
         return

@@ -139,7 +139,7 @@ async def test_contract_clean_link(rig: Rig) -> None:
 async def test_contract_under_faults(rig: Rig) -> None:
     """Latency, jitter, loss/stalls, resets and a short outage: still exactly once, in order."""
     if rig.kind == "coap":
-        rig.proxy.set(latency_ms=5, jitter_ms=10, loss=0.1)
+        rig.proxy.set(latency_ms=5, jitter_ms=10, loss=0.05)
     else:
         rig.proxy.set(latency_ms=5, jitter_ms=10, loss=0.05, stall_ms=100, reset_prob=0.03)
     rig.proxy.schedule_outage(0.3, 0.6, mode="reset")
