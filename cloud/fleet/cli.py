@@ -88,6 +88,11 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
             succ = counts.get(DeviceState.SUCCEEDED, 0)
             fail = sum(counts.get(s, 0) for s in (DeviceState.FAILED, DeviceState.TIMED_OUT,
                                                    DeviceState.REJECTED))
+            if args.list_state:  # e.g. which devices were skipped as offline
+                want = DeviceState[args.list_state.upper()]
+                listed = sorted(r.device_id for r in await store.load_device_states(
+                    rec.rollout_id) if r.state == want)
+                out.setdefault("devices", {})[rec.rollout_id] = listed
             out["rollouts"].append({
                 "rollout_id": rec.rollout_id, "status": rec.status, "reason": rec.reason,
                 "devices": total,
@@ -227,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="fleet health and rollout progress from the store")
     with_store(s)
     s.add_argument("--rollout", default="")
+    s.add_argument("--list-state", default="", choices=["", *(x.name.lower() for x in
+                                                            DeviceState)],
+                   help="also list the device ids in this state (e.g. skipped, failed)")
     s = sub.add_parser("dry-run", help="simulate a rollout against a fleet model")
     s.add_argument("--spec", default="")
     s.add_argument("--devices", type=int, default=10_000)

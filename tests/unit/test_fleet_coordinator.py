@@ -116,7 +116,9 @@ async def test_rollout_end_to_end_with_jobs_clients(rig: Rig) -> None:
 
     from cloud.fleet.cli import _status
 
-    out = await _status(argparse.Namespace(store=rig.store.path, rollout="r1"))
+    out = await _status(argparse.Namespace(store=rig.store.path, rollout="r1",
+                                           list_state="succeeded"))
+    assert len(out["devices"]["r1"]) == 20
     ro = out["rollouts"][0]
     assert ro["status"] == "completed" and ro["success_rate"] == 1.0 and ro["eta_s"] == 0.0
     assert [w["states"] for w in ro["waves"]] == [{"succeeded": n} for n in (4, 8, 8)]
