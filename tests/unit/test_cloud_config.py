@@ -21,7 +21,7 @@ def test_defaults() -> None:
     assert cfg == CloudConfig()
     assert cfg.store == "sqlite" and cfg.sqlite.path == "cloud.db"
     assert cfg.listeners == ["coap"] and cfg.coap.port == 5683
-    assert cfg.dedup.conflict_policy is ConflictPolicy.FIRST
+    assert cfg.dedup.conflict_policy is None  # off: distinct seqs are distinct readings
     assert cfg.dedup.gateway_tolerance_ms == 0 and cfg.rate_limit.batches_per_s == 0
 
 
