@@ -65,22 +65,26 @@ def chunked(readings: Sequence[Reading], n: int) -> list[list[Reading]]:
     return [list(readings[i: i + n]) for i in range(0, len(readings), n)]
 
 
-def envelope_bytes(device: str, chunks: list[Chunk], batch_bytes: int) -> tuple[int, int]:
-    """(bytes packed into batches of <= batch_bytes, bytes with one chunk per batch)."""
-    def size(cs: list[Chunk]) -> int:
-        return len(encode_batch(Batch(device, uuid.uuid4().hex, cs, 1_767_600_000_000)))
+def envelope_bytes(device: str, chunks: list[Chunk],
+                   batch_bytes: int) -> tuple[int, int, float]:
+    """(bytes packed into batches of <= batch_bytes before compression, bytes with one
+    chunk per batch, CPU seconds spent encoding the packed batches)."""
+    def batch(cs: list[Chunk]) -> bytes:
+        return encode_batch(Batch(device, uuid.uuid4().hex, cs, 1_767_600_000_000))
 
-    one = sum(size([c]) for c in chunks)
-    packed = 0
-    cur: list[Chunk] = []
+    one = sum(len(batch([c])) for c in chunks)
+    groups: list[list[Chunk]] = []
+    size = batch_bytes
     for c in chunks:
-        if cur and size([*cur, c]) > batch_bytes:
-            packed += size(cur)
-            cur = []
-        cur.append(c)
-    if cur:
-        packed += size(cur)
-    return packed, one
+        est = len(c.payload) + 48  # chunk header fields in the envelope body
+        if size + est > batch_bytes:
+            groups.append([])
+            size = 64
+        groups[-1].append(c)
+        size += est
+    t0 = time.process_time()
+    packed = sum(len(batch(g)) for g in groups)
+    return packed, one, time.process_time() - t0
 
 
 def same(a: Reading, b: Reading) -> bool:
@@ -194,7 +198,7 @@ def measure(readings: list[Reading], device: str, chunk_points: int, codec: str,
         enc, dec, wall_enc = min(enc, t1 - t0), min(dec, t2 - t1), min(wall_enc, w1 - w0)
     exact = all(len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
                 for a, b in zip(chunks_r, opened))
-    packed, one = envelope_bytes(device, sealed, batch_bytes)
+    packed, one, env_cpu = envelope_bytes(device, sealed, batch_bytes)
     payload = sum(len(ch.payload) for ch in sealed)
     peers = peer_sizes(chunks_r)
     peers["line_protocol_gzip"] = lp_gzip_size(readings)
@@ -204,7 +208,7 @@ def measure(readings: list[Reading], device: str, chunk_points: int, codec: str,
         # that series alone, cut at the same chunk boundaries
         s_chunks = [ch for ch in ([r for r in rs if r.sensor == name] for rs in chunks_r) if ch]
         s_sealed = [seal_chunk(rs, c) for rs in s_chunks]
-        s_bytes, _ = envelope_bytes(device, s_sealed, batch_bytes)
+        s_bytes, _, _ = envelope_bytes(device, s_sealed, batch_bytes)
         per_series[name] = {
             "points": len(srs),
             "bytes_per_point": round(s_bytes / len(srs), 4),
@@ -224,6 +228,7 @@ def measure(readings: list[Reading], device: str, chunk_points: int, codec: str,
         "encode_us_per_point": round(enc * 1e6 / n, 3),
         "decode_us_per_point": round(dec * 1e6 / n, 3),
         "encode_wall_us_per_point": round(wall_enc * 1e6 / n, 3),
+        "envelope_us_per_point": round(env_cpu * 1e6 / n, 3),
         "peers_bytes_per_point": {"raw16": 16.0, **{k: round(v / n, 4) for k, v in peers.items()}},
         "per_series": per_series,
     }

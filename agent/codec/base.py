@@ -23,7 +23,7 @@ class ChunkCodec(Protocol):
 
 CODECS: dict[str, ChunkCodec] = {}
 _BY_ID: dict[int, ChunkCodec] = {}
-DEFAULT_CODEC = "tsz-zstd"
+DEFAULT_CODEC = "tsz-lz4"
 
 
 def register(codec: ChunkCodec) -> ChunkCodec:
