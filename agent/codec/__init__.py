@@ -16,11 +16,15 @@ from agent.codec.base import (
     register,
     seal_chunk,
 )
+from agent.codec.tsz import ChunkMeta, TszCodec, chunk_meta
 
 __all__ = [
     "CODECS",
     "DEFAULT_CODEC",
     "ChunkCodec",
+    "ChunkMeta",
+    "TszCodec",
+    "chunk_meta",
     "codec_by_id",
     "codec_by_name",
     "open_chunk",

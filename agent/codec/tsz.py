@@ -16,10 +16,14 @@ same instants share one timestamp column (delta-of-delta). Values are decimal-sc
 integers at a resolution detected per series and chunk, with a tiny per-value "ulp"
 correction column for float artefacts such as ``927.9630000000001``; values that are not
 short decimals (NaN with payload, +-inf, -0.0, huge) go to an exact exception list, and a
-series that is mostly such values is XOR-coded with byte planes. ``seq`` (usually a
-constant stride), ``quality``, ``uncert_ms``, ``raw_ts_ms`` and the ``agg`` fields are
-integer columns that cost one byte per series when all-default. Every field of every
-Reading round-trips exactly, values bit-for-bit, in the original order.
+series that is mostly such values is XOR-coded with byte planes. The acceptance order
+is kept as the series index of each reading (one byte, as the step modulo the series
+count: round-robin rows compress to nearly nothing); ``seq`` (usually +1 each), and
+``quality``, ``uncert_ms``, ``raw_ts_ms`` and the ``agg`` fields follow as columns in
+that order, the optional ones absent (0 bytes, a flag bit) when all-default. Integer
+columns pick constant / arithmetic progression / raw / delta / delta-of-delta per
+segment, zigzag + LEB128 varints. Every field of every Reading round-trips exactly,
+values bit-for-bit, in the original order.
 """
 
 from __future__ import annotations
@@ -317,7 +321,9 @@ class TszCodec:
 
     def _seal(self, names: bytes, body: bytes) -> bytes:
         kind = ENTROPY[self.entropy]
-        if kind == 1:
+        if kind == 0:
+            packed = body
+        elif kind == 1:
             packed = self._zc.compress(body)
         else:
             packed = lz4.block.compress(body, store_size=False)
