@@ -160,3 +160,15 @@ def test_open_chunk_with_bad_codec_id_and_checksum() -> None:
     assert e.value.reason == "unknown_codec"
     with pytest.raises(DecodeError):
         codec_by_id(99)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x9b\x00\x00\x00\x01\x00\x00\x00\x00",  # array claiming 2**32 items
+    b"\x5b\x00\x00\x00\x01\x00\x00\x00\x00",  # byte string claiming 4 GiB
+    b"\xbb\x00\x00\x00\x01\x00\x00\x00\x00",  # map claiming 2**32 pairs
+    b"\x81" * 100_000,  # nesting far past any sane depth
+])
+def test_senml_cbor_declared_lengths_and_depth(data: bytes) -> None:
+    with pytest.raises(DecodeError) as e:
+        parse_senml(data, content_format="cbor", device_id="d", now_ms=0)
+    assert e.value.reason == "malformed"
