@@ -1,6 +1,6 @@
 """Cloud ingest benchmark: ``python -m bench ingest [--readings N] [--batch B]
 [--devices D] [--inflight K] [--stores sqlite,postgres,influx] [--replicas 1,2]
-[--dsn DSN] [--quick]``.
+[--dsn DSN] [--no-race] [--quick]``.
 
 End to end on the cloud side: each measured item is a wire payload (envelope v3, chunks
 of 500 readings sealed with the default codec, encoded beforehand as the devices would)
@@ -12,6 +12,10 @@ store instance each, as separate ingest containers would be), devices split betw
 as a broker's shared subscription / competing consumers would; each keeps ``inflight``
 batches in progress. ``cpu_us_per_reading`` is the replicas' process CPU time (all
 threads: aiosqlite's worker included; the database server's CPU is not) / readings.
+A third run (``race``) hands *every* batch to both of 2 replicas at once, as a broker
+redelivering everything would: the readings are written once in total (the other
+replica's copy is acked ``duplicate``); ``readings_per_s`` and ``cpu_us_per_reading`` are
+per distinct reading.
 After each run the store is checked: it holds every reading exactly once.
 
 Stores: SQLite (a temp file; replicas share it), PostgreSQL (``--dsn``, a throwaway
@@ -115,10 +119,13 @@ def _replica(spec: dict[str, Any], batches: list[bytes], inflight: int, start: A
 
 
 def run_replicas(spec: dict[str, Any], payloads: dict[str, list[bytes]], replicas: int,
-                 inflight: int) -> dict[str, Any]:
+                 inflight: int, *, race: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     devs = sorted(payloads)
-    shares = [[b for d in devs[r::replicas] for b in payloads[d]] for r in range(replicas)]
+    if race:  # every replica gets every batch (redelivery storm): written once in total
+        shares = [[b for d in devs for b in payloads[d]] for _ in range(replicas)]
+    else:
+        shares = [[b for d in devs[r::replicas] for b in payloads[d]] for r in range(replicas)]
     start = ctx.Barrier(replicas + 1)
     out = ctx.Queue()
     procs = [ctx.Process(target=_replica, args=(spec, shares[r], inflight, start, out))
@@ -139,7 +146,7 @@ def run_replicas(spec: dict[str, Any], payloads: dict[str, list[bytes]], replica
     for r in results:
         for k, v in r["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
-    return {"replicas": replicas, "readings": readings, "wall_s": round(wall, 3),
+    return {"replicas": replicas, "race": race, "readings": readings, "wall_s": round(wall, 3),
             "readings_per_s": round(readings / wall),
             "cpu_us_per_reading": round(sum(r["cpu_s"] for r in results) / readings * 1e6, 2),
             "acks": statuses}
@@ -178,7 +185,8 @@ def bench_store(kind: str, args: argparse.Namespace, payloads: dict[str, list[by
 
             server = InfluxServer()
             server.start()
-        for n in replica_counts:
+        modes = [(n, False) for n in replica_counts] + ([(2, True)] if args.race else [])
+        for n, race in modes:
             tag = uuid.uuid4().hex[:8]
             if kind == "sqlite":
                 spec: dict[str, Any] = {"kind": kind, "path": str(tmp / f"cloud-{tag}.db")}
@@ -190,7 +198,7 @@ def bench_store(kind: str, args: argparse.Namespace, payloads: dict[str, list[by
                         "ledger": str(tmp / f"ledger-{tag}.db")}
             asyncio.run(_count(spec))  # create schema / database before the clock starts
             try:
-                run = run_replicas(spec, payloads, n, args.inflight)
+                run = run_replicas(spec, payloads, n, args.inflight, race=race)
                 if "error" not in run:
                     stored = asyncio.run(_count(spec))
                     run["stored_exactly_once"] = stored == total == run["readings"]
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stores", default="sqlite,postgres,influx")
     p.add_argument("--replicas", default="1,2")
     p.add_argument("--dsn", default=DEFAULT_DSN)
+    p.add_argument("--no-race", dest="race", action="store_false",
+                   help="skip the run where 2 replicas both get every batch")
     p.add_argument("--quick", action="store_true", help="40,000 readings (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
