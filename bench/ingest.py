@@ -19,7 +19,7 @@ per distinct reading.
 After each run the store is checked: it holds every reading exactly once.
 
 Stores: SQLite (a temp file; replicas share it), PostgreSQL (``--dsn``, a throwaway
-schema dropped afterwards; pool of 4 per replica, COPY into a staging table), InfluxDB
+schema dropped afterwards; pool of 4 per replica, COPY into ``readings``), InfluxDB
 1.x (a private ``influxd`` started on free loopback ports). A store that cannot be
 reached is reported as skipped with the reason.
 """
