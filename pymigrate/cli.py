@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _install_signals(stop: Callable[[], None], force: Callable[[], None]) -> None:
+def _install_signals(stop: Callable[[], None], force: Callable[[], None],
+                     reload: Callable[[], Any] | None = None) -> None:
     loop = asyncio.get_running_loop()
     hits = {"n": 0}
 
@@ -74,6 +75,8 @@ def _install_signals(stop: Callable[[], None], force: Callable[[], None]) -> Non
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, handler)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -83,25 +86,37 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def _check_agent(path: str) -> int:
-    from agent.config import load_agent_config
+    from agent.envconfig import load_config  # file + PYMIGRATE__* / framework env overrides
 
-    cfg = load_agent_config(path)
+    cfg = load_config(path)
     print(f"{path}: OK (device {cfg.device.id}, {len(cfg.sources)} source(s), "
           f"uplink {' -> '.join(cfg.uplink.transports)})")
     return 0
 
 
 async def _agent_main(path: str) -> int:
-    from agent.config import load_agent_config
+    import os
+
+    from agent.envconfig import load_config, runtime_info
+    from agent.reload import reload_agent
     from agent.supervisor import Agent
     from pymigrate.logsetup import setup_logging
 
-    cfg = load_agent_config(path)
+    cfg = load_config(path)
     setup_logging(cfg.log.format, cfg.log.level)
     from pymigrate.clock import clock_from_env
 
     agent = Agent(cfg, clock=clock_from_env())  # PYMIGRATE_CLOCK_OFFSET_MS: test hook
-    _install_signals(agent.request_stop, agent.force_stop)
+    agent.runtime = runtime_info(os.environ)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_sighup() -> None:  # handlers only schedule: the reload runs as a kept task
+        t = asyncio.get_running_loop().create_task(reload_agent(agent, path),
+                                                   name="agent[reload]")
+        reloads.add(t)
+        t.add_done_callback(reloads.discard)
+
+    _install_signals(agent.request_stop, agent.force_stop, on_sighup)
     try:
         await agent.run()
     except asyncio.CancelledError:
