@@ -21,7 +21,10 @@ already delivered is acked but not stored (``gateway_dropped``), unless the poli
 (``last``, ``best_quality``, ``average``) replaces the stored copy, which the store then
 deletes and rewrites in the same transaction. The deduper's memory is per replica: route
 a sensor's gateways to one replica (e.g. by shared-subscription group) or accept that
-copies split across replicas are each stored.
+copies split across replicas are each stored. A write that fails after the deduper saw
+the batch leaves a remembered event with no stored row; the gateway's retry is not
+matched against its own copies, so it is stored then (another gateway's copy dropped in
+between is covered by that retry).
 """
 
 from __future__ import annotations
