@@ -162,3 +162,24 @@ async def test_concurrent_writes_one_instance(tmp_path: Path) -> None:
         assert sum(r.written for r in results) == 175 == await s.count("d")
     finally:
         await s.close()
+
+
+async def test_sqlite_errors_mid_transaction(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    await s.open()
+    try:
+        # a constraint the database enforces (here a trigger) refuses the data
+        await s.db.execute("CREATE TRIGGER no_neg BEFORE INSERT ON readings WHEN NEW.value < 0"
+                           " BEGIN SELECT RAISE(ABORT, 'negative value'); END")
+        bad = [msgspec.structs.replace(r, value=-1.0) for r in make_readings("d", 3)]
+        with pytest.raises(StoreRejected) as ei:
+            await s.write("d", "b", bad)
+        assert ei.value.reason == "constraint"
+        assert await s.count("d") == 0 and (await s.idempotency_state("d")).watermark == 0
+        # a broken database (table gone) is an outage, and the transaction is rolled back
+        await s.db.execute("DROP TABLE idempotency")
+        with pytest.raises(StoreUnavailable):
+            await s.write("d", "b", make_readings("d", 3))
+        assert not s.db.in_transaction
+    finally:
+        await s.close()
