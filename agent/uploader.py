@@ -42,6 +42,7 @@ log = structlog.get_logger("agent.uploader")
 
 ENVELOPE_OVERHEAD = 96  # header, ids, send time, trailer (bytes, generous)
 CHUNK_OVERHEAD = 64  # per-chunk msgpack fields besides the payload
+_PACE_CAP_S = 3600.0  # the longest learnt spacing between sends under a quota
 _ATTEMPTS_CAP = 65_536  # remembered attempt counts (chunks released but not yet re-taken)
 
 
@@ -86,6 +87,11 @@ class _Slot:
         self.backoff = backoff
         self.retry_at = 0.0  # monotonic: after a failure, not before
         self.throttle_until = 0.0  # monotonic: the cloud asked us to wait
+        self.throttle_hold_until = 0.0  # no growth of batches in flight before this
+        # learnt pacing under a quota: at least pace_s between sends; it grows on each
+        # throttle and decays on each unthrottled ack (AIMD on the send rate)
+        self.pace_s = 0.0
+        self.last_send_at = -math.inf
         self.connected = False
         self.failures_in_row = 0
         self.lock = asyncio.Lock()
@@ -162,6 +168,7 @@ class Uploader:
         self._last_exchange = clock.monotonic()
         self._attempts: dict[int, int] = {}
         self._isolate: set[int] = set()  # chunk ids to resend alone (a batch was rejected)
+        self._suspect: set[int] = set()  # chunk ids whose last attempt failed on the link
         self._bseq = itertools.count(1)
         self.counts: collections.Counter[str] = collections.Counter()
         self.batches_by_attempt: collections.Counter[int] = collections.Counter()
@@ -292,7 +299,8 @@ class Uploader:
                 if slot.breaker.state(now) is BreakerState.OPEN:
                     wait_until = min(wait_until, slot.breaker.open_until)
                 continue  # half-open with its probe in flight: an in-flight completion wakes us
-            return slot, mode, max(slot.retry_at, slot.throttle_until)
+            return slot, mode, max(slot.retry_at, slot.throttle_until,
+                                   slot.last_send_at + slot.pace_s)
         return None, None, wait_until
 
     async def _lingered(self, now: float) -> bool:
@@ -426,7 +434,7 @@ class Uploader:
         on a lossy link a smaller attempt is likelier to get through, so a chunk is not
         dragged through several failures by the size of its companions.
         """
-        if len(items) > 1 and self._attempt_of(items[0]) > 0:
+        if len(items) > 1 and items[0].id in self._suspect:
             keep, total = 1, len(items[0].chunk.payload)
             while keep < len(items) and (
                     total + len(items[keep].chunk.payload) <= self.cfg.batch_min_bytes):
@@ -467,6 +475,8 @@ class Uploader:
             self._attempts[i.id] = attempt
         while len(self._attempts) > _ATTEMPTS_CAP:
             self._attempts.pop(next(iter(self._attempts)))
+        if len(self._suspect) > _ATTEMPTS_CAP:
+            self._suspect.clear()  # only a batching hint: forgetting it loses nothing
         return slot, _Batch(items, attempt, batch_id, payload, probe)
 
     # ------------------------------------------------------------------ one attempt
@@ -475,6 +485,7 @@ class Uploader:
         timeout = self.quality.timeout(size, self.cfg)
         t0 = self.clock.monotonic()
         w0 = float(self.clock.time_ms())
+        slot.last_send_at = t0
         self.counts["batches_sent"] += 1
         self.counts["bytes_sent"] += size
         slot.counts["sent"] += 1
@@ -524,6 +535,7 @@ class Uploader:
         for i in batch.items:
             self._attempts.pop(i.id, None)
             self._isolate.discard(i.id)
+            self._suspect.discard(i.id)
         if batch.items:
             self.counts["batches_acked"] += 1
             self.counts["readings_acked"] += batch.readings
@@ -535,9 +547,11 @@ class Uploader:
         slot.failures_in_row = 0
         slot.backoff.reset()
         slot.retry_at = 0.0
+        slot.pace_s = slot.pace_s * 0.98 if slot.pace_s > 0.1 else 0.0
         slot.breaker.record_success(probe=batch.probe)
         normal = self.quality.record_success(rtt, len(batch.payload))
-        self.aimd.on_success(normal)
+        self.aimd.on_success(normal,
+                             grow_inflight=self.clock.monotonic() >= slot.throttle_hold_until)
         if self.on_ack is not None:
             self.on_ack(ack, w0, w1)
 
@@ -545,6 +559,7 @@ class Uploader:
                       timed_out: bool = False) -> None:
         if batch.items:
             await self.buffer.release(batch.ids)
+            self._suspect.update(batch.ids)
         now = self.clock.monotonic()
         self.counts["batches_failed"] += 1
         slot.counts["failed"] += 1
@@ -569,10 +584,15 @@ class Uploader:
         now = self.clock.monotonic()
         wait = max(0.0, retry_after_s) * (1.0 + self.rng.uniform(0.0, self.cfg.throttle_jitter))
         slot.throttle_until = max(slot.throttle_until, now + wait)
+        slot.throttle_hold_until = max(slot.throttle_hold_until, now + 2 * wait)
+        slot.pace_s = min(_PACE_CAP_S, max(retry_after_s, slot.pace_s * 1.25))
+        self._suspect.difference_update(batch.ids)  # the link carried it: not suspect
         self.counts["batches_throttled"] += 1
         slot.counts["throttled"] += 1
         slot.breaker.record_neutral(probe=batch.probe)
-        self.aimd.decrease()
+        # fewer requests in flight; batches keep their size: quotas count requests
+        # (messages/s), so smaller batches would only mean more of them
+        self.aimd.decrease_inflight()
         self._event("throttled", uplink=slot.name, retry_after_s=retry_after_s)
 
     async def _rejected(self, slot: _Slot, batch: _Batch, reason: str) -> None:
@@ -605,6 +625,7 @@ class Uploader:
         for i in items:
             self._attempts.pop(i.id, None)
             self._isolate.discard(i.id)
+            self._suspect.discard(i.id)
         self._event("dead_letter", reason=reason, chunks=len(items), readings=n)
 
     # ------------------------------------------------------------------ waiting

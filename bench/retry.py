@@ -131,11 +131,11 @@ def _pct(values: list[int], q: float) -> float:
 async def simulate(kind: str, chunks: list[tuple[float, Chunk]], *, loss: float,
                    outages: list[tuple[float, float]], seed: int, hours: float,
                    tail_hours: float, profile: str = "unmetered",
-                   link_retries: int = 0) -> dict[str, Any]:
+                   link_retries: int = 0, quota_per_s: float = 0.0) -> dict[str, Any]:
     """One run; returns raw tallies (see :func:`summarise`)."""
     clock = VirtualClock()
     buf = MemoryBuffer(clock)
-    cloud = SimCloud()
+    cloud = SimCloud(quota_per_s=quota_per_s, burst=1.0)
     model = NetModel(loss=loss, outages=outages, rng=random.Random(seed),
                      link_retries=link_retries)
     uplink = SimulatedUplink(model, cloud, clock, name="sim")
@@ -188,6 +188,7 @@ async def simulate(kind: str, chunks: list[tuple[float, Chunk]], *, loss: float,
         "hours": clock.monotonic() / 3600,
         "wire": uplink.wire_bytes,
         "sends": uplink.attempts,
+        "throttled": cloud.throttled,
         "delays": [cloud.first_seen_ms[(DEVICE, s)] - created[s] for s in created
                    if (DEVICE, s) in cloud.first_seen_ms],
         "outage_wakeups": sum(marks.get(b, 0) - marks.get(a, 0) for a, b in outages),
@@ -215,6 +216,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
            if runs[0]["outage_hours"] else {}),
         "batches_acked": len(attempts),
         "send_attempts": sum(r["sends"] for r in runs),
+        "throttled_responses": sum(r["throttled"] for r in runs),
         "delivery_delay_s": {"p50": _pct(delays, 0.5) / 1000, "p99": _pct(delays, 0.99) / 1000},
     }
 
@@ -222,18 +224,20 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 async def run_scenarios(args: argparse.Namespace) -> dict[str, Any]:
     chunks = make_chunks(args.hours, args.sensors, args.chunk_s, args.seed)
     outage = [(2 * 3600.0, 8 * 3600.0)]
-    # name, loss, outages, profile, link retransmissions
-    scen: list[tuple[str, float, list[tuple[float, float]], str, int]] = [
-        (f"loss_{int(p * 100)}pct", p, [], "unmetered", 0) for p in LOSSES]
+    # name, loss, outages, profile, link retransmissions, cloud quota (batches/s)
+    scen: list[tuple[str, float, list[tuple[float, float]], str, int, float]] = [
+        (f"loss_{int(p * 100)}pct", p, [], "unmetered", 0, 0.0) for p in LOSSES]
     scen += [
-        ("outage_6h", 0.0, outage, "unmetered", 0),
-        ("outage_6h_loss_5pct", 0.05, outage, "unmetered", 0),
-        ("loss_10pct_battery_profile", 0.10, [], "battery", 0),
-        ("loss_20pct_link_retransmit_2", 0.20, [], "unmetered", 2),
-        ("loss_30pct_link_retransmit_2", 0.30, [], "unmetered", 2),
+        ("outage_6h", 0.0, outage, "unmetered", 0, 0.0),
+        ("outage_6h_loss_5pct", 0.05, outage, "unmetered", 0, 0.0),
+        ("loss_10pct_battery_profile", 0.10, [], "battery", 0, 0.0),
+        ("loss_20pct_link_retransmit_2", 0.20, [], "unmetered", 2, 0.0),
+        ("loss_30pct_link_retransmit_2", 0.30, [], "unmetered", 2, 0.0),
+        # the cloud admits one batch per 5 minutes (token bucket, burst 1): retry-after
+        ("throttled_cloud_1_batch_per_5min", 0.0, [], "unmetered", 0, 1 / 300),
     ]
     out: dict[str, Any] = {}
-    for name, loss, outages, profile, retx in scen:
+    for name, loss, outages, profile, retx, quota in scen:
         if args.only and not any(o in name for o in args.only.split(",")):
             continue
         row: dict[str, Any] = {}
@@ -244,7 +248,7 @@ async def run_scenarios(args: argparse.Namespace) -> dict[str, Any]:
             runs = [await simulate(kind, chunks, loss=loss, outages=outages,
                                    seed=args.seed + k, hours=args.hours,
                                    tail_hours=args.tail_hours, profile=profile,
-                                   link_retries=retx)
+                                   link_retries=retx, quota_per_s=quota)
                     for k in range(args.seeds)]
             row[kind] = summarise(runs)
             row[kind]["sim_wall_s"] = round(time.perf_counter() - t, 2)

@@ -110,20 +110,29 @@ class Aimd:
     def inflight_limit(self) -> int:
         return int(self.inflight)
 
-    def on_success(self, rtt_normal: bool) -> None:
+    def on_success(self, rtt_normal: bool, *, grow_inflight: bool = True) -> None:
+        """Additive increase (``grow_inflight=False`` holds the in-flight count, e.g.
+        shortly after the cloud throttled us)."""
         if not rtt_normal:
             self.decrease()
             return
         c = self.cfg
         self.batch_bytes = min(float(c.batch_max_bytes), self.batch_bytes + c.batch_increase_bytes)
-        # +1 in flight per "window" of successes, as TCP's congestion avoidance
-        self.inflight = min(float(c.inflight_max), self.inflight + 1.0 / max(self.inflight, 1.0))
+        if grow_inflight:
+            # +1 in flight per "window" of successes, as TCP's congestion avoidance
+            self.inflight = min(float(c.inflight_max),
+                                self.inflight + 1.0 / max(self.inflight, 1.0))
         self.increases += 1
 
     def decrease(self) -> None:
         c = self.cfg
         self.batch_bytes = max(float(c.batch_min_bytes), self.batch_bytes * c.decrease_factor)
         self.inflight = max(float(c.inflight_min), self.inflight * c.decrease_factor)
+        self.decreases += 1
+
+    def decrease_inflight(self) -> None:
+        """Throttled: halve the batches in flight only (see the uploader)."""
+        self.inflight = max(float(self.cfg.inflight_min), self.inflight * self.cfg.decrease_factor)
         self.decreases += 1
 
     def effective_batch(self, quality: NetworkQuality, overhead: int) -> int:

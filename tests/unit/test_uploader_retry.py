@@ -83,15 +83,17 @@ async def test_throttling_is_obeyed_and_never_trips_the_breaker() -> None:
         assert len(ul.sent) == 1
         await advance(clock, 29)
         assert len(ul.sent) == 1  # retry-after respected
-        await advance(clock, 300)
+        await advance(clock, 900)
     assert len(buf) == 0
     st = up.stats()
     assert st["batches_throttled"] == 6
     assert st["uplinks"]["up0"]["breaker"] == "closed"
     assert st["uplinks"]["up0"]["transitions"] == {}
     assert events.count("throttled") == 6
-    gaps = [b.sent_ms - a.sent_ms for a, b in zip(ul.sent, ul.sent[1:])][:6]
-    assert all(30_000 <= g <= 34_000 for g in gaps)  # 30 s (+ up to 10 % jitter) + RTT
+    gaps = [b.sent_ms - a.sent_ms for a, b in itertools.pairwise(ul.sent)][:6]
+    assert all(g >= 30_000 for g in gaps)  # never before retry-after
+    # and the spacing is learnt: each throttle widens it (x1.25), so the quota is hit less
+    assert all(b > a for a, b in itertools.pairwise(gaps)) and gaps[-1] < 30_000 * 1.25**5 * 1.2
 
 
 async def test_aimd_grows_batches_on_a_good_link_and_shrinks_on_timeouts() -> None:
@@ -270,3 +272,20 @@ async def test_attempt_timeout_adapts_to_rtt_and_backs_off_after_timeouts() -> N
     assert ul.sent[3].chunks[0].seq_first == ul.sent[4].chunks[0].seq_first
     assert t[4] == pytest.approx(2 * t[3])
     assert t[5] < t[4] / 2
+
+
+async def test_throttled_chunks_keep_their_batch_size_and_pacing_decays() -> None:
+    clock, buf, (ul,), up = make(config=cfg(batch_initial_bytes=64 * 1024))
+    for s in range(8):
+        buf.put_nowait(chunk(1 + 10 * s, nbytes=600))
+    ul.script("throttle:5")
+    async with running(up):
+        await advance(clock, 30)
+        assert [len(b.chunks) for b in ul.sent] == [8, 8]  # not a link failure: same batch
+        pace = up._slots[0].pace_s
+        assert pace == pytest.approx(5.0 * 0.98)  # learnt from retry-after, one ack since
+        for s in range(8, 40):
+            buf.put_nowait(chunk(1 + 10 * s, nbytes=600))
+            await advance(clock, 10)
+        assert up._slots[0].pace_s < pace  # unthrottled acks relax the learnt spacing
+    assert len(buf) == 0
