@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
 
-from agent.retry import PowerState
+from agent.retry import PowerState, RetryConfig
+from pymigrate.clock import VirtualClock
 from pymigrate.types import Priority
 from tests.unit.uploader_helpers import advance, cfg, chunk, make, running
 
@@ -289,3 +291,27 @@ async def test_throttled_chunks_keep_their_batch_size_and_pacing_decays() -> Non
             await advance(clock, 10)
         assert up._slots[0].pace_s < pace  # unthrottled acks relax the learnt spacing
     assert len(buf) == 0
+
+
+async def test_two_agents_started_together_do_not_retry_together() -> None:
+    from agent.uploader import Uploader
+    from tests.unit.fakes_buffer import FakeBuffer
+    from tests.unit.fakes_uplink import FakeUplink
+
+    clock = VirtualClock()
+    uls, ups = [], []
+    for _ in range(2):  # same device image, same config, no seed: os.urandom decides
+        buf = FakeBuffer(clock)
+        buf.put_nowait(chunk(1))
+        ul = FakeUplink(clock, default="fail")
+        uls.append(ul)
+        ups.append(Uploader(buf, [ul], device_id="dev-1", clock=clock,
+                            config=RetryConfig(backoff_base_s=10, backoff_cap_s=60)))
+    tasks = [asyncio.create_task(u.run()) for u in ups]
+    await advance(clock, 120)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    a, b = ([x.sent_ms for x in ul.sent] for ul in uls)
+    assert a[0] == b[0]  # the first attempts coincide (started together)
+    assert a[1:4] != b[1:4]  # the retries do not
