@@ -71,11 +71,13 @@ class _Session:
     def __init__(self, hostname: str, port: int, *, client_id: str | None,
                  username: str | None, password: str | None, will: aiomqtt.Will | None,
                  on_message: Callable[[str, bytes], Awaitable[None]], name: str,
-                 clock: Clock | None = None, max_backoff_s: float = 30.0) -> None:
+                 clock: Clock | None = None, max_backoff_s: float = 30.0,
+                 timeout_s: float = 10.0) -> None:
         self._client = aiomqtt.Client(hostname, port, identifier=client_id or
                                       f"pymigrate-{uuid.uuid4().hex[:12]}",
                                       username=username, password=password, will=will,
-                                      max_queued_incoming_messages=100_000)
+                                      max_queued_incoming_messages=100_000,
+                                      timeout=timeout_s)
         self._on_message = on_message
         self._name = name
         self._clock = clock or WallClock()
@@ -227,7 +229,8 @@ class MqttDeviceHub:
     def __init__(self, hostname: str = "127.0.0.1", port: int = 1883, *,
                  prefix: str = "pymigrate", client_id: str | None = None,
                  username: str | None = None, password: str | None = None,
-                 will_device: str | None = None, clock: Clock | None = None) -> None:
+                 will_device: str | None = None, clock: Clock | None = None,
+                 max_backoff_s: float = 30.0, timeout_s: float = 10.0) -> None:
         self.prefix = prefix
         will = None
         if will_device is not None:  # tell the coordinator when this device drops off
@@ -236,7 +239,8 @@ class MqttDeviceHub:
         self._session = _Session(hostname, port, client_id=client_id, username=username,
                                  password=password, will=will, on_message=self._route,
                                  name=f"agent[jobs-mqtt:{client_id or 'hub'}]",
-                                 clock=clock)
+                                 clock=clock, max_backoff_s=max_backoff_s,
+                                 timeout_s=timeout_s)
         self._handlers: dict[str, DeviceHandler] = {}
         self._open = False
 

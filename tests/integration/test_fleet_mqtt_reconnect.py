@@ -82,7 +82,8 @@ async def test_devices_pull_pending_jobs_after_reconnect(mosquitto: tuple[str, i
                         clock=WallClock())
     await coord.start()
     await coord.add_devices([(f"r{i}", {}) for i in range(3)])
-    hub = MqttDeviceHub("127.0.0.1", pport, prefix=prefix, client_id=f"{prefix}-hub")
+    hub = MqttDeviceHub("127.0.0.1", pport, prefix=prefix, client_id=f"{prefix}-hub",
+                        max_backoff_s=0.5, timeout_s=1.0)
     await hub.start()
     clients = []
     for i in range(3):
