@@ -114,6 +114,7 @@ class VirtualClock:
         """Advance until ``predicate()`` is true or ``max_seconds`` pass; returns the predicate."""
         assert callable(predicate)
         end = self._now + max_seconds
+        await self.settle()
         while not predicate():
             if self._now >= end:
                 return False
