@@ -14,6 +14,8 @@ the broker's certificate fails verification locally: TransportError with
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -67,7 +69,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 async def tls_broker(pki: Path, tmp_path: Path) -> AsyncIterator[int]:
-    binary = require_binary("mosquitto")
+    # Debian installs the broker in /usr/sbin, which is not on every PATH
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK)
+        else require_binary("mosquitto"))
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"""
