@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 import zstandard
 
-from agent.codec import codec_by_name, open_chunk, seal_chunk
+from agent.codec import TszCodec, codec_by_name, open_chunk, seal_chunk
 from bench.common import emit
 from pymigrate.envelope import Batch, encode_batch
 from pymigrate.lineproto import to_line_protocol
@@ -178,8 +178,13 @@ def lp_gzip_size(readings: Sequence[Reading], batch: int = 1000) -> int:
 
 # ------------------------------------------------------------------ main
 def measure(readings: list[Reading], device: str, chunk_points: int, codec: str,
-            batch_bytes: int, repeats: int = 3) -> dict[str, Any]:
+            batch_bytes: int, repeats: int = 3,
+            lossy_resolution: float | None = None) -> dict[str, Any]:
     c = codec_by_name(codec)
+    if lossy_resolution is not None:
+        if not isinstance(c, TszCodec):
+            raise SystemExit("--lossy-resolution needs a tsz codec")
+        c = TszCodec(c.codec_id, c.name, entropy=c.entropy, lossy_resolution=lossy_resolution)
     chunks_r = chunked(readings, chunk_points)
     n = len(readings)
     for rs in chunks_r[:3]:  # warm-up
@@ -198,6 +203,8 @@ def measure(readings: list[Reading], device: str, chunk_points: int, codec: str,
         enc, dec, wall_enc = min(enc, t1 - t0), min(dec, t2 - t1), min(wall_enc, w1 - w0)
     exact = all(len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
                 for a, b in zip(chunks_r, opened))
+    max_err = max(abs(x.value - y.value) for a, b in zip(chunks_r, opened)
+                  for x, y in zip(a, b))
     packed, one, env_cpu = envelope_bytes(device, sealed, batch_bytes)
     payload = sum(len(ch.payload) for ch in sealed)
     peers = peer_sizes(chunks_r)
@@ -225,6 +232,7 @@ def measure(readings: list[Reading], device: str, chunk_points: int, codec: str,
         "reduction_vs_jsonl_zstd": round(1 - packed / peers["jsonl_zstd"], 4),
         "reduction_vs_line_protocol_gzip": round(1 - packed / peers["line_protocol_gzip"], 4),
         "roundtrip_exact": exact,
+        "max_abs_error": max_err,
         "encode_us_per_point": round(enc * 1e6 / n, 3),
         "decode_us_per_point": round(dec * 1e6 / n, 3),
         "encode_wall_us_per_point": round(wall_enc * 1e6 / n, 3),
@@ -241,6 +249,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--codec", default=None, help="codec name (default: the default codec)")
     ap.add_argument("--batch-bytes", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=3, help="timing runs (best is kept)")
+    ap.add_argument("--lossy-resolution", type=float, default=None,
+                    help="explicit lossy mode: quantize every series to this resolution")
     args = ap.parse_args(argv)
     from agent.codec import DEFAULT_CODEC
 
@@ -250,8 +260,9 @@ def main(argv: list[str]) -> int:
         print("dataset has no readings")
         return 2
     results = measure(readings, device, args.chunk_points, codec, args.batch_bytes,
-                      args.repeats)
+                      args.repeats, args.lossy_resolution)
     emit("compression", {"dataset": args.dataset.name, "chunk_points": args.chunk_points,
                          "codec": codec, "batch_bytes": args.batch_bytes,
+                         "lossy_resolution": args.lossy_resolution,
                          "timing": "CPU time, best of repeats"}, results)
     return 0

@@ -29,7 +29,7 @@ values bit-for-bit, in the original order.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -173,15 +173,21 @@ class TszCodec:
 
     ``lossy_resolution`` (optional, explicit) quantizes finite values to multiples of it
     with a guaranteed max absolute error of half of it, recorded in the payload header
-    (:func:`chunk_meta`); non-finite values and -0.0 stay exact.
+    (:func:`chunk_meta`, the largest over the chunk) and per series; non-finite values and
+    -0.0 stay exact. A mapping ``{sensor: resolution}`` quantizes only those sensors (the
+    declared resolution of each), everything else stays exact.
     """
 
     def __init__(self, codec_id: int = 3, name: str = "tsz-zstd", *, entropy: str = "zstd",
-                 level: int = 3, lossy_resolution: float | None = None) -> None:
+                 level: int = 3,
+                 lossy_resolution: float | Mapping[str, float] | None = None) -> None:
         if entropy not in ENTROPY:
             raise ValueError(f"unknown entropy stage {entropy!r}")
-        if lossy_resolution is not None and not (0 < lossy_resolution < float("inf")):
-            raise ValueError("lossy_resolution must be a positive finite number")
+        if lossy_resolution is not None:
+            values = (lossy_resolution.values() if isinstance(lossy_resolution, Mapping)
+                      else [lossy_resolution])
+            if not all(0 < r < float("inf") for r in values):
+                raise ValueError("lossy_resolution must be a positive finite number")
         self.codec_id = codec_id
         self.name = name
         self.entropy = entropy
@@ -242,13 +248,14 @@ class TszCodec:
         ends = np.cumsum(counts)
         starts = (ends - counts).tolist()
         ends_l = ends.tolist()
-        lossy = self.lossy_resolution
-        if lossy is not None:
+        res = self._resolutions(keymap)
+        if all(r > 0 for r in res):
             modes = [_V_LOSSY] * s_count
             digits = [0] * s_count
         else:
             digits = _choose_digits(_decimal_digits(v), sid, counts).tolist()
-            modes = [_V_XOR if d < 0 else _V_DECIMAL for d in digits]
+            modes = [_V_LOSSY if r > 0 else _V_XOR if d < 0 else _V_DECIMAL
+                     for r, d in zip(res, digits)]
 
         # series table and shared timestamp groups
         groups: dict[bytes, int] = {}
@@ -266,7 +273,8 @@ class TszCodec:
                 names.append(b"".join((b"\x01", _str(key[0]), _str(key[1]), _str(key[2]))))
             else:
                 names.append(b"\x00" + _str(key))
-            table.append(uvarint(g) + bytes((modes[i], max(digits[i], 0))))
+            table.append(uvarint(g) + bytes((modes[i], max(digits[i], 0)))
+                         + (struct.pack("<d", res[i]) if modes[i] == _V_LOSSY else b""))
         g_counts = np.array([c.size for c in g_cols], dtype=np.int64)
         parts = [*table, uvarint(len(g_cols)), *(uvarint(c) for c in g_counts.tolist()),
                  encode_segments(np.concatenate(g_cols), g_counts)]
@@ -278,24 +286,27 @@ class TszCodec:
         num_counts = counts[np.array(modes) != _V_XOR]
         vn = v[num]
         with np.errstate(all="ignore"):
-            if lossy is not None:
-                m = np.rint(vn / lossy) + 0.0
-                k = None
-                bad = ~((np.abs(m) < _LIMIT52) & (np.abs(m * lossy - vn) <= lossy / 2))
-            else:
-                p = np.repeat(np.array(_P10)[np.maximum(digits, 0)], counts)[num]
-                m = np.rint(vn * p) + 0.0
-                k = vn.view(np.int64) - (m / p).view(np.int64)
-                bad = ~((np.abs(m) < _LIMIT52) & ((k + _KMAX).view(np.uint64) <= 2 * _KMAX))
+            p = np.repeat(np.array(_P10)[np.maximum(digits, 0)], counts)[num]
+            m = np.rint(vn * p) + 0.0
+            k = vn.view(np.int64) - (m / p).view(np.int64)
+            bad = ~((np.abs(m) < _LIMIT52) & ((k + _KMAX).view(np.uint64) <= 2 * _KMAX))
+            q = np.repeat(np.array(res), counts)[num]
+            quant = q > 0
+            if quant.any():
+                # explicit lossy series: multiples of the resolution, |error| <= res / 2
+                mq = np.rint(vn / q) + 0.0
+                m = np.where(quant, mq, m)
+                k[quant] = 0
+                bad = np.where(quant, ~((np.abs(mq) < _LIMIT52)
+                                        & (np.abs(mq * q - vn) <= q / 2)), bad)
         bad |= (vn == 0) & np.signbit(vn)
         has_exc = bool(bad.any())
         mi = _fill_forward(m, ~bad) if has_exc else m.astype(np.int64)
         parts.append(encode_segments(mi, num_counts))
-        if k is not None:
-            k[bad] = 0
-            if k.any():
-                gflags |= _G_ULP
-                parts.append(encode_segments(k, num_counts))
+        k[bad] = 0
+        if k.any():
+            gflags |= _G_ULP
+            parts.append(encode_segments(k, num_counts))
         if has_exc:
             where = np.flatnonzero(bad)
             parts += [uvarint(where.size), encode_intcol(where.astype(np.int64)),
@@ -317,9 +328,18 @@ class TszCodec:
         parts.append(encode_intcol(seq))
         parts += [encode_intcol(col) for col in opt if col is not None]
         body = b"".join((uvarint(n), bytes([gflags]), *parts))
-        return self._seal(uvarint(s_count) + b"".join(names), body)
+        return self._seal(uvarint(s_count) + b"".join(names), body, max(res) / 2)
 
-    def _seal(self, names: bytes, body: bytes) -> bytes:
+    def _resolutions(self, keymap: dict[Any, int]) -> list[float]:
+        """Per series, the declared lossy resolution (0.0 = exact)."""
+        lossy = self.lossy_resolution
+        if lossy is None:
+            return [0.0] * len(keymap)
+        if isinstance(lossy, float | int):
+            return [float(lossy)] * len(keymap)
+        return [float(lossy.get(k[0] if isinstance(k, tuple) else k, 0.0)) for k in keymap]
+
+    def _seal(self, names: bytes, body: bytes, max_err: float) -> bytes:
         kind = ENTROPY[self.entropy]
         if kind == 0:
             packed = body
@@ -330,8 +350,8 @@ class TszCodec:
         if len(packed) >= len(body):
             kind, packed = 0, body
         head = bytes([FORMAT])
-        if self.lossy_resolution is not None:
-            head += bytes([kind | _FLAG_LOSSY]) + struct.pack("<d", self.lossy_resolution / 2)
+        if max_err > 0:
+            head += bytes([kind | _FLAG_LOSSY]) + struct.pack("<d", max_err)
         else:
             head += bytes([kind])
         return head + names + uvarint(len(body)) + packed
@@ -361,8 +381,7 @@ class TszCodec:
             body = lz4.block.decompress(packed, uncompressed_size=body_len)
         if len(body) != body_len:
             raise DecodeError("chunk body length mismatch", reason="truncated")
-        res = None if max_err is None else 2 * max_err
-        return _decode_body(Cursor(body), names, device_id, priority, res)
+        return _decode_body(Cursor(body), names, device_id, priority, max_err)
 
 
 _G_QUAL, _G_UNC, _G_RAW, _G_RAWMASK, _G_AGGW, _G_AGGC, _G_ULP = (1 << i for i in range(7))
@@ -381,7 +400,7 @@ def _decode_names(cur: Cursor) -> list[tuple[str, str | None, str]]:
 
 
 def _decode_body(cur: Cursor, names_t: list[tuple[str, str | None, str]], device_id: str,
-                 priority: Priority, lossy: float | None) -> list[Reading]:
+                 priority: Priority, max_err: float | None) -> list[Reading]:
     n = cur.count(MAX_POINTS)
     s_count = len(names_t)
     if s_count > n:
@@ -390,12 +409,18 @@ def _decode_body(cur: Cursor, names_t: list[tuple[str, str | None, str]], device
     if gflags >= 1 << 7:
         raise DecodeError(f"unknown chunk flags {gflags:#x}", reason="malformed")
     table: list[tuple[str, str | None, str, int, int, int]] = []
+    res: list[float] = []
     for sensor, rule, fn in names_t:
         g = cur.uvarint()
         mode, d = cur.u8(), cur.u8()
-        if mode > _V_LOSSY or d > _MAX_DIGITS or (mode == _V_LOSSY) != (lossy is not None):
+        if mode > _V_LOSSY or d > _MAX_DIGITS:
             raise DecodeError("bad series value mode", reason="malformed")
+        r = cur.f64() if mode == _V_LOSSY else 0.0
+        if mode == _V_LOSSY and not (max_err is not None and 0 < r <= 2 * max_err):
+            raise DecodeError("lossy series outside the declared error bound",
+                              reason="malformed")
         table.append((sensor, rule, fn, g, mode, d))
+        res.append(r)
     n_groups = cur.count(s_count)
     g_counts_l = [cur.count(n) for _ in range(n_groups)]
     if sum(g_counts_l) > n or (n_groups and min(g_counts_l) < 1):
@@ -416,14 +441,15 @@ def _decode_body(cur: Cursor, names_t: list[tuple[str, str | None, str]], device
     mode_el = np.repeat(modes, counts)
     is_xor = mode_el == _V_XOR
     num_counts = counts[modes != _V_XOR]
-    m = decode_segments(cur, num_counts)
-    if lossy is not None:
-        vn = m.astype(np.float64) * lossy
-    else:
-        p = np.repeat(np.array(_P10)[np.array([t[5] for t in table], np.int64)], counts)
-        vn = m.astype(np.float64) / p[~is_xor]
-        if gflags & _G_ULP:
-            vn = (vn.view(np.int64) + decode_segments(cur, num_counts)).view(np.float64)
+    m = decode_segments(cur, num_counts).astype(np.float64)
+    p = np.repeat(np.array(_P10)[np.array([t[5] for t in table], np.int64)], counts)[~is_xor]
+    vn = m / p
+    if gflags & _G_ULP:
+        vn = (vn.view(np.int64) + decode_segments(cur, num_counts)).view(np.float64)
+    q = np.repeat(np.array(res), counts)[~is_xor]
+    quant = q > 0
+    if quant.any():
+        vn = np.where(quant, m * q, vn)
     n_exc = cur.count(vn.size)
     if n_exc:
         where = decode_intcol(cur, n_exc)

@@ -44,3 +44,15 @@ def test_gorilla_bit_count() -> None:
     # constant series: 64+64 header bits, 14-bit first delta, 1 bit per later timestamp
     # and 1 bit per repeated value
     assert gorilla_bits([0, 10, 20, 30], [1.0] * 4) == 64 + 64 + 14 + 2 + 3
+
+
+def test_bench_lossy_mode_reports_bounded_error(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    src = (DATA / "midc_2018-10-18_1min.csv").read_text().splitlines()
+    small = tmp_path / "midc_small.csv"
+    small.write_text("\n".join(src[:81]) + "\n")
+    assert main(["--dataset", str(small), "--chunk-points", "600", "--repeats", "1",
+                 "--lossy-resolution", "0.1", "--codec", "tsz-zstd"]) == 0
+    r = json.loads(capsys.readouterr().out)["results"]
+    assert r["roundtrip_exact"] is False
+    assert 0 < r["max_abs_error"] <= 0.05

@@ -157,3 +157,36 @@ def test_unknown_format_and_flags_are_typed_errors() -> None:
     with pytest.raises(DecodeError) as e:
         TszCodec().decode(payload[:1] + b"\xf0" + payload[2:], "d", Priority.LOW)
     assert e.value.reason == "malformed"
+
+
+def test_lossy_per_sensor_resolution_keeps_other_series_exact() -> None:
+    codec = TszCodec(4, "tsz-lz4", entropy="lz4", lossy_resolution={"t": 0.5, "rh": 0.01})
+    rs = []
+    for i in range(300):
+        rs.append(Reading("d", "t", i * 1000, 20 + math.sin(i / 7) * 3, seq=3 * i + 1))
+        rs.append(Reading("d", "rh", i * 1000, 50 + math.cos(i / 9), seq=3 * i + 2))
+        rs.append(Reading("d", "exact", i * 1000, math.pi * i, seq=3 * i + 3))
+    chunk = seal_chunk(rs, codec)
+    assert chunk_meta(chunk.payload).max_abs_err == 0.25
+    out = open_chunk(chunk)
+    for a, b in zip(rs, out):
+        bound = {"t": 0.25, "rh": 0.005}.get(a.sensor, 0.0)
+        assert abs(a.value - b.value) <= bound
+        if a.sensor == "exact":
+            assert bits(a.value) == bits(b.value)
+        assert msgspec.structs.replace(a, value=0.0) == msgspec.structs.replace(b, value=0.0)
+    with pytest.raises(ValueError):
+        TszCodec(lossy_resolution={"t": -1.0})
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(vals=st.lists(any_float, min_size=1, max_size=100),
+       res=st.floats(min_value=1e-6, max_value=1e6))
+def test_lossy_error_bound_holds_for_any_values(vals: list[float], res: float) -> None:
+    rs = [Reading("d", "s", i, v, seq=i) for i, v in enumerate(vals)]
+    out = open_chunk(seal_chunk(rs, TszCodec(lossy_resolution=res)))
+    for a, b in zip(rs, out):
+        if math.isfinite(a.value):
+            assert abs(a.value - b.value) <= res / 2
+        else:
+            assert bits(a.value) == bits(b.value)
