@@ -8,6 +8,8 @@ process, then explicit ``PYMIGRATE__SECTION__KEY=value`` variables.
   ``SVCUID``, ``GG_ROOT_CA_PATH`` and the token-exchange URI.
 * **Azure IoT Edge** sets ``IOTEDGE_DEVICEID`` (-> ``device.id``), ``IOTEDGE_MODULEID``,
   ``IOTEDGE_GATEWAYHOSTNAME``, ``IOTEDGE_IOTHUBHOSTNAME``, ``IOTEDGE_WORKLOADURI`` ...
+* **Containers**: ``PYMIGRATE_DEVICE_ID_FROM=hostname`` takes ``device.id`` from the host
+  name (a compose replica's container id).
 * **Generic**: ``PYMIGRATE__METRICS__PORT=9200``, ``PYMIGRATE__UPLINK__MQTT__HOST=broker``,
   ``PYMIGRATE__SOURCES__0__INTERVAL_S=5``. Values are read as TOML values when they parse
   (``true``, ``9200``, ``["mqtt", "coap"]``), as plain strings otherwise.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -88,6 +91,10 @@ def env_overrides(env: Mapping[str, str]) -> list[tuple[str, list[str], Any]]:
             if env.get(var):
                 out.append((var, ["device", "id"], env[var]))
                 break
+        else:
+            if env.get("PYMIGRATE_DEVICE_ID_FROM", "").lower() == "hostname":
+                # one container per simulated device: the container id is the device id
+                out.append(("PYMIGRATE_DEVICE_ID_FROM", ["device", "id"], socket.gethostname()))
     for var in sorted(env):
         if var.startswith(PREFIX) and len(var) > len(PREFIX):
             path = [p.lower() for p in var[len(PREFIX):].split("__")]

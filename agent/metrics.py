@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from agent.config import MetricsConfig
     from agent.supervisor import Agent
 
-__all__ = ["BREAKER_CODES", "AgentCollector", "MetricsServer", "health", "make_registry"]
+__all__ = ["BREAKER_CODES", "AgentCollector", "HttpEndpoint", "MetricsServer", "health",
+           "json_route", "make_registry", "metrics_route"]
 
 log = structlog.get_logger("pymigrate.agent.metrics")
 
@@ -254,15 +255,23 @@ def health(agent: Agent) -> dict[str, Any]:
     }
 
 
-class MetricsServer:
-    """Serves ``/metrics`` and ``/health`` for one agent on ``host:port`` (asyncio, no
-    threads). ``start()`` binds (so a port conflict fails start-up, before READY);
-    ``serve_until(aw)`` keeps serving until ``aw`` completes, then closes."""
+Route = Callable[[], tuple[int, str, bytes]]
 
-    def __init__(self, agent: Agent, config: MetricsConfig) -> None:
-        self.agent = agent
-        self.config = config
-        self.registry = make_registry(agent)
+
+class HttpEndpoint:
+    """A tiny asyncio HTTP/1.1 server for GET/HEAD of fixed paths (no threads).
+
+    ``start()`` binds (so a port conflict fails start-up, before READY); ``serve_until(aw)``
+    keeps serving until ``aw`` completes, then closes. Used by the agent, the cloud ingest
+    and the coordinator.
+    """
+
+    def __init__(self, routes: dict[str, Route], host: str, port: int, *,
+                 name: str = "metrics") -> None:
+        self.routes = routes
+        self.host = host
+        self.bind_port = port
+        self.name = name
         self._server: asyncio.Server | None = None
         self.requests = 0
 
@@ -270,13 +279,12 @@ class MetricsServer:
     def port(self) -> int:
         """The bound port (useful with ``port = 0``)."""
         if self._server is None or not self._server.sockets:
-            return self.config.port
+            return self.bind_port
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.config.host,
-                                                  self.config.port)
-        log.info("metrics listening", host=self.config.host, port=self.port)
+        self._server = await asyncio.start_server(self._handle, self.host, self.bind_port)
+        log.info(f"{self.name} listening", host=self.host, port=self.port)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -285,8 +293,21 @@ class MetricsServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
+    async def rebind(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` instead; on failure the old binding is restored and the
+        error re-raised."""
+        old = (self.host, self.bind_port)
+        await self.close()
+        self.host, self.bind_port = host, port
+        try:
+            await self.start()
+        except OSError:
+            self.host, self.bind_port = old
+            await self.start()
+            raise
+
     async def serve_until(self, until: Awaitable[Any]) -> None:
-        """Run as a named stage: serve until ``until`` (the supervisor's controller) ends."""
+        """Run as a named stage: serve until ``until`` (e.g. the supervisor) ends."""
         if self._server is None:
             await self.start()
         try:
@@ -296,15 +317,12 @@ class MetricsServer:
 
     def render(self, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for a GET of ``path``."""
-        path = path.split("?", 1)[0]
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if path == "/health":
-            doc = health(self.agent)
-            return (200 if doc["healthy"] else 503, "application/json",
-                    json.dumps(doc, default=str).encode())
+        route = self.routes.get(path.split("?", 1)[0])
+        if route is not None:
+            return route()
         if path == "/":
-            return 200, "text/plain; charset=utf-8", b"pymigrate agent: /metrics /health\n"
+            index = " ".join(sorted(self.routes)).encode()
+            return 200, "text/plain; charset=utf-8", b"pymigrate: " + index + b"\n"
         return 404, "text/plain; charset=utf-8", b"not found\n"
 
     async def _handle(self, reader: asyncio.StreamReader,
@@ -329,7 +347,7 @@ class MetricsServer:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                 ValueError, ConnectionError):
             pass  # a broken or slow client only loses its own request
-        except Exception as exc:  # a scrape must never take the agent down
+        except Exception as exc:  # a scrape must never take the service down
             log.warning("metrics request failed", error=str(exc), error_type=type(exc).__name__)
             with contextlib.suppress(Exception):
                 writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n"
@@ -338,3 +356,36 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def json_route(doc: Callable[[], dict[str, Any]], ok_key: str = "healthy") -> Route:
+    """A route answering ``doc()`` as JSON: 200 when ``doc[ok_key]`` is true, else 503."""
+
+    def route() -> tuple[int, str, bytes]:
+        d = doc()
+        return (200 if d.get(ok_key) else 503, "application/json",
+                json.dumps(d, default=str).encode())
+
+    return route
+
+
+def metrics_route(registry: CollectorRegistry) -> Route:
+    """A route answering the Prometheus text exposition of ``registry``."""
+    return lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry))
+
+
+class MetricsServer(HttpEndpoint):
+    """``/metrics`` and ``/health`` for one agent (a dedicated registry per agent)."""
+
+    def __init__(self, agent: Agent, config: MetricsConfig) -> None:
+        self.agent = agent
+        self.config = config
+        self.registry = make_registry(agent)
+        super().__init__({"/metrics": metrics_route(self.registry),
+                          "/health": json_route(lambda: health(agent))},
+                         config.host, config.port)
+
+    async def rebind_config(self, config: MetricsConfig) -> None:
+        """SIGHUP: move to ``config``'s host/port."""
+        await self.rebind(config.host, config.port)
+        self.config = config

@@ -102,7 +102,7 @@ async def reload_agent(agent: Agent, path: str | os.PathLike[str] | None = None,
         live = [k for k in live if not k.startswith("metrics.")]
     if any(k.startswith("metrics.") for k in live) and agent.metrics is not None:
         try:
-            await agent.metrics.rebind(new.metrics)
+            await agent.metrics.rebind_config(new.metrics)
         except OSError as exc:
             return _refuse(f"metrics {new.metrics.host}:{new.metrics.port}: {exc}")
     applied = _apply(agent, old, new, live, relog)
