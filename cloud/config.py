@@ -159,11 +159,20 @@ class CloudConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     listeners: list[Literal["coap", "mqtt", "amqp"]] = msgspec.field(
         default_factory=lambda: ["coap"])
     coap: CoapListener = msgspec.field(default_factory=CoapListener)
+    # listener settings for MQTT / AMQP: the keys of transports.config.MqttConfig /
+    # AmqpConfig (validated below, errors name cloud.mqtt.<key>)
+    mqtt: dict[str, Any] = msgspec.field(default_factory=dict)
+    amqp: dict[str, Any] = msgspec.field(default_factory=dict)
     dedup: DedupSettings = msgspec.field(default_factory=DedupSettings)
     max_batch_bytes: int = DEFAULT_MAX_BYTES
     rate_limit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
 
     def __post_init__(self) -> None:
+        from transports.config import parse_transport
+
+        for name in ("mqtt", "amqp"):
+            if name in self.listeners or getattr(self, name):
+                parse_transport(name, getattr(self, name), section="cloud")
         if self.max_batch_bytes < 1024:
             raise ConfigError("cloud.max_batch_bytes", "must be >= 1024")
         if (self.store in ("influx", "timestream") and self.dedup.gateway_tolerance_ms

@@ -97,3 +97,29 @@ def test_cloud_serves_until_signalled(tmp_path: Path) -> None:
     t.join()
     assert rc == 0
     assert result == {"accepted": 1}
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "amqp"])
+def test_run_over_broker(tmp_path: Path, transport: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same end-to-end run over the real Mosquitto / RabbitMQ instead of CoAP."""
+    import uuid
+
+    from tests.conftest import require_service
+
+    if transport == "mqtt":
+        require_service("Mosquitto", "127.0.0.1", 1883)
+        table = f'prefix = "pmrun{uuid.uuid4().hex[:8]}"\n'
+    else:
+        require_service("RabbitMQ", "127.0.0.1", 5672)
+        table = ""
+    cfg = _config(tmp_path, free_port())
+    text = cfg.read_text()
+    text = text.replace('transports = ["coap"]', f'transports = ["{transport}"]')
+    text = text.replace('listeners = ["coap"]', f'listeners = ["{transport}"]')
+    text += f"\n[uplink.{transport}]\n{table}\n[cloud.{transport}]\n{table}"
+    cfg.write_text(text)
+    assert main(["run", "--config", str(cfg), "--duration", "3"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split()[1:])
+    assert int(fields["accepted"]) > 20
+    assert fields["accepted"] == fields["delivered"] == fields["stored_in_cloud"]
