@@ -100,7 +100,8 @@ def test_cloud_serves_until_signalled(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("transport", ["mqtt", "amqp"])
-def test_run_over_broker(tmp_path: Path, transport: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_over_broker(tmp_path: Path, transport: str,
+                         capsys: pytest.CaptureFixture[str]) -> None:
     """The same end-to-end run over the real Mosquitto / RabbitMQ instead of CoAP."""
     import uuid
 
