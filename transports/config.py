@@ -188,7 +188,14 @@ def parse_transport(name: str, data: dict[str, Any], *, section: str = "uplink")
         raise ConfigError(f"{section}.type",
                           f"unknown transport {name!r} (expected one of {', '.join(_BY_NAME)})")
     body = {k: v for k, v in data.items() if k != "type"}
-    return convert(body, cls, section=f"{section}.{name}")
+    try:
+        return convert(body, cls, section=f"{section}.{name}")
+    except ConfigError as exc:
+        key = str(exc.key)
+        if section != "uplink" and key.startswith("uplink."):
+            # value checks name "uplink.<type>.<key>"; say where this table really is
+            raise ConfigError(f"{section}{key[len('uplink'):]}", str(exc.problem)) from None
+        raise
 
 
 def parse_transports(items: list[dict[str, Any]], *,

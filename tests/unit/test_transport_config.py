@@ -84,6 +84,15 @@ def test_errors_name_the_key(name: str, data: dict[str, object], key: str) -> No
     assert ei.value.key == key
 
 
+def test_cloud_sections_name_their_own_key() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_transport("amqp", {"prefetch": 0}, section="ingest")
+    assert ei.value.key == "ingest.amqp.prefetch"
+    with pytest.raises(ConfigError) as ei:
+        parse_transport("mqtt", {"bogus": 1}, section="ingest")
+    assert ei.value.key == "ingest.mqtt.bogus"
+
+
 def test_list_items_need_a_type() -> None:
     with pytest.raises(ConfigError) as ei:
         parse_transports([{"type": "coap"}, {"host": "x"}])
