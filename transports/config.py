@@ -67,6 +67,7 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="m
     protocol: str = "5"  # "5" (response topic + correlation data) or "3.1.1"
     client_id: str = ""  # default: the device id (persistent session per device)
     clean_start: bool = False  # False keeps the session (and queued acks) across reconnects
+    session_expiry_s: int = 86_400  # MQTT 5: how long the broker keeps an absent session
     keepalive_s: int = 30
     connect_timeout_s: float = 10.0
     end_to_end: bool = True  # False: PUBACK is the ack (weaker)
@@ -89,6 +90,8 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="m
         _check_segment("mqtt", "prefix", self.prefix, slash_ok=True)
         _check_segment("mqtt", "share_group", self.share_group, slash_ok=False)
         _check_positive("mqtt", "keepalive_s", self.keepalive_s)
+        if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
+            raise ConfigError("uplink.mqtt.session_expiry_s", "must be in 0..4294967295")
         _check_positive("mqtt", "connect_timeout_s", self.connect_timeout_s)
         _check_positive("mqtt", "max_payload", self.max_payload)
         _check_positive("mqtt", "max_inflight", self.max_inflight)

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 __all__ = ["MqttIngestServer", "MqttUplink", "ack_topic", "up_topic"]
 
 QUOTA_EXCEEDED = 0x97  # MQTT 5 reason code
-_SESSION_EXPIRY_S = 24 * 3600
 
 
 def up_topic(prefix: str, device_id: str) -> str:
@@ -79,7 +78,7 @@ class _Connection:
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             if not clean:
-                props.SessionExpiryInterval = _SESSION_EXPIRY_S
+                props.SessionExpiryInterval = cfg.session_expiry_s
             kwargs["clean_start"] = clean
         else:
             kwargs["clean_session"] = clean

@@ -63,6 +63,7 @@ def test_failover_list_from_toml() -> None:
     ("mqtt", {"prefix": "/a"}, "uplink.mqtt.prefix"),
     ("mqtt", {"share_group": "a/b"}, "uplink.mqtt.share_group"),
     ("mqtt", {"keepalive_s": 0}, "uplink.mqtt.keepalive_s"),
+    ("mqtt", {"session_expiry_s": -1}, "uplink.mqtt.session_expiry_s"),
     ("mqtt", {"key_file": "k.pem"}, "uplink.mqtt.key_file"),
     ("mqtt", {"password": "x"}, "uplink.mqtt.password"),
     ("mqtt", {"hostt": "x"}, "uplink.mqtt.hostt"),
