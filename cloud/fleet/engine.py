@@ -26,7 +26,7 @@ from cloud.fleet.pacing import Pacer
 from cloud.fleet.protocol import Health
 from cloud.fleet.registry import Registry
 from cloud.fleet.spec import RolloutSpec, WavePlan, first_wave, next_open, next_wave, window_open
-from cloud.fleet.states import APPLIED, TERMINAL, DeviceState, InvalidTransition, allowed
+from cloud.fleet.states import APPLIED, DeviceState, InvalidTransition, allowed
 
 S = DeviceState
 NOWAVE = 0xFFFF
@@ -588,27 +588,7 @@ class Rollout:
 
     # -- progress -------------------------------------------------------------------
     def progress(self, now: float) -> dict[str, object]:
-        """Per-wave and per-state counts, rates, ETA."""
-        c = self.counts
-        succ = c[S.SUCCEEDED]
-        fail = c[S.FAILED] + c[S.TIMED_OUT] + c[S.REJECTED]
-        terminal = sum(c[s] for s in TERMINAL)
-        elapsed = max(1e-9, (self.finished_at or now) - self.created_at)
-        eta = 0.0 if self.done else (
-            (self.n - terminal) * elapsed / terminal if terminal else math.inf)
-        names = [s.name.lower() for s in DeviceState]
-        return {
-            "rollout_id": self.id, "status": self.status, "reason": self.reason,
-            "devices": self.n, "assigned": self.cursor,
-            "states": {names[i]: c[i] for i in range(_NSTATES) if c[i]},
-            "success_rate": round(succ / (succ + fail), 4) if succ + fail else None,
-            "failure_rate": round(fail / (succ + fail), 4) if succ + fail else None,
-            "in_flight": self.in_flight, "elapsed_s": round(elapsed, 1),
-            "eta_s": None if math.isinf(eta) else round(eta, 1),
-            "notifications": self.notifications,
-            "waves": [{"wave": w.index, "size": w.end - w.start, "planned": w.planned,
-                       "gate": w.gate, "offline_waiting": len(self.offline[w.index]),
-                       "states": {names[i]: n for i, n in enumerate(self.wcounts[w.index])
-                                  if n}} for w in self.waves],
-            "rollback_waves": len(self.rb_waves),
-        }
+        """Per-wave and per-state counts, rates, ETA (see :mod:`cloud.fleet.progress`)."""
+        from cloud.fleet.progress import rollout_progress
+
+        return rollout_progress(self, now)
