@@ -98,9 +98,13 @@ async def test_persistent_session_delivers_ack_after_reconnect(
     service = IngestService(store)
     gate = asyncio.Event()
 
+    committed = asyncio.Event()
+
     async def slow(inc: Incoming) -> Ack:
         await gate.wait()
-        return await service.handle(inc)
+        ack = await service.handle(inc)
+        committed.set()
+        return ack
 
     server = MqttIngestServer(cfg)
     await server.start(slow)
@@ -111,7 +115,8 @@ async def test_persistent_session_delivers_ack_after_reconnect(
         with pytest.raises(TransportError):
             await up.send(payload, batch_id=batch_id, timeout=0.5)  # drops the connection
         gate.set()
-        await asyncio.sleep(0.3)  # the ingest commits and acks while the device is away
+        await asyncio.wait_for(committed.wait(), 5)  # committed while the device is away
+        await asyncio.sleep(0.2)  # ... and its ack is published into the session
         assert await store.count(device) == 20
         batch_id, payload, _ = make_batch(device, 1)
         ack = await up.send(payload, batch_id=batch_id, timeout=5)  # reconnects
