@@ -18,6 +18,7 @@ from pymigrate.types import AggInfo, Priority, Reading
 
 EXAMPLES = int(os.environ.get("PYMIGRATE_FUZZ_EXAMPLES", "200"))
 I64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+SMALL_OR_ANY = st.one_of(st.integers(-3, 3), I64)  # small ranges give duplicates and reversals
 
 
 def bits(x: float) -> bytes:
@@ -51,8 +52,8 @@ def readings(draw: st.DrawFn) -> list[Reading]:
     out = []
     for _ in range(n):
         out.append(Reading(
-            "dev-1", draw(st.sampled_from(sensors)), draw(I64), draw(any_float), prio,
-            seq=draw(I64), raw_ts_ms=draw(st.one_of(st.none(), I64)),
+            "dev-1", draw(st.sampled_from(sensors)), draw(SMALL_OR_ANY), draw(any_float), prio,
+            seq=draw(SMALL_OR_ANY), raw_ts_ms=draw(st.one_of(st.none(), I64)),
             quality=draw(st.one_of(st.just(0), I64)), uncert_ms=draw(st.one_of(st.just(0), I64)),
             agg=draw(agg)))
     return out
