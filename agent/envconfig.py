@@ -109,7 +109,6 @@ def apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, A
     merged = copy.deepcopy(data)
     for var, path, value in env_overrides(env):
         _set(merged, path, value, var)
-        log.debug("config override from environment", var=var, key=".".join(path))
     return merged
 
 

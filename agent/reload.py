@@ -15,6 +15,7 @@ kept untouched. A valid one is diffed key by key against the running one:
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -89,14 +90,14 @@ async def reload_agent(agent: Agent, path: str | os.PathLike[str] | None = None,
     if not path:
         return _refuse("the agent was not started from a config file")
     try:
-        new = load_config(path, env)
+        new = await asyncio.to_thread(_load, path, env)
     except (PyMigrateError, OSError, ValueError) as exc:
         return _refuse(f"{path}: {exc}")
     old = agent.config
     changed = diff_keys(old, new)
     live = [k for k in changed if _is_live(k)]
     restart = [k for k in changed if not _is_live(k)]
-    if restart and any(k.startswith("metrics.") for k in live):
+    if "metrics.enabled" in restart:
         # metrics turned on/off at the same time: a restart decides the server's fate
         restart += [k for k in live if k.startswith("metrics.")]
         live = [k for k in live if not k.startswith("metrics.")]
@@ -112,6 +113,12 @@ async def reload_agent(agent: Agent, path: str | os.PathLike[str] | None = None,
     else:
         log.info("config reloaded", applied=applied)
     return ReloadResult(ok=True, applied=applied, restart_required=restart)
+
+
+def _load(path: str | os.PathLike[str], env: Mapping[str, str] | None) -> AgentConfig:
+    if os.path.getsize(path) == 0:  # an editor truncating before it writes
+        raise ValueError("empty file (still being written?)")
+    return load_config(path, env)
 
 
 def _refuse(error: str) -> ReloadResult:
