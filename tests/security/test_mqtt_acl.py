@@ -1,0 +1,152 @@
+"""Per-device ACLs on a TLS broker the test starts: a device can publish only its own
+uplink topic.
+
+Mosquitto with ``require_certificate true``, ``use_identity_as_username true`` (the
+certificate CN is the username) and an ``acl_file`` whose patterns bind
+``<prefix>/up/%u`` and ``<prefix>/ack/%u`` to that identity; the ingest's certificate may
+read every uplink topic and write acks. Device A holding a valid certificate cannot get a
+batch into device B's stream: the broker drops the publish, the ingest never sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud.ingest import IngestService
+from pymigrate.errors import PyMigrateError
+from tests.conftest import free_port, require_binary, service_up
+from tests.integration.transport_support import RecordingStore, make_batch
+from transports.config import MqttConfig
+from transports.mqtt import MqttIngestServer, MqttUplink
+
+pytestmark = pytest.mark.integration
+
+PREFIX = f"acl/{uuid.uuid4().hex[:8]}"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _leaf(d: Path, name: str, cn: str, san: str = "") -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    extra: list[str] = []
+    if san:
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        extra = ["-extfile", f"{name}.ext"]
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", *extra, cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    require_binary("openssl")
+    d = tmp_path_factory.mktemp("acl-pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=acl-ca", cwd=d)
+    _leaf(d, "server", "127.0.0.1", san="IP:127.0.0.1")
+    _leaf(d, "dev-a", "sec-dev-a")
+    _leaf(d, "dev-b", "sec-dev-b")
+    _leaf(d, "ingest", "ingest-1")
+    yield d
+
+
+@pytest.fixture
+async def acl_broker(pki: Path, tmp_path: Path) -> AsyncIterator[int]:
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK)
+        else require_binary("mosquitto"))
+    port = free_port()
+    acl = tmp_path / "acl"
+    acl.write_text(f"""
+user ingest-1
+topic read {PREFIX}/up/+
+topic write {PREFIX}/ack/+
+
+pattern write {PREFIX}/up/%u
+pattern read {PREFIX}/ack/%u
+""")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"""
+user root
+persistence false
+listener {port} 127.0.0.1
+cafile {pki / 'ca.crt'}
+certfile {pki / 'server.crt'}
+keyfile {pki / 'server.key'}
+require_certificate true
+use_identity_as_username true
+allow_anonymous false
+acl_file {acl}
+""")
+    proc = await asyncio.create_subprocess_exec(binary, "-c", str(conf),
+                                                stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):  # bounded: 5 s
+            if service_up("127.0.0.1", port, timeout=0.2) or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        if proc.returncode is not None or not service_up("127.0.0.1", port, timeout=0.2):
+            err = await proc.stderr.read() if proc.stderr else b""
+            pytest.fail(f"ACL mosquitto did not start: {err.decode(errors='replace')}")
+        yield port
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+def _cfg(pki: Path, port: int, cert: str) -> MqttConfig:
+    return MqttConfig(port=port, prefix=PREFIX, ca_file=str(pki / "ca.crt"),
+                      cert_file=str(pki / f"{cert}.crt"), key_file=str(pki / f"{cert}.key"),
+                      connect_timeout_s=3.0, share_group=f"g{uuid.uuid4().hex[:6]}")
+
+
+async def test_device_can_publish_only_its_own_topic(pki: Path, acl_broker: int,
+                                                     tmp_path: Path) -> None:
+    store = RecordingStore(tmp_path / "s.db")
+    await store.open()
+    service = IngestService(store)
+    server = MqttIngestServer(_cfg(pki, acl_broker, "ingest"))
+    await server.start(service.handle)
+    try:
+        # each device with its own certificate reaches the ingest
+        for cert, dev in (("dev-a", "sec-dev-a"), ("dev-b", "sec-dev-b")):
+            up = MqttUplink(_cfg(pki, acl_broker, cert), device_id=dev)
+            bid, payload, seqs = make_batch(dev, 0)
+            ack = await up.send(payload, batch_id=bid, timeout=5)
+            await up.close()
+            assert ack.status == "ok" and ack.accepted == len(seqs)
+        before = dict(service.counters)
+
+        # device A's certificate, device B's topic and a batch that says "sec-dev-b":
+        # payload and topic agree, only the broker's ACL stands in the way
+        impostor = MqttUplink(_cfg(pki, acl_broker, "dev-a"), device_id="sec-dev-b")
+        bid, forged, _ = make_batch("sec-dev-b", 1)
+        with pytest.raises(PyMigrateError):
+            await impostor.send(forged, batch_id=bid, timeout=3)
+        await impostor.close()
+        await asyncio.sleep(0.5)
+        assert service.counters["batches_received"] == before["batches_received"]
+        assert await store.count("sec-dev-b") == 20  # only B's own first batch
+
+        # and A's own stream still works after the refused attempt
+        up = MqttUplink(_cfg(pki, acl_broker, "dev-a"), device_id="sec-dev-a")
+        bid, payload, _ = make_batch("sec-dev-a", 1)
+        assert (await up.send(payload, batch_id=bid, timeout=5)).status == "ok"
+        await up.close()
+        assert await store.count("sec-dev-a") == 40
+    finally:
+        await server.stop()
+        await store.close()
+
