@@ -570,6 +570,9 @@ class Uploader:
         slot.failures_in_row += 1
         log.debug("uploader.attempt_failed", batch_id=batch.batch_id, uplink=slot.name,
                   attempt=batch.attempt, error=str(exc))
+        if batch.attempt in (10, 100, 1000, 10000):  # long retries are visible, not silent
+            log.warning("uploader.still_retrying", batch_id=batch.batch_id, uplink=slot.name,
+                        attempt=batch.attempt, chunks=len(batch.items), error=str(exc))
         if slot.failures_in_row >= self.cfg.reconnect_after_failures and slot.connected:
             slot.connected = False
             try:
