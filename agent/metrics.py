@@ -230,7 +230,8 @@ def health(agent: Agent) -> dict[str, Any]:
     healthy = bool(stages) and all(stages.values())
     breakers = {n: str(u.get("breaker")) for n, u in up.get("uplinks", {}).items()}
     if not healthy:
-        state = "stopping" if stopping else "failing"
+        state = ("stopping" if stopping else "failing" if agent.started.is_set()
+                 else "starting")
     elif breakers and all(v == "open" for v in breakers.values()):
         state = "degraded"  # alive, buffering, but no uplink is usable right now
     else:
@@ -296,7 +297,7 @@ class HttpEndpoint:
     async def rebind(self, host: str, port: int) -> None:
         """Listen on ``host:port`` instead; on failure the old binding is restored and the
         error re-raised."""
-        old = (self.host, self.bind_port)
+        old = (self.host, self.port)  # the bound port, also when configured as 0
         await self.close()
         self.host, self.bind_port = host, port
         try:
