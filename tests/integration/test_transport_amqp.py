@@ -15,12 +15,14 @@ from cloud.ingest import IngestService
 from pymigrate.errors import PayloadRejected, ThrottledError, TransportError
 from pymigrate.types import Ack
 from tests.conftest import free_port
+from tests.integration import transport_support
 from tests.integration.transport_support import RecordingStore, make_batch, plan_batches
 from transports.amqp import AmqpIngestServer, AmqpUplink
 from transports.base import Incoming
 from transports.config import AmqpConfig
 
 pytestmark = pytest.mark.integration
+fresh_structlog = transport_support.fresh_structlog  # autouse: see its docstring
 
 
 @pytest.fixture

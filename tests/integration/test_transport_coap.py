@@ -11,11 +11,13 @@ import pytest
 from pymigrate.errors import PayloadRejected, TransportError
 from pymigrate.types import Ack
 from tests.conftest import free_port
+from tests.integration import transport_support
 from tests.integration.transport_support import make_batch
 from transports.base import Incoming
 from transports.coap import CoapIngestServer, CoapUplink
 
 pytestmark = pytest.mark.integration
+fresh_structlog = transport_support.fresh_structlog  # autouse: see its docstring
 
 
 async def _serve(handler: object) -> tuple[CoapIngestServer, int]:

@@ -23,10 +23,12 @@ from cloud.ingest import IngestService
 from pymigrate.envelope import decode_ack
 from pymigrate.errors import ThrottledError, TransportError
 from tests.conftest import free_port, require_binary
+from tests.integration import transport_support
 from tests.integration.transport_support import RecordingStore, make_batch
 from transports.coap import CoapIngestServer, CoapUplink
 
 pytestmark = pytest.mark.integration
+fresh_structlog = transport_support.fresh_structlog  # autouse: see its docstring
 
 
 def _libcoap(tool: str) -> str:

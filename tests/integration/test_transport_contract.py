@@ -21,6 +21,7 @@ from cloud.ingest import IngestService
 from pymigrate.errors import ThrottledError, TransportError
 from simulators.netproxy import FaultProxy, UdpFaultProxy
 from tests.conftest import free_port, require_service
+from tests.integration import transport_support
 from tests.integration.transport_support import (
     RecordingStore,
     make_batch,
@@ -32,6 +33,7 @@ from transports.config import AmqpConfig, CoapConfig, MqttConfig
 from transports.registry import build_ingest_server, build_uplink
 
 pytestmark = pytest.mark.integration
+fresh_structlog = transport_support.fresh_structlog  # autouse: see its docstring
 
 
 @dataclasses.dataclass

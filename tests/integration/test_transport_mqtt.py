@@ -15,6 +15,7 @@ from cloud.ingest import IngestService
 from pymigrate.errors import PayloadRejected, TransportError
 from pymigrate.types import Ack
 from tests.conftest import free_port
+from tests.integration import transport_support
 from tests.integration.transport_support import (
     RecordingStore,
     make_batch,
@@ -26,6 +27,7 @@ from transports.config import MqttConfig
 from transports.mqtt import MqttIngestServer, MqttUplink
 
 pytestmark = pytest.mark.integration
+fresh_structlog = transport_support.fresh_structlog  # autouse: see its docstring
 
 
 @pytest.fixture

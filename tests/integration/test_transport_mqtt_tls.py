@@ -27,11 +27,13 @@ import pytest
 from cloud.ingest import IngestService
 from pymigrate.errors import TransportError
 from tests.conftest import free_port, require_binary, service_up
+from tests.integration import transport_support
 from tests.integration.transport_support import RecordingStore, make_batch
 from transports.config import MqttConfig
 from transports.mqtt import MqttIngestServer, MqttUplink
 
 pytestmark = pytest.mark.integration
+fresh_structlog = transport_support.fresh_structlog  # autouse: see its docstring
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -7,6 +7,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+import structlog
+
 from agent.codec import seal_chunk
 from cloud.stores.base import WriteResult
 from cloud.stores.sqlite import SqliteStore
@@ -84,3 +87,11 @@ def plan_batches(device_id: str, n: int, *, big_every: int = 0, small: int = 20,
         out.append(make_batch(device_id, i, per_batch=per, first_seq=seq))
         seq += per
     return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_structlog() -> None:
+    """Undo a structlog configuration an earlier test bound to its (now closed) captured
+    stream (``setup_logging`` binds ``sys.stderr`` when called); the ingest logs
+    rejections through structlog, which would raise instead of answering."""
+    structlog.reset_defaults()
