@@ -175,12 +175,12 @@ async def _scenario(kind: str, faulty: bool, args: argparse.Namespace, mqtt_port
     server = build_ingest_server(server_cfg)
     await server.start(IngestService(store).handle)
     await proxy.start()
-    dev_cfg = msgspec.structs.replace(server_cfg, port=proxy.port())  # type: ignore[type-var]
+    dev_cfg = msgspec.structs.replace(server_cfg, port=proxy.port())
     rng = random.Random(seed)
     devices = [f"bench-{kind}-{uniq}-{i}" for i in range(args.devices)]
     plans = {d: _batches(d, args.readings, rng) for d in devices}
     if faulty:
-        proxy.set(**(FAULTS_UDP if kind == "coap" else FAULTS_TCP))
+        proxy.set(None, **(FAULTS_UDP if kind == "coap" else FAULTS_TCP))
         proxy.schedule_outage(1.0, 0.5, mode="reset")
     stats: dict[str, Any] = dict(acked=0, attempts=0, errors=0, readings=0, payload_bytes=0,
                                  latency=[])
