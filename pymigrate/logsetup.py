@@ -22,10 +22,21 @@ def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of the write (test runners and
+    daemonizers replace it; a captured stream object may be closed later)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup_logging(fmt: str = "console", level: str = "info", *, stream: Any = None) -> None:
     """Configure structlog and stdlib logging once for the process."""
     lvl = getattr(logging, level.upper(), logging.INFO)
-    out = stream or sys.stderr
+    out = stream or _CurrentStderr()
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
     processors: list[Any] = [
