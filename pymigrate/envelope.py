@@ -28,6 +28,7 @@ MAGIC = b"PMIG"
 VERSION = 3
 SUPPORTED_VERSIONS = frozenset({1, 2, 3})
 MAX_CHUNK_POINTS = 1_000_000
+DEFAULT_MAX_POINTS = 4_000_000
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 HEADER = struct.Struct("<4sBI")  # magic, version, body length
 TRAILER = struct.Struct("<I")  # crc32 over header + body
@@ -134,8 +135,13 @@ def encode_batch(batch: Batch, *, version: int = VERSION) -> bytes:
     return head + body + TRAILER.pack(zlib.crc32(body, zlib.crc32(head)))
 
 
-def decode_batch(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Batch:
-    """Decode and verify an envelope. Raises DecodeError (reason in ``.reason``)."""
+def decode_batch(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_points: int = DEFAULT_MAX_POINTS) -> Batch:
+    """Decode and verify an envelope. Raises DecodeError (reason in ``.reason``).
+
+    ``max_points`` caps the readings all chunks together declare, so a small hostile
+    batch cannot make the caller decode (allocate) millions of readings.
+    """
     if len(data) > max_bytes:
         raise DecodeError(f"envelope of {len(data)} bytes exceeds {max_bytes}", reason="oversized")
     if len(data) < HEADER.size + TRAILER.size:
@@ -161,6 +167,9 @@ def decode_batch(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Batch:
         if c.device_id != batch.device_id:
             raise DecodeError("chunk device differs from batch device", reason="device_mismatch")
         _check_chunk(c)
+    if batch.count > max_points:
+        raise DecodeError(f"batch declares {batch.count} readings, over {max_points}",
+                          reason="oversized")
     return batch
 
 

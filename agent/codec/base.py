@@ -74,7 +74,14 @@ def open_chunk(chunk: Chunk) -> list[Reading]:
     if zlib.crc32(chunk.payload) != chunk.checksum:
         raise CorruptChunk("chunk checksum mismatch", device=chunk.device_id,
                            seq_first=chunk.seq_first)
-    readings = codec_by_id(chunk.codec).decode(chunk.payload, chunk.device_id, chunk.priority)
+    codec = codec_by_id(chunk.codec)
+    expecting = getattr(codec, "decode_expecting", None)
+    if expecting is not None:
+        # the codec refuses a payload whose point count differs before allocating it
+        readings: list[Reading] = expecting(chunk.payload, chunk.device_id, chunk.priority,
+                                            chunk.count)
+    else:
+        readings = codec.decode(chunk.payload, chunk.device_id, chunk.priority)
     if len(readings) != chunk.count:
         raise CorruptChunk(f"chunk count mismatch: header {chunk.count}, payload {len(readings)}")
     return readings

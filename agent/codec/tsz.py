@@ -367,7 +367,20 @@ class TszCodec:
                 zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
             raise DecodeError(f"malformed tsz chunk: {exc}", reason="malformed") from exc
 
-    def _decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
+    def decode_expecting(self, payload: bytes, device_id: str, priority: Priority,
+                         count: int) -> list[Reading]:
+        """Like :meth:`decode`, but a payload holding other than ``count`` points is
+        refused (reason "count_mismatch") before anything is allocated for them."""
+        try:
+            return self._decode(bytes(payload), device_id, priority, count)
+        except DecodeError:
+            raise
+        except (ValueError, IndexError, OverflowError, TypeError, struct.error,
+                zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
+            raise DecodeError(f"malformed tsz chunk: {exc}", reason="malformed") from exc
+
+    def _decode(self, payload: bytes, device_id: str, priority: Priority,
+                expected: int | None = None) -> list[Reading]:
         _, flags, max_err, cur = _header(payload)
         names = _decode_names(cur)
         body_len = cur.count(MAX_BODY)
@@ -381,7 +394,7 @@ class TszCodec:
             body = lz4.block.decompress(packed, uncompressed_size=body_len)
         if len(body) != body_len:
             raise DecodeError("chunk body length mismatch", reason="truncated")
-        return _decode_body(Cursor(body), names, device_id, priority, max_err)
+        return _decode_body(Cursor(body), names, device_id, priority, max_err, expected)
 
 
 _G_QUAL, _G_UNC, _G_RAW, _G_RAWMASK, _G_AGGW, _G_AGGC, _G_ULP = (1 << i for i in range(7))
@@ -400,8 +413,12 @@ def _decode_names(cur: Cursor) -> list[tuple[str, str | None, str]]:
 
 
 def _decode_body(cur: Cursor, names_t: list[tuple[str, str | None, str]], device_id: str,
-                 priority: Priority, max_err: float | None) -> list[Reading]:
+                 priority: Priority, max_err: float | None,
+                 expected: int | None = None) -> list[Reading]:
     n = cur.count(MAX_POINTS)
+    if expected is not None and n != expected:
+        raise DecodeError(f"chunk holds {n} points, its header says {expected}",
+                          reason="count_mismatch")
     s_count = len(names_t)
     if s_count > n:
         raise DecodeError("more series than points", reason="malformed")

@@ -138,3 +138,11 @@ def test_ack_roundtrip_and_garbage() -> None:
     assert decode_ack(encode_ack(ack)) == ack
     with pytest.raises(DecodeError):
         decode_ack(b"{")
+
+
+def test_batch_point_cap() -> None:
+    b = batch(4)
+    assert decode_batch(encode_batch(b), max_points=240) == b
+    with pytest.raises(DecodeError) as e:
+        decode_batch(encode_batch(b), max_points=239)
+    assert e.value.reason == "oversized"

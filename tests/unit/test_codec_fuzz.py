@@ -172,3 +172,16 @@ def test_senml_cbor_declared_lengths_and_depth(data: bytes) -> None:
     with pytest.raises(DecodeError) as e:
         parse_senml(data, content_format="cbor", device_id="d", now_ms=0)
     assert e.value.reason == "malformed"
+
+
+def test_chunk_header_count_is_checked_before_decoding_points() -> None:
+    chunk = seal_chunk(sample())
+    fields = {f: getattr(chunk, f) for f in chunk.__struct_fields__}
+    liar = Chunk(**{**fields, "count": 3})
+    with pytest.raises(DecodeError) as e:
+        open_chunk(liar)
+    assert e.value.reason == "count_mismatch"
+    legacy = seal_chunk(sample(), "columnar-zstd")
+    with pytest.raises(DecodeError):
+        open_chunk(Chunk(**{**{f: getattr(legacy, f) for f in legacy.__struct_fields__},
+                            "count": 3}))
