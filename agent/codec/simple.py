@@ -29,12 +29,13 @@ def _deltas(xs: list[int]) -> list[int]:
 
 
 def _columns(readings: Sequence[Reading]) -> list[Any]:
-    groups: dict[tuple[str, str, str], list[Reading]] = {}
+    # the aggregate flag is part of the key: AggInfo("", "", ...) is not "no aggregate"
+    groups: dict[tuple[str, bool, str, str], list[Reading]] = {}
     for r in readings:
-        key = (r.sensor, r.agg.rule, r.agg.fn) if r.agg else (r.sensor, "", "")
+        key = (r.sensor, True, r.agg.rule, r.agg.fn) if r.agg else (r.sensor, False, "", "")
         groups.setdefault(key, []).append(r)
     out: list[Any] = []
-    for (sensor, rule, fn), rs in groups.items():
+    for (sensor, is_agg, rule, fn), rs in groups.items():
         vals = struct.pack(f"<{len(rs)}d", *[r.value for r in rs])
         col: list[Any] = [
             sensor,
@@ -45,7 +46,7 @@ def _columns(readings: Sequence[Reading]) -> list[Any]:
             [r.uncert_ms for r in rs] if any(r.uncert_ms for r in rs) else None,
             [r.raw_ts_ms for r in rs] if any(r.raw_ts_ms is not None for r in rs) else None,
         ]
-        if rule or fn:
+        if is_agg:
             col.append([rule, fn, [r.agg.window_end_ms for r in rs if r.agg],
                         [r.agg.count for r in rs if r.agg]])
         out.append(col)
