@@ -5,12 +5,22 @@ Time bases
     The agent's monotonic clock (``clock.monotonic()``) is the base of the model; the
     wall clock (``clock.time_ms()``, the gateway RTC that also stamps readings) is only
     related to it. Every call observes both; ``wall - monotonic`` stays constant while
-    the RTC runs normally (slow slewing is tracked). A change larger than
-    ``step_threshold_ms`` is a *jump* (backwards step, forward step, or a reset to an
-    implausible year such as 1970): it opens a new *regime* (a wall->monotonic
+    the RTC runs normally (slow slewing, up to ``slew_ppm``, is tracked). A change larger
+    than ``step_threshold_ms`` is a *jump* (backwards step, forward step, or a reset to
+    an implausible year such as 1970): it opens a new *regime* (a wall->monotonic
     relation). Readings are mapped to monotonic time through the regime their raw
     timestamp fits in (newest first), so readings stamped just before a jump still map
-    correctly after it.
+    correctly after it. The first regime also takes readings stamped up to
+    ``backfill_s`` before the first observation (queued or redelivered after a restart).
+
+Read skew
+    A process can be preempted between reading the two clocks, so one observation does
+    not give ``wall - monotonic`` exactly: the wall read is bracketed by two monotonic
+    reads, which bounds the relation. A regime keeps the intersection of those bounds
+    (widened by ``slew_ppm`` over time) and its point estimate moves only when a bound
+    proves it wrong, to the nearest bound. With a fixed model the correction is thus one
+    strictly increasing function of the raw time, whenever a batch is processed: raw
+    times >= 2 ms apart stay distinct and in order, equal raw times stay equal.
 
 Samples
     ``add_sample(t1, t2, t3, t4)`` (local send, server receive, server send, local
@@ -34,9 +44,11 @@ Correction and flags
     Without a model: a reading of a trusted regime keeps its raw time with
     ``TIME_UNCERTAIN`` (``uncert_ms`` 0 = unknown); an untrusted one is anchored on the
     last trusted regime (last good wall anchor + monotonic elapsed) with
-    ``TIME_ANCHORED | TIME_UNCERTAIN``. A raw time that fits no regime (future, or an
-    RTC unrelated to the gateway's) is anchored at its arrival. ``raw_ts_ms`` always
-    keeps the device's original time.
+    ``TIME_ANCHORED | TIME_UNCERTAIN``. Raw times that fit no regime (future, or an RTC
+    unrelated to the gateway's) are anchored at their arrival, keeping their spacing:
+    per device the newest of the batch is placed at arrival, the others that much
+    earlier; flags ``TIME_ANCHORED | TIME_UNCERTAIN`` (plus ``TIME_CORRECTED`` with a
+    model). ``raw_ts_ms`` always keeps the device's original time.
 
 The corrector is in-memory; after an agent restart it needs acks to sync again: send
 a short burst of sync pings at start (one ack may be a delayed one) and keep pinging
@@ -81,6 +93,8 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drift_target_ppm: float = 50.0  # wants_samples() until the drift error is below this
     unsynced_drift_ppm: float = 200.0  # assumed drift when none is estimated
     step_threshold_ms: float = 2000.0  # wall-vs-monotonic change that counts as a jump
+    slew_ppm: float = 500.0  # max rate wall - monotonic may change without a step (slewing)
+    backfill_s: float = 60.0  # readings stamped this long before the first observation fit
     min_year: int = 2020  # RTC times outside [min_year, max_year] are implausible
     max_year: int = 2100
 
@@ -98,6 +112,8 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("drift_target_ppm", self.drift_target_ppm > 0, "> 0"),
             ("unsynced_drift_ppm", self.unsynced_drift_ppm >= 0, ">= 0"),
             ("step_threshold_ms", self.step_threshold_ms > 0, "> 0"),
+            ("slew_ppm", 0 <= self.slew_ppm <= 100_000, "between 0 and 100000"),
+            ("backfill_s", self.backfill_s >= 0, ">= 0"),
             ("min_year", 1970 <= self.min_year < self.max_year <= 9999,
              "a year >= 1970 below max_year"),
         ]
@@ -107,16 +123,37 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class _Regime:
-    """One wall->monotonic relation: ``wall = mono + rmm`` between start and end."""
+    """One wall->monotonic relation: ``wall = mono + rmm`` between start and end.
 
-    __slots__ = ("end", "plausible", "rmm", "start", "trusted")
+    ``rmm`` is the point estimate used to map readings; ``lo``/``hi`` bound the true
+    relation (intersection of the observations' brackets, widened by the slew rate since
+    ``seen``). ``rmm`` only moves when an observation proves it wrong, and then only to
+    the nearest bound, so read skew cannot make the mapping jitter.
+    """
 
-    def __init__(self, rmm: float, start: float, plausible: bool, trusted: bool) -> None:
-        self.rmm = rmm
+    __slots__ = ("end", "hi", "lo", "plausible", "rmm", "seen", "start", "trusted")
+
+    def __init__(self, lo: float, hi: float, seen: float, start: float, plausible: bool,
+                 trusted: bool) -> None:
+        self.lo, self.hi, self.seen = lo, hi, seen
+        self.rmm = (lo + hi) / 2.0
         self.start = start
         self.end: float | None = None
         self.plausible = plausible
         self.trusted = trusted
+
+    def update(self, lo: float, hi: float, now: float, slew: float) -> bool:
+        """Narrow the bounds with one observation bracket; False when it contradicts
+        them (a step below the jump threshold or a faster slew: the bounds restart)."""
+        widen = slew * max(0.0, now - self.seen)
+        self.seen = now
+        new_lo, new_hi = max(self.lo - widen, lo), min(self.hi + widen, hi)
+        consistent = new_lo <= new_hi
+        if not consistent:
+            new_lo, new_hi = lo, hi
+        self.lo, self.hi = new_lo, new_hi
+        self.rmm = min(max(self.rmm, new_lo), new_hi)
+        return consistent
 
 
 class _Model:
@@ -175,6 +212,7 @@ class TimeCorrector:
         self.counters: dict[str, int] = {
             "samples_accepted": 0, "samples_rejected_delay": 0, "samples_rejected_jump": 0,
             "jumps": 0, "rtc_resets": 0, "backward_steps": 0, "forward_steps": 0,
+            "small_steps": 0,
             "corrected": 0, "anchored": 0, "uncertain": 0,
         }
 
@@ -266,17 +304,27 @@ class TimeCorrector:
         return self._lo_ms <= wall_ms < self._hi_ms
 
     def _observe(self) -> float:
-        """Read both clocks; open a new regime on a jump. Returns monotonic ms."""
-        now = self._clock.monotonic() * 1000.0
+        """Read both clocks; open a new regime on a jump. Returns monotonic ms.
+
+        The wall read is bracketed by two monotonic reads: ``wall - monotonic`` lies in
+        ``[wall - m_after - 1, wall + 1 - m_before]`` (1 ms: the wall clock's integer
+        resolution) however long the process was preempted between the reads.
+        """
+        m_a = self._clock.monotonic() * 1000.0
         wall = self._clock.time_ms()
-        rmm = wall - now
+        now = self._clock.monotonic() * 1000.0
+        lo, hi = wall - now - 1.0, wall + 1.0 - m_a
         plausible = self._plausible(wall)
+        cfg = self.config
         if not self._regimes:
-            self._regimes.append(_Regime(rmm, -math.inf, plausible, plausible))
+            # readings stamped shortly before the first observation (queued in the source,
+            # redelivered after a restart) are of the same boot: they map through it
+            start = now - cfg.backfill_s * 1000.0
+            self._regimes.append(_Regime(lo, hi, now, start, plausible, plausible))
         else:
             cur = self._regimes[-1]
-            step = rmm - cur.rmm
-            if abs(step) > self.config.step_threshold_ms:
+            step = (lo + hi) / 2.0 - cur.rmm
+            if abs(step) > cfg.step_threshold_ms:
                 self.counters["jumps"] += 1
                 if cur.plausible and not plausible:
                     self.counters["rtc_resets"] += 1
@@ -286,10 +334,11 @@ class TimeCorrector:
                     self.counters["forward_steps"] += 1
                 cur.end = now
                 # the jump happened after the previous observation: readings may start there
-                self._regimes.append(_Regime(rmm, self._last_obs, plausible, False))
+                self._regimes.append(_Regime(lo, hi, now, self._last_obs, plausible, False))
                 del self._regimes[:-_MAX_REGIMES]
             else:
-                cur.rmm = rmm  # follow slow slewing
+                if not cur.update(lo, hi, now, cfg.slew_ppm * 1e-6):
+                    self.counters["small_steps"] += 1  # followed: below the jump threshold
                 cur.plausible = plausible
                 if not plausible:
                     cur.trusted = False
@@ -322,11 +371,18 @@ class TimeCorrector:
         counters = self.counters
         out: list[Reading] = []
         replace = msgspec.structs.replace
-        for r in readings:
-            raw = r.ts_ms if r.raw_ts_ms is None else r.raw_ts_ms
-            loc = self._locate(raw, now)
+        raws = [r.ts_ms if r.raw_ts_ms is None else r.raw_ts_ms for r in readings]
+        locs = [self._locate(raw, now) for raw in raws]
+        # readings that fit no regime: a device's newest is anchored at arrival, the
+        # others keep their spacing to it (not all at ``now``: distinct stay distinct)
+        newest: dict[str, int] = {}
+        for r, raw, loc in zip(readings, raws, locs, strict=True):
+            if loc is None and raw > newest.get(r.device_id, raw - 1):
+                newest[r.device_id] = raw
+        for r, raw, loc in zip(readings, raws, locs, strict=True):
             if loc is None:
-                m, trusted, flags = now, False, _ANCHORED
+                m = now - (newest[r.device_id] - raw)
+                trusted, flags = False, _ANCHORED | _UNCERTAIN
             else:
                 m, trusted, flags = loc[0], loc[1].trusted, 0
             if model is not None:

@@ -283,7 +283,9 @@ async def test_future_raw_time_anchored_at_arrival() -> None:
     await sync(true, dev, tc, 3, 60.0, rng)
     r = Reading("dev1", "x", dev.time_ms() + 86_400_000, 1.0)  # a sensor a day ahead
     out = tc.correct([r])[0]
-    assert out.quality == Quality.TIME_CORRECTED | Quality.TIME_ANCHORED
+    # arrival time, corrected: still not the measurement instant
+    assert out.quality == (Quality.TIME_CORRECTED | Quality.TIME_ANCHORED
+                           | Quality.TIME_UNCERTAIN)
     assert abs(out.ts_ms - true.true_time_ms()) < 40
     assert out.raw_ts_ms == r.ts_ms
 
@@ -299,6 +301,7 @@ def test_disabled_is_a_pass_through() -> None:
     ("max_samples", 1), ("window_s", 0), ("keep_fraction", 0), ("keep_fraction", 1.5),
     ("max_delay_ms", 0), ("step_threshold_ms", -1), ("min_year", 1900), ("max_drift_ppm", 0),
     ("delay_factor", 0.5), ("delay_slack_ms", -1), ("drift_target_ppm", 0),
+    ("slew_ppm", -1), ("backfill_s", -5),
 ])
 def test_config_errors_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as ei:

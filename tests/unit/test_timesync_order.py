@@ -1,0 +1,239 @@
+"""Time correction is order preserving: read skew between the wall and monotonic reads,
+readings stamped before the first observation, readings that fit no regime."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from agent.timesync import TimeCorrector, TimeSyncConfig
+from pymigrate.clock import VirtualClock
+from pymigrate.types import Quality, Reading
+
+T0 = 1_767_225_600_000
+
+
+class SkewClock:
+    """A gateway's clocks over a VirtualClock (true time), read by a process that can be
+    preempted between two reads: each read happens a random delay after the previous
+    one (mostly microseconds, ``p_preempt`` of reads up to ``max_skew_ms`` later), so
+    ``monotonic()`` and ``time_ms()`` read back to back see different instants. The RTC
+    is ``offset_ms`` off and may slew (run ``rtc_slew_ppm`` faster than the monotonic clock).
+    """
+
+    def __init__(self, true: VirtualClock, rng: random.Random, *, offset_ms: float = 0.0,
+                 rtc_slew_ppm: float = 0.0, max_skew_ms: float = 30.0,
+                 p_preempt: float = 0.3) -> None:
+        self.true, self.rng = true, rng
+        self.offset_ms, self.slew = offset_ms, rtc_slew_ppm * 1e-6
+        self.max_skew_ms, self.p_preempt = max_skew_ms, p_preempt
+        self.h = true.monotonic()  # instant of the last read (s)
+        self.reads = 0
+
+    def _read(self) -> float:
+        self.reads += 1
+        if self.rng.random() < self.p_preempt:
+            d = self.rng.uniform(0.5, self.max_skew_ms) / 1000.0
+        else:
+            d = self.rng.uniform(0.0, 0.05) / 1000.0
+        self.h = max(self.h, self.true.monotonic()) + d
+        return self.h
+
+    def wall_at(self, mono_s: float) -> int:
+        return int(T0 + self.offset_ms + mono_s * 1000.0 * (1.0 + self.slew))
+
+    def rtc_now(self) -> int:
+        """The RTC at the current true instant (how a source stamps a reading)."""
+        return self.wall_at(self.true.monotonic())
+
+    def monotonic(self) -> float:
+        return self._read()
+
+    def time_ms(self) -> int:
+        return self.wall_at(self._read())
+
+    async def sleep(self, seconds: float) -> None:  # pragma: no cover - Clock protocol only
+        await self.true.sleep(seconds)
+
+    async def sleep_until(self, deadline: float) -> None:  # pragma: no cover
+        await self.true.sleep_until(deadline)
+
+
+def make(seed: int, **kw: object) -> tuple[VirtualClock, SkewClock, TimeCorrector]:
+    true = VirtualClock(T0)
+    cfg = {k: v for k, v in kw.items() if k in TimeSyncConfig.__struct_fields__}
+    clk_kw = {k: v for k, v in kw.items() if k not in cfg}
+    dev = SkewClock(true, random.Random(seed), **clk_kw)  # type: ignore[arg-type]
+    return true, dev, TimeCorrector(TimeSyncConfig(**cfg), clock=dev)  # type: ignore[arg-type]
+
+
+async def ack(true: VirtualClock, dev: SkewClock, tc: TimeCorrector, rng: random.Random,
+              jitter_ms: float = 0.3) -> None:
+    """One loopback-like exchange (about 1 ms each way); server times are true time."""
+    t1 = dev.time_ms()
+    # the request leaves after t1 was read (the reader may have been preempted)
+    await true.advance(max(0.0, dev.h - true.monotonic()))
+    await true.advance((0.5 + rng.random() * jitter_ms) / 1000)
+    t2 = true.true_time_ms()
+    await true.advance(0.001)
+    t3 = true.true_time_ms()
+    await true.advance((0.5 + rng.random() * jitter_ms) / 1000)
+    tc.add_sample(t1, t2, t3, dev.time_ms())
+
+
+async def stream(true: VirtualClock, dev: SkewClock, tc: TimeCorrector, rng: random.Random,
+                 *, seconds: float, sensors: int = 3, acks_every_s: float | None = None
+                 ) -> list[tuple[str, int, int, int]]:
+    """100 Hz readings of ``sensors`` sensors (sometimes a tick repeats a raw time, like a
+    source catching up), corrected in batches of random size at random moments.
+    Returns (sensor, raw, ts, true time) per reading."""
+    out: list[tuple[str, int, int, int]] = []
+    pending: list[tuple[Reading, int]] = []
+    next_ack = acks_every_s
+    elapsed = 0.0
+    while elapsed < seconds:
+        raw = dev.rtc_now()
+        repeats = 2 if rng.random() < 0.02 else 1
+        for _ in range(repeats):
+            for j in range(sensors):
+                pending.append((Reading("gw", f"s{j}", raw, 1.0), true.true_time_ms()))
+        step = 0.01 + rng.uniform(0, 0.002)
+        await true.advance(step)
+        elapsed += step
+        if rng.random() < 0.15:  # a batch reaches the corrector
+            await true.advance(rng.uniform(0, 0.05))
+            for (r, t_true), c in zip(pending, tc.correct([r for r, _ in pending]),
+                                      strict=True):
+                out.append((c.sensor, r.ts_ms, c.ts_ms, t_true))
+            pending = []
+        if next_ack is not None and elapsed >= next_ack:
+            await ack(true, dev, tc, rng)
+            next_ack += acks_every_s or 0.0
+    return out
+
+
+def assert_order_preserving(rows: list[tuple[str, int, int, int]]) -> None:
+    by_key: dict[tuple[str, int], int] = {}
+    for sensor, raw, ts, _ in rows:  # identical raw times map identically
+        assert by_key.setdefault((sensor, raw), ts) == ts, (sensor, raw)
+    for sensor in {s for s, *_ in rows}:
+        pairs = sorted({(raw, ts) for s, raw, ts, _ in rows if s == sensor})
+        for (r0, t0), (r1, t1) in itertools.pairwise(pairs):
+            assert t1 >= t0, f"{sensor}: raw {r0} -> {t0}, raw {r1} -> {t1}"
+            if r1 - r0 >= 2:
+                assert t1 > t0, f"{sensor}: raw {r0} and {r1} both -> {t0}"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_read_skew_does_not_make_corrections_jitter(seed: int) -> None:
+    rng = random.Random(seed)
+    true, dev, tc = make(seed, offset_ms=-40_000)
+    for _ in range(5):
+        await ack(true, dev, tc, rng)
+        await true.advance(0.2)
+    rows = await stream(true, dev, tc, rng, seconds=6.0)
+    assert_order_preserving(rows)
+    # fixed model: the correction is one function of the raw time, whenever applied
+    shifts = {ts - raw for _, raw, ts, _ in rows}
+    assert max(shifts) - min(shifts) <= 1
+    errors = [abs(ts - t) for _, _, ts, t in rows]
+    assert max(errors) <= 5
+    assert tc.status()["jumps"] == 0
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+async def test_order_kept_while_acks_keep_arriving(seed: int) -> None:
+    rng = random.Random(seed)
+    true, dev, tc = make(seed, offset_ms=25_000)
+    await ack(true, dev, tc, rng)
+    assert tc.synced()
+    rows = await stream(true, dev, tc, rng, seconds=8.0, acks_every_s=0.3)
+    assert_order_preserving(rows)
+    assert max(abs(ts - t) for _, _, ts, t in rows) <= 16  # ack read skew / 2 + 1
+    assert tc.counters["small_steps"] == 0
+
+
+async def test_slow_slew_is_tracked_without_jumps() -> None:
+    rng = random.Random(7)
+    # the RTC is slewed 400 ppm faster than the monotonic clock for an hour: 1.44 s
+    true, dev, tc = make(7, rtc_slew_ppm=400.0, max_skew_ms=10.0)
+    await ack(true, dev, tc, rng)
+    worst = 0
+    for _ in range(360):
+        await true.advance(10.0)
+        await ack(true, dev, tc, rng)
+        r = Reading("gw", "t", dev.rtc_now(), 1.0)
+        out = tc.correct([r])[0]
+        worst = max(worst, abs(out.ts_ms - true.true_time_ms()))
+    assert dev.rtc_now() - true.true_time_ms() > 1400
+    assert worst <= 8  # skew of the acks / 2 + slew between observations + 1
+    st = tc.status()
+    assert st["jumps"] == 0 and st["small_steps"] == 0
+
+
+async def test_step_under_skew_detected_once() -> None:
+    rng = random.Random(8)
+    true, dev, tc = make(8, max_skew_ms=200.0)
+    for _ in range(50):
+        await ack(true, dev, tc, rng)
+        await true.advance(0.5)
+    assert tc.status()["jumps"] == 0  # 200 ms preemptions are not jumps
+    before = Reading("gw", "t", dev.rtc_now(), 1.0)
+    t_before = true.true_time_ms()
+    dev.offset_ms -= 5_000
+    await true.advance(0.5)
+    after = Reading("gw", "t", dev.rtc_now(), 1.0)
+    out_b, out_a = tc.correct([before, after])
+    for _ in range(20):
+        await ack(true, dev, tc, rng)
+        await true.advance(0.5)
+    st = tc.status()
+    assert st["jumps"] == 1 and st["backward_steps"] == 1
+    assert abs(out_b.ts_ms - t_before) <= 5
+    assert abs(out_a.ts_ms - (t_before + 500)) <= 5
+
+
+async def test_readings_stamped_before_first_observation_fit_the_first_regime() -> None:
+    rng = random.Random(9)
+    true, dev, tc = make(9, offset_ms=3_000, p_preempt=0.0, backfill_s=60.0)
+    # an agent restart: the source redelivers readings stamped before the corrector
+    # existed; the first observation is the sync burst
+    old = []
+    for gap_s in (160.0, 30.0, 10.0):  # stamped 200 s, 40 s and 10 s before
+        old.append((Reading("gw", "t", dev.rtc_now(), 1.0), true.true_time_ms()))
+        await true.advance(gap_s)
+    for _ in range(3):
+        await ack(true, dev, tc, rng)
+    out = tc.correct([r for r, _ in old])
+    stale, *fitted = out
+    for o, (_, t_true) in zip(fitted, old[1:], strict=True):
+        assert o.quality == Quality.TIME_CORRECTED  # not anchored at arrival
+        assert abs(o.ts_ms - t_true) <= 5
+    # older than backfill_s: it fits no regime
+    assert stale.quality == (Quality.TIME_CORRECTED | Quality.TIME_ANCHORED
+                             | Quality.TIME_UNCERTAIN)
+    assert len({o.ts_ms for o in out}) == 3
+
+
+async def test_burst_that_fits_no_regime_keeps_its_spacing() -> None:
+    rng = random.Random(10)
+    true, dev, tc = make(10, p_preempt=0.0)
+    tc.correct([])
+    ahead = dev.rtc_now() + 86_400_000  # a sensor with its own RTC a day ahead
+    burst = [Reading("gw", "x", ahead + 10 * i, 1.0) for i in range(5)]
+    burst.append(Reading("gw", "x", ahead + 40, 2.0))  # a repeated raw time
+    burst.append(Reading("gw2", "y", ahead - 500, 1.0))  # anchored by its own device
+    out = tc.correct(burst)  # unsynced, RTC trusted: anchored on the wall clock
+    now = true.true_time_ms()
+    assert [o.ts_ms - now for o in out] == [-40, -30, -20, -10, 0, 0, 0]
+    assert all(o.quality == Quality.TIME_ANCHORED | Quality.TIME_UNCERTAIN for o in out)
+    assert [o.raw_ts_ms for o in out] == [r.ts_ms for r in burst]
+    await ack(true, dev, tc, rng)
+    out = tc.correct(burst)  # synced: same spacing, corrected at arrival
+    now = true.true_time_ms()
+    assert [o.ts_ms - out[4].ts_ms for o in out] == [-40, -30, -20, -10, 0, 0, 0]
+    assert abs(out[4].ts_ms - now) <= 3
+    assert all(o.quality == (Quality.TIME_CORRECTED | Quality.TIME_ANCHORED
+                             | Quality.TIME_UNCERTAIN) for o in out)
