@@ -88,27 +88,30 @@ class Mosquitto:
     """A Mosquitto broker on a loopback port, with its own config, store and log."""
 
     def __init__(self, workdir: Path, name: str, port: int | None = None, *,
-                 persistence: bool = True, extra: str = "") -> None:
+                 persistence: bool = True, extra: str = "", max_queued: int = 0,
+                 autosave_s: int = 1) -> None:
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.port = port or free_port()
         self.persistence = persistence
-        self.extra = extra
+        self.extra = extra  # appended last (bridge ``connection`` blocks go there)
+        self.max_queued = max_queued
+        self.autosave_s = autosave_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.cpu_s = 0.0
 
     def conf_text(self) -> str:
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
-                 "max_queued_messages 0", "max_inflight_messages 20",
+                 f"max_queued_messages {self.max_queued}", "max_inflight_messages 20",
                  f"log_dest file {self.dir / 'mosquitto.log'}",
                  "log_type error", "log_type warning", "log_type notice"]
         if os.geteuid() == 0:  # mosquitto drops to user 'mosquitto' otherwise: our dirs
             lines.append("user root")
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.dir}/",
-                      "autosave_interval 1"]
+                      f"autosave_interval {self.autosave_s}"]
         return "\n".join(lines) + "\n" + self.extra
 
     async def start(self) -> None:
