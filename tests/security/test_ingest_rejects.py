@@ -115,3 +115,29 @@ async def test_device_mismatch_refused_and_counted(rig: Rig) -> None:
         assert await rig.store.count(me) == 0
     finally:
         await up.close()
+
+
+@pytest.mark.xfail(strict=True, raises=MemoryError,
+                   reason="a chunk whose zstd header declares a huge size raises MemoryError "
+                   "out of IngestService.handle (agent.codec.simple): remote DoS; see "
+                   "tests/fuzz test_known_bug_zstd_declared_content_size")
+async def test_known_bug_ingest_zstd_bomb_rejected(tmp_path: object) -> None:
+    import zlib
+
+    from pymigrate.envelope import Batch, encode_batch
+    from pymigrate.types import Chunk, Priority
+    from transports.base import Incoming
+
+    bomb = b"(\xb5/\xfd\xe0" + (1 << 40).to_bytes(8, "little") + b"\x01\x00\x00"
+    chunk = Chunk(device_id="bomb", priority=Priority.NORMAL, seq_first=1, seq_last=1,
+                  count=1, ts_first=0, ts_last=0, codec=1, payload=bomb,
+                  checksum=zlib.crc32(bomb))
+    store = RecordingStore(f"{tmp_path}/bomb.db")
+    await store.open()
+    try:
+        service = IngestService(store)
+        ack = await service.handle(Incoming(encode_batch(Batch("bomb", "b1", [chunk], 0)),
+                                            "mqtt", "bomb"))
+        assert ack.status == "rejected"
+    finally:
+        await store.close()
