@@ -67,6 +67,14 @@ async def run_agent(tmp_path: Path, overrides: dict[str, Any] | None = None, *,
         await store.close()
 
 
+async def _until(pred: Any, timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``pred()`` holds: no fixed sleeps that flake under load."""
+    end = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < end, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
 async def _seqs(store: SqliteStore, device: str) -> list[int]:
     async with store.db.execute("SELECT seq FROM readings WHERE device_id = ? ORDER BY seq",
                                 (device,)) as cur:
@@ -108,7 +116,7 @@ async def test_invalid_readings_are_rejected_with_reasons(tmp_path: Path) -> Non
         Reading("dev-1", "", now, 1.0),
     ], ack=ack, rejects=[("malformed_json", "topic/x")])])
     async with run_agent(tmp_path, sources=[src]) as (agent, _, _):
-        await asyncio.sleep(0.3)
+        await _until(lambda: acks == [1])
     rej = agent.validator.rejected
     assert rej["nan"] == 1 and rej["infinite"] == 1
     assert rej["timestamp_past"] == 1 and rej["bad_sensor_name"] == 1
@@ -142,7 +150,7 @@ async def test_source_ack_only_after_commit(tmp_path: Path) -> None:
     src = ScriptedSource([SourceBatch([Reading("dev-1", "t", now, 2.0)], ack=ack)])
     async with run_agent(tmp_path, sources=[src]) as (agent, _, _):
         holder["a"] = agent
-        await asyncio.sleep(0.3)
+        await _until(lambda: bool(seen))
     assert seen and seen[0] >= 1
 
 
@@ -153,7 +161,7 @@ async def test_edge_dedup_drops_redelivered_batches(tmp_path: Path) -> None:
     batch = [Reading("dev-1", "t", now + i, float(i)) for i in range(10)]
     src = ScriptedSource([SourceBatch(batch), SourceBatch(list(batch))])
     async with run_agent(tmp_path, sources=[src]) as (agent, _, _):
-        await asyncio.sleep(0.3)
+        await _until(lambda: agent.ingest.counts["received"] == 20)
     assert agent.ingest.counts["duplicates_dropped"] == 10
     assert agent.ingest.counts["accepted"] == 10
 
