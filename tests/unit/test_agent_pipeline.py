@@ -28,10 +28,13 @@ class ScriptedSource:
 
     name = "scripted"
 
-    def __init__(self, batches: list[SourceBatch]) -> None:
+    def __init__(self, batches: list[SourceBatch], gate: asyncio.Event | None = None) -> None:
         self.batches = batches
+        self.gate = gate
 
     async def run(self, emit: Emit) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
         for b in self.batches:
             await emit(b)
 
@@ -147,9 +150,11 @@ async def test_source_ack_only_after_commit(tmp_path: Path) -> None:
         # the buffer reports the reading as accepted (committed) before the source ack
         seen.append(holder["a"].buffer.stats().accepted_total)
 
-    src = ScriptedSource([SourceBatch([Reading("dev-1", "t", now, 2.0)], ack=ack)])
+    gate = asyncio.Event()
+    src = ScriptedSource([SourceBatch([Reading("dev-1", "t", now, 2.0)], ack=ack)], gate)
     async with run_agent(tmp_path, sources=[src]) as (agent, _, _):
         holder["a"] = agent
+        gate.set()
         await _until(lambda: bool(seen))
     assert seen and seen[0] >= 1
 
