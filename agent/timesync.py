@@ -18,9 +18,10 @@ Read skew
     not give ``wall - monotonic`` exactly: the wall read is bracketed by two monotonic
     reads, which bounds the relation. A regime keeps the intersection of those bounds
     (widened by ``slew_ppm`` over time) and its point estimate moves only when a bound
-    proves it wrong, to the nearest bound. With a fixed model the correction is thus one
+    proves it wrong, to the nearest bound. Within a regime the correction is thus one
     strictly increasing function of the raw time, whenever a batch is processed: raw
-    times >= 2 ms apart stay distinct and in order, equal raw times stay equal.
+    times >= 2 ms apart stay distinct and in order, equal raw times stay equal
+    (rounding is half up).
 
 Samples
     ``add_sample(t1, t2, t3, t4)`` (local send, server receive, server send, local
@@ -36,11 +37,20 @@ Fit (min-delay filter + robust line)
     weighted by the pair's time span), estimated once they span ``min_drift_span_s``
     (0 before, clamped to +-``max_drift_ppm``); the offset is the median intercept.
 
+Applied correction (slewed)
+    A new model does not rewrite the correction of the past: the applied correction is
+    a piecewise linear function of monotonic time, frozen before the newest sample's
+    instant. From there a change up to ``slew_max_ms`` is slewed in at ``slew_rate``
+    (default 5%: 20 ms take 0.4 s), so the function stays continuous and strictly
+    increasing and readings keep their order across model updates; a larger change (a
+    first good sample after a bad one) steps. The first model also covers the past.
+
 Correction and flags
-    With a model, ``ts = m + offset(m)`` and ``Quality.TIME_CORRECTED`` is set;
-    ``uncert_ms`` = min delay / 2 + 2 sigma of the residuals (MAD) + extrapolation
-    * drift uncertainty. A reading whose regime's RTC is untrusted (implausible year, or
-    a jump not yet followed by a sync sample) also gets ``Quality.TIME_ANCHORED``.
+    With a model, ``ts = applied(m)`` (``m + offset(m)`` once slewed in) and
+    ``Quality.TIME_CORRECTED`` is set; ``uncert_ms`` = min delay / 2 + 2 sigma of the
+    residuals (MAD) + extrapolation * drift uncertainty + the part not yet slewed in.
+    A reading whose regime's RTC is untrusted (implausible year, or a jump not yet
+    followed by a sync sample) also gets ``Quality.TIME_ANCHORED``.
     Without a model: a reading of a trusted regime keeps its raw time with
     ``TIME_UNCERTAIN`` (``uncert_ms`` 0 = unknown); an untrusted one is anchored on the
     last trusted regime (last good wall anchor + monotonic elapsed) with
@@ -95,6 +105,8 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     step_threshold_ms: float = 2000.0  # wall-vs-monotonic change that counts as a jump
     slew_ppm: float = 500.0  # max rate wall - monotonic may change without a step (slewing)
     backfill_s: float = 60.0  # readings stamped this long before the first observation fit
+    slew_rate: float = 0.05  # a model change is applied at most this fast (ms per ms) ...
+    slew_max_ms: float = 128.0  # ... when it is at most this large; larger ones step
     min_year: int = 2020  # RTC times outside [min_year, max_year] are implausible
     max_year: int = 2100
 
@@ -114,6 +126,8 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("step_threshold_ms", self.step_threshold_ms > 0, "> 0"),
             ("slew_ppm", 0 <= self.slew_ppm <= 100_000, "between 0 and 100000"),
             ("backfill_s", self.backfill_s >= 0, ">= 0"),
+            ("slew_rate", 0 < self.slew_rate <= 0.5, "in (0, 0.5]"),
+            ("slew_max_ms", self.slew_max_ms >= 0, ">= 0"),
             ("min_year", 1970 <= self.min_year < self.max_year <= 9999,
              "a year >= 1970 below max_year"),
         ]
@@ -175,6 +189,14 @@ class _Model:
         return m + self.a + self.b * (m - self.ref)
 
 
+def _round(x: float) -> int:
+    """Half up (``round`` goes half to even: 700.5 and 699.5 would both give 700)."""
+    return math.floor(x + 0.5)
+
+
+_MAX_SEGMENTS = 32
+
+
 def _year_ms(year: int) -> int:
     return int(datetime(year, 1, 1, tzinfo=UTC).timestamp() * 1000)
 
@@ -209,6 +231,10 @@ class TimeCorrector:
         self._samples: list[tuple[float, float, float]] = []  # (m, offset, delay) by m
         self._model: _Model | None = None
         self._dirty = False
+        self._dirty_at = 0.0  # monotonic ms of the newest sample
+        # the correction applied: piecewise linear in monotonic ms, (start, value, slope);
+        # a new model changes it only from the moment of its sample on (see _fit)
+        self._applied: list[tuple[float, float, float]] = []
         self.counters: dict[str, int] = {
             "samples_accepted": 0, "samples_rejected_delay": 0, "samples_rejected_jump": 0,
             "jumps": 0, "rtc_resets": 0, "backward_steps": 0, "forward_steps": 0,
@@ -241,6 +267,7 @@ class TimeCorrector:
         regime.trusted = regime.plausible
         self.counters["samples_accepted"] += 1
         self._dirty = True
+        self._dirty_at = now
         return True
 
     def _trim(self, now: float) -> None:
@@ -256,8 +283,37 @@ class TimeCorrector:
     def _fit(self) -> _Model | None:
         if self._dirty:
             self._dirty = False
-            self._model = self._build() if self._samples else None
+            self._model = self._build()
+            self._apply(self._model, self._dirty_at)
         return self._model
+
+    def _apply(self, model: _Model, u: float) -> None:
+        """Make ``model`` the applied correction from monotonic ``u`` on. Before ``u``
+        the applied function stays as it was (readings get the same time whenever they
+        are processed); a change up to ``slew_max_ms`` is slewed in at ``slew_rate``, so
+        the applied function stays continuous and strictly increasing (order kept)."""
+        cfg = self.config
+        seg = self._applied
+        k = 1.0 + model.b
+        if seg:
+            del seg[bisect.bisect_right(seg, (u, math.inf, math.inf)):]
+        if not seg:  # the first model also covers the past
+            seg.append((u, model.at(u), k))
+            return
+        delta = self._applied_at(u) - model.at(u)
+        if 0 < abs(delta) <= cfg.slew_max_ms:
+            end = u + abs(delta) / cfg.slew_rate
+            seg.append((u, model.at(u) + delta, k - math.copysign(cfg.slew_rate, delta)))
+            seg.append((end, model.at(end), k))
+        else:
+            seg.append((u, model.at(u), k))
+        del seg[:-_MAX_SEGMENTS]
+
+    def _applied_at(self, m: float) -> float:
+        seg = self._applied
+        i = max(0, bisect.bisect_right(seg, (m, math.inf, math.inf)) - 1)
+        start, value, slope = seg[i]
+        return value + slope * (m - start)
 
     def _build(self) -> _Model:
         cfg = self.config
@@ -386,15 +442,16 @@ class TimeCorrector:
             else:
                 m, trusted, flags = loc[0], loc[1].trusted, 0
             if model is not None:
-                ts = round(model.at(m))
+                applied = self._applied_at(m)
+                ts = _round(applied)
                 flags |= _CORRECTED | (0 if trusted else _ANCHORED)
-                uncert = self._uncert(model, m)
+                uncert = self._uncert(model, m) + math.ceil(abs(applied - model.at(m)))
                 counters["corrected"] += 1
             elif trusted:
                 ts, flags, uncert = raw, flags | _UNCERTAIN, 0
                 counters["uncertain"] += 1
             elif anchor is not None:
-                ts = round(m + anchor.rmm)
+                ts = _round(m + anchor.rmm)
                 end = now if anchor.end is None else anchor.end
                 uncert = math.ceil(abs(m - end) * self.config.unsynced_drift_ppm * 1e-6
                                    + self.config.step_threshold_ms)
@@ -424,7 +481,7 @@ class TimeCorrector:
         """Best estimate of true time now (the local wall clock when unsynced)."""
         now = self._observe()
         model = self._fit()
-        return round(model.at(now)) if model is not None else self._clock.time_ms()
+        return _round(self._applied_at(now)) if model is not None else self._clock.time_ms()
 
     def offset_ms(self) -> float | None:
         """Estimated ``true - local wall`` now (NTP sign convention), None when unsynced."""
@@ -432,7 +489,7 @@ class TimeCorrector:
         model = self._fit()
         if model is None:
             return None
-        return model.at(now) - self._clock.time_ms()
+        return self._applied_at(now) - self._clock.time_ms()
 
     def drift_ppm(self) -> float | None:
         """Estimated rate error of the local clock (+ = runs fast), None until estimated."""

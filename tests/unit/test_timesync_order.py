@@ -237,3 +237,58 @@ async def test_burst_that_fits_no_regime_keeps_its_spacing() -> None:
     assert abs(out[4].ts_ms - now) <= 3
     assert all(o.quality == (Quality.TIME_CORRECTED | Quality.TIME_ANCHORED
                              | Quality.TIME_UNCERTAIN) for o in out)
+
+
+async def noisy_ack(true: VirtualClock, dev: SkewClock, tc: TimeCorrector, up_ms: float,
+                    down_ms: float) -> None:
+    t1 = dev.time_ms()
+    await true.advance(max(0.0, dev.h - true.monotonic()) + up_ms / 1000)
+    t2 = true.true_time_ms()
+    await true.advance(0.001)
+    t3 = true.true_time_ms()
+    await true.advance(down_ms / 1000)
+    tc.add_sample(t1, t2, t3, dev.time_ms())
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+async def test_model_updates_are_slewed_so_order_is_kept(seed: int) -> None:
+    rng = random.Random(seed)
+    true, dev, tc = make(seed, offset_ms=-7_000, max_skew_ms=5.0)
+    rows: list[tuple[str, int, int, int]] = []
+    worst_late = 0
+    for i in range(30):
+        # the first sample is ~30 ms off, the next two pull the model down by ~15 ms
+        # each (stepped, readings 10 ms apart would swap order), then noisy acks
+        up, down = ((60.0, 1.0) if i == 0 else (1.0, 1.0) if i < 3
+                    else (rng.uniform(1, 80), rng.uniform(1, 80)))
+        await noisy_ack(true, dev, tc, up, down)
+        part = await stream(true, dev, tc, rng, seconds=0.3, sensors=2)
+        rows += part
+        if i >= 20:
+            worst_late = max([worst_late, *(abs(ts - t) for _, _, ts, t in part)])
+    assert_order_preserving(rows)
+    assert worst_late <= 5  # still follows the model
+
+
+async def test_large_model_change_steps_small_one_slews() -> None:
+    true, dev, tc = make(13, p_preempt=0.0, slew_rate=0.05, slew_max_ms=128.0)
+    await noisy_ack(true, dev, tc, 1500.0, 20.0)  # queued uplink: ~740 ms off
+    r = Reading("gw", "t", dev.rtc_now(), 1.0)
+    assert tc.correct([r])[0].ts_ms - true.true_time_ms() > 500
+    await noisy_ack(true, dev, tc, 20.0, 2.0)  # a good sample (9 ms off): a step
+    await true.advance(0.01)
+    out = tc.correct([Reading("gw", "t", dev.rtc_now(), 1.0)])[0]
+    assert 8 <= out.ts_ms - true.true_time_ms() <= 10 <= out.uncert_ms
+    # a better sample moves the model by ~4.5 ms (median of the two good ones), applied
+    # at 5% (0.5 ms per 10 ms): slewed in over ~90 ms, not stepped
+    await noisy_ack(true, dev, tc, 1.0, 1.0)
+    errs = []
+    for _ in range(15):
+        await true.advance(0.01)
+        c = tc.correct([Reading("gw", "t", dev.rtc_now(), 1.0)])[0]
+        errs.append((c.ts_ms - true.true_time_ms(), c.uncert_ms))
+    assert all(abs(e) <= u for e, u in errs)
+    assert 8 <= errs[0][0] <= 10 and 4 <= errs[-1][0] <= 5  # slewed in, not stepped
+    assert sorted(e for e, _ in errs) == [e for e, _ in reversed(errs)]
+    off = tc.offset_ms()
+    assert off is not None and 3 <= off - (true.true_time_ms() - dev.rtc_now()) <= 6
