@@ -29,18 +29,57 @@ DELEGATES = {
 }
 
 
+_AGENT_HELP = """\
+signals:
+  SIGTERM, SIGINT   graceful stop: sources stop, the queue drains into the buffer, open
+                    chunks are sealed, the uploader drains for [pipeline] drain_timeout_s;
+                    a second signal cancels at once
+  SIGHUP            reload FILE: a bad config is refused (logged) and the running one kept;
+                    log, validation, run-time retry keys (profile, battery, linger ...),
+                    pipeline deadlines and the metrics address apply live, the rest is
+                    reported as needing a restart (systemctl reload pymigrate-agent)
+
+systemd:
+  Type=notify: READY=1 once every stage runs, WATCHDOG=1 every WatchdogSec/2 while every
+  stage is alive, STOPPING=1 when a stop begins (configs/systemd/pymigrate-agent.service)
+
+metrics:
+  [metrics] enabled = true serves Prometheus text on http://HOST:PORT/metrics and a JSON
+  health document on /health (default 127.0.0.1:9108); 'pymigrate status' reads them
+
+files:
+  FILE              the TOML config (configs/agent-{mqtt,coap,amqp}.toml are annotated)
+  DATA_DIR          [device] data_dir: buffer.db, sequence counter, aggregation windows
+
+exit status:
+  0 stopped cleanly, 1 a stage failed or the stop was forced, 2 invalid config or usage
+"""
+
+_ENV_HELP = """
+environment:
+  PYMIGRATE__SECTION__KEY=VALUE   override any config key (VALUE read as TOML when it
+                                  parses: PYMIGRATE__METRICS__PORT=9200)
+  AWS_IOT_THING_NAME              Greengrass thing name -> device.id
+  IOTEDGE_DEVICEID                Azure IoT Edge device id -> device.id
+  PYMIGRATE_DEVICE_ID_FROM=hostname   device.id from the host name (one container each)
+  NOTIFY_SOCKET, WATCHDOG_USEC    set by systemd for Type=notify services
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
-        prog="pymigrate",
+        prog="pymigrate", formatter_class=raw,
         description="PyMigrate IoT: durable edge-to-cloud time-series migration.",
-        epilog="Run 'pymigrate COMMAND --help' for a command's options.")
+        epilog="Run 'pymigrate COMMAND --help' for a command's manual.\n" + _ENV_HELP)
     p.add_argument("--version", action="version", version=f"pymigrate {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    a = sub.add_parser("agent", help="run the edge agent daemon",
+    a = sub.add_parser("agent", help="run the edge agent daemon", formatter_class=raw,
                        description="Run the edge agent: sources -> dedup -> time correction -> "
                        "aggregation -> durable buffer -> uploader. SIGTERM/SIGINT stop "
-                       "gracefully (a second one forces), SIGHUP reloads the config.")
+                       "gracefully (a second one forces), SIGHUP reloads the config.",
+                       epilog=_AGENT_HELP + _ENV_HELP)
     a.add_argument("--config", help="agent TOML config file")
     a.add_argument("--check-config", nargs="?", const="", default=None, metavar="FILE",
                    help="validate the config (FILE or --config) and exit: 0 valid, 2 invalid")

@@ -244,3 +244,13 @@ def test_check_config_rejects_a_bad_file(tmp_path: Path,
     bad.write_text((CONFIGS / "agent-coap.toml").read_text().replace('"battery"', '"solar"'))
     assert cli_main(["agent", "--check-config", str(bad)]) == 2
     assert "retry.profile" in capsys.readouterr().err
+
+
+def test_agent_help_reads_like_a_manual(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        cli_main(["agent", "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for section in ("signals:", "SIGHUP", "systemd:", "metrics:", "files:", "exit status:",
+                    "environment:", "PYMIGRATE__SECTION__KEY", "AWS_IOT_THING_NAME"):
+        assert section in out, section
