@@ -254,3 +254,12 @@ def test_agent_help_reads_like_a_manual(capsys: pytest.CaptureFixture[str]) -> N
     for section in ("signals:", "SIGHUP", "systemd:", "metrics:", "files:", "exit status:",
                     "environment:", "PYMIGRATE__SECTION__KEY", "AWS_IOT_THING_NAME"):
         assert section in out, section
+
+
+def test_compose_cloud_config_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    path = CONFIGS / "docker" / "cloud.toml"
+    assert cli_main(["cloud", "--config", str(path), "--check-config"]) == 0
+    from pymigrate.configload import load_toml
+
+    mqtt = load_toml(str(path))["cloud"]["mqtt"]
+    assert parse_transport("mqtt", mqtt, section="cloud").host == "broker"
