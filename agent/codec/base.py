@@ -52,17 +52,23 @@ def seal_chunk(readings: Sequence[Reading], codec: str | ChunkCodec = DEFAULT_CO
         raise ValueError("cannot seal an empty chunk")
     c = codec_by_name(codec) if isinstance(codec, str) else codec
     first = readings[0]
-    payload = c.encode(readings)
-    seqs = [r.seq for r in readings]
-    tss = [r.ts_ms for r in readings]
+    with_ranges = getattr(c, "encode_with_ranges", None)
+    if with_ranges is not None:
+        # the codec already holds the columns: it returns the ranges with the payload
+        payload, (seq_first, seq_last, ts_first, ts_last) = with_ranges(readings)
+    else:
+        payload = c.encode(readings)
+        seqs = [r.seq for r in readings]
+        tss = [r.ts_ms for r in readings]
+        seq_first, seq_last, ts_first, ts_last = min(seqs), max(seqs), min(tss), max(tss)
     return Chunk(
         device_id=first.device_id,
         priority=first.priority,
-        seq_first=min(seqs),
-        seq_last=max(seqs),
+        seq_first=seq_first,
+        seq_last=seq_last,
         count=len(readings),
-        ts_first=min(tss),
-        ts_last=max(tss),
+        ts_first=ts_first,
+        ts_last=ts_last,
         codec=c.codec_id,
         payload=payload,
         checksum=zlib.crc32(payload),

@@ -199,6 +199,11 @@ class TszCodec:
     # ---------------------------------------------------------------- encode
     def encode(self, readings: Sequence[Reading]) -> bytes:
         """Encode readings (any order, any series mix) into one payload."""
+        return self.encode_with_ranges(readings)[0]
+
+    def encode_with_ranges(self, readings: Sequence[Reading]
+                           ) -> tuple[bytes, tuple[int, int, int, int]]:
+        """Encode, and return (min seq, max seq, min ts, max ts) for the chunk header."""
         n = len(readings)
         if n == 0 or n > MAX_POINTS:
             raise ValueError(f"a chunk holds 1..{MAX_POINTS} readings, got {n}")
@@ -328,7 +333,8 @@ class TszCodec:
         parts.append(encode_intcol(seq))
         parts += [encode_intcol(col) for col in opt if col is not None]
         body = b"".join((uvarint(n), bytes([gflags]), *parts))
-        return self._seal(uvarint(s_count) + b"".join(names), body, max(res) / 2)
+        ranges = (int(seq.min()), int(seq.max()), int(ts.min()), int(ts.max()))
+        return self._seal(uvarint(s_count) + b"".join(names), body, max(res) / 2), ranges
 
     def _resolutions(self, keymap: dict[Any, int]) -> list[float]:
         """Per series, the declared lossy resolution (0.0 = exact)."""

@@ -63,7 +63,12 @@ def readings(draw: st.DrawFn) -> list[Reading]:
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rs=readings())
 def test_roundtrip_arbitrary_series_bit_exact(name: str, rs: list[Reading]) -> None:
-    assert_same(rs, open_chunk(seal_chunk(rs, name)))
+    chunk = seal_chunk(rs, name)
+    assert (chunk.seq_first, chunk.seq_last) == (min(r.seq for r in rs), max(r.seq for r in rs))
+    assert (chunk.ts_first, chunk.ts_last) == (min(r.ts_ms for r in rs),
+                                               max(r.ts_ms for r in rs))
+    assert chunk.count == len(rs)
+    assert_same(rs, open_chunk(chunk))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
