@@ -38,12 +38,13 @@ Fit (min-delay filter + robust line)
     (0 before, clamped to +-``max_drift_ppm``); the offset is the median intercept.
 
 Applied correction (slewed)
-    A new model does not rewrite the correction of the past: the applied correction is
-    a piecewise linear function of monotonic time, frozen before the newest sample's
-    instant. From there a change up to ``slew_max_ms`` is slewed in at ``slew_rate``
-    (default 5%: 20 ms take 0.4 s), so the function stays continuous and strictly
-    increasing and readings keep their order across model updates; a larger change (a
-    first good sample after a bad one) steps. The first model also covers the past.
+    A new model never revises a time already handed out: the applied correction is a
+    piecewise linear function of monotonic time, frozen up to the newest instant a
+    reading was corrected at (a redelivered reading gets the same time again). From
+    there a change up to ``slew_max_ms`` is slewed in at ``slew_rate`` (default 5%:
+    20 ms take 0.4 s), so the function stays continuous and strictly increasing and
+    readings keep their order across model updates; a larger change (a first good
+    sample after a bad one) steps. The first model also covers the past.
 
 Correction and flags
     With a model, ``ts = applied(m)`` (``m + offset(m)`` once slewed in) and
@@ -232,6 +233,7 @@ class TimeCorrector:
         self._model: _Model | None = None
         self._dirty = False
         self._dirty_at = 0.0  # monotonic ms of the newest sample
+        self._done = -math.inf  # newest monotonic ms a reading was corrected at
         # the correction applied: piecewise linear in monotonic ms, (start, value, slope);
         # a new model changes it only from the moment of its sample on (see _fit)
         self._applied: list[tuple[float, float, float]] = []
@@ -284,21 +286,23 @@ class TimeCorrector:
         if self._dirty:
             self._dirty = False
             self._model = self._build()
-            self._apply(self._model, self._dirty_at)
+            self._apply(self._model)
         return self._model
 
-    def _apply(self, model: _Model, u: float) -> None:
-        """Make ``model`` the applied correction from monotonic ``u`` on. Before ``u``
-        the applied function stays as it was (readings get the same time whenever they
-        are processed); a change up to ``slew_max_ms`` is slewed in at ``slew_rate``, so
-        the applied function stays continuous and strictly increasing (order kept)."""
+    def _apply(self, model: _Model) -> None:
+        """Make ``model`` the applied correction after the newest instant a reading was
+        already corrected at (``_done``): what was handed out is never contradicted. A
+        change up to ``slew_max_ms`` is slewed in at ``slew_rate`` from there, so the
+        applied function stays continuous and strictly increasing (order is kept)."""
         cfg = self.config
         seg = self._applied
         k = 1.0 + model.b
+        u = self._done
         if seg:
             del seg[bisect.bisect_right(seg, (u, math.inf, math.inf)):]
-        if not seg:  # the first model also covers the past
-            seg.append((u, model.at(u), k))
+        if not seg:  # nothing corrected yet with a model: it covers the past too
+            ref = self._dirty_at
+            seg.append((ref, model.at(ref), k))
             return
         delta = self._applied_at(u) - model.at(u)
         if 0 < abs(delta) <= cfg.slew_max_ms:
@@ -443,6 +447,8 @@ class TimeCorrector:
                 m, trusted, flags = loc[0], loc[1].trusted, 0
             if model is not None:
                 applied = self._applied_at(m)
+                if loc is not None and m > self._done:
+                    self._done = m
                 ts = _round(applied)
                 flags |= _CORRECTED | (0 if trusted else _ANCHORED)
                 uncert = self._uncert(model, m) + math.ceil(abs(applied - model.at(m)))
