@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
                        "'pymigrate cloud query --help' prints a device's stored series.")
     c.add_argument("--config", help="TOML config with a [cloud] table")
     c.add_argument("--check-config", action="store_true", help="validate and exit")
+    c.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="serve Prometheus /metrics and JSON /health on PORT (0 = off)")
+    c.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (127.0.0.1)")
 
     r = sub.add_parser("run", help="agent + cloud ingest in one process (what `make run` does)",
                        description="Run the agent and the embedded cloud ingest together and "
@@ -163,7 +167,7 @@ async def _agent_main(path: str) -> int:
     return 0 if agent.stopped_cleanly else 1
 
 
-async def _cloud_main(path: str) -> int:
+async def _cloud_main(path: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1") -> int:
     from cloud.app import build_cloud_app
     from pymigrate.logsetup import setup_logging
 
@@ -172,6 +176,16 @@ async def _cloud_main(path: str) -> int:
     setup_logging(log.get("format", "console"), log.get("level", "info"))
     app = build_cloud_app(data.get("cloud", {}))
     _install_signals(app.request_stop, app.request_stop)
+    if metrics_port:
+        from cloud.metrics import cloud_endpoint
+
+        endpoint = cloud_endpoint(app, metrics_host, metrics_port)
+        await endpoint.start()
+        try:
+            await app.run()
+        finally:
+            await endpoint.close()
+        return 0
     await app.run()
     return 0
 
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 parse_cloud_config(_load(args.config).get("cloud", {}))
                 print(f"{args.config}: OK")
                 return 0
-            return asyncio.run(_cloud_main(args.config))
+            return asyncio.run(_cloud_main(args.config, args.metrics_port, args.metrics_host))
         if args.command == "run":
             return asyncio.run(_run_main(args.config, args.duration))
     except ConfigError as exc:
