@@ -132,6 +132,8 @@ def test_compose_fleet() -> None:
     for name in ("cloud", "device"):
         assert svc[name]["read_only"] is True and svc[name]["cap_drop"] == ["ALL"]
         assert svc[name]["command"][0] in ("agent", "cloud")
+    assert "--metrics-port" in svc["cloud"]["command"]
+    assert "9109/health" in " ".join(svc["cloud"]["healthcheck"]["test"])
     build = svc["cloud"]["build"]
     assert (CONFIGS / "docker" / build["context"] / build["dockerfile"]).resolve() == \
         (CONFIGS / "docker" / "Dockerfile").resolve()
