@@ -73,8 +73,12 @@ class Notifier:
     def ready(self, status: str = "running") -> bool:
         return self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
-    def stopping(self, status: str = "stopping: draining") -> bool:
-        return self.notify("STOPPING=1", f"STATUS={status}")
+    def stopping(self, status: str = "stopping: draining", *,
+                 extend_s: float | None = None) -> bool:
+        """``STOPPING=1``; with ``extend_s`` also ``EXTEND_TIMEOUT_USEC`` so a drain
+        deadline longer than the unit's ``TimeoutStopSec`` is not cut short."""
+        extra = [f"EXTEND_TIMEOUT_USEC={int(extend_s * 1e6)}"] if extend_s else []
+        return self.notify("STOPPING=1", f"STATUS={status}", *extra)
 
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
@@ -83,9 +87,11 @@ class Notifier:
         return self.notify("WATCHDOG=1", *([f"STATUS={status}"] if status else []))
 
     async def run(self, alive: Callable[[], Mapping[str, bool]], *, stop: asyncio.Event,
-                  status: Callable[[], str] | None = None) -> None:
+                  status: Callable[[], str] | None = None,
+                  stop_extend_s: float | None = None) -> None:
         """The supervisor's notify task: READY now, WATCHDOG at half the timeout while every
-        stage in ``alive()`` is alive, STOPPING when ``stop`` is set; then return."""
+        stage in ``alive()`` is alive, STOPPING (asking for ``stop_extend_s`` more) when
+        ``stop`` is set; then return."""
         self.ready(status() if status else "running")
         stopper = asyncio.ensure_future(stop.wait())
         try:
@@ -108,4 +114,4 @@ class Notifier:
                     log.error("watchdog withheld: stage not alive", stages=dead)
         finally:
             stopper.cancel()
-        self.stopping()
+        self.stopping(extend_s=stop_extend_s)

@@ -129,9 +129,10 @@ class Agent:
                     await self.metrics.start()  # bind before READY: a busy port fails start
                     tg.create_task(self.metrics.serve_until(ctl), name="agent[metrics]")
                 if self.notifier.enabled:
-                    tg.create_task(self.notifier.run(self.stages_alive, stop=self._stop,
-                                                     status=self._status_line),
-                                   name="agent[sdnotify]")
+                    tg.create_task(self.notifier.run(
+                        self.stages_alive, stop=self._stop, status=self._status_line,
+                        stop_extend_s=self.config.pipeline.drain_timeout_s + 5.0),
+                        name="agent[sdnotify]")
                 self.started.set()
                 log.info("agent started", device=self.device_id,
                          sources=[s.name for s in self.sources],

@@ -107,6 +107,7 @@ async def test_notify_protocol_ready_watchdog_stopping(tmp_path: Path,
     assert len(watchdogs) >= 4, msgs  # ~10 expected in 0.5 s; allow a slow CI box
     assert n_running >= 5
     assert msgs[-1].startswith("STOPPING=1")
+    assert "EXTEND_TIMEOUT_USEC=7000000" in msgs[-1]  # drain_timeout_s 2.0 + 5 s
     assert not any(m.startswith("WATCHDOG=1") for m in msgs[msgs.index(msgs[-1]):])
 
 

@@ -91,8 +91,11 @@ async def test_run_sends_watchdog_only_while_alive(rx: tuple[str, socket.socket]
 async def test_run_without_watchdog_waits_for_stop(rx: tuple[str, socket.socket]) -> None:
     path, s = rx
     stop = asyncio.Event()
-    task = asyncio.create_task(Notifier(path).run(lambda: {"a": True}, stop=stop))
+    task = asyncio.create_task(Notifier(path).run(lambda: {"a": True}, stop=stop,
+                                                  stop_extend_s=12.5))
     await asyncio.sleep(0.01)
     stop.set()
     await asyncio.wait_for(task, 1)
-    assert [m.splitlines()[0] for m in _drain(s)] == ["READY=1", "STOPPING=1"]
+    msgs = _drain(s)
+    assert [m.splitlines()[0] for m in msgs] == ["READY=1", "STOPPING=1"]
+    assert msgs[1].splitlines()[-1] == "EXTEND_TIMEOUT_USEC=12500000"
