@@ -252,7 +252,7 @@ def health(agent: Agent) -> dict[str, Any]:
                    "rejected": sum(agent.validator.rejected.values()),
                    "evicted": sum(b.evicted.values()),
                    "delivered": up.get("readings_acked", 0)},
-        "runtime": dict(getattr(agent, "runtime", {}) or {}),
+        "runtime": dict(agent.runtime),
     }
 
 

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
         health, metrics = fetch(args.url, args.timeout)
     except (OSError, ValueError) as exc:
         if not args.quiet:
-            print(f"pymigrate status: {args.url} unreachable: {exc}", file=sys.stderr)
+            print(f"pymigrate status: {args.url} unreachable: {exc} (is the agent running "
+                  "with [metrics] enabled = true?)", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(health, indent=2, default=str), file=out)

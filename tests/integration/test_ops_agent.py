@@ -93,7 +93,7 @@ async def test_notify_protocol_ready_watchdog_stopping(tmp_path: Path,
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     try:
         async with run_agent(_cfg(tmp_path)) as agent:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.7)
             assert agent.ingest.counts["accepted"] > 0
             n_running = len(got)
         await asyncio.sleep(0.05)
