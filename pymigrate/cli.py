@@ -55,6 +55,33 @@ exit status:
   0 stopped cleanly, 1 a stage failed or the stop was forced, 2 invalid config or usage
 """
 
+_CLOUD_HELP = """\
+signals:
+  SIGTERM, SIGINT   stop: listeners close, the store is closed (unacked batches are resent
+                    by the devices: nothing acked is lost)
+
+metrics:
+  --metrics-port PORT serves Prometheus text on /metrics (pymigrate_cloud_*) and a JSON
+  /health that is 200 once the store is open and every listener runs
+
+files:
+  FILE              TOML with a [cloud] table (store, listeners, [cloud.<store>],
+                    [cloud.<listener>]) and an optional [log] table;
+                    configs/docker/cloud.toml is an MQTT + SQLite example
+
+exit status:
+  0 stopped, 1 runtime error, 2 invalid config or usage
+"""
+
+_RUN_HELP = """\
+files:
+  FILE              agent sections ([device], [[sources]], [buffer], [uplink] ...) plus a
+                    [cloud] table for the embedded ingest (configs/default.toml)
+
+signals and exit status: as for 'pymigrate agent' (SIGTERM/SIGINT stop gracefully;
+0 clean stop, 1 stage failure or forced stop, 2 invalid config)
+"""
+
 _ENV_HELP = """
 environment:
   PYMIGRATE__SECTION__KEY=VALUE   override any config key (VALUE read as TOML when it
@@ -85,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="validate the config (FILE or --config) and exit: 0 valid, 2 invalid")
 
     c = sub.add_parser("cloud", help="run the cloud ingest (or 'cloud query')",
+                       formatter_class=raw,
                        description="Run the cloud ingest from the [cloud] table of FILE. "
-                       "'pymigrate cloud query --help' prints a device's stored series.")
+                       "'pymigrate cloud query --help' prints a device's stored series.",
+                       epilog=_CLOUD_HELP)
     c.add_argument("--config", help="TOML config with a [cloud] table")
     c.add_argument("--check-config", action="store_true", help="validate and exit")
     c.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
@@ -95,8 +124,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="address for --metrics-port (127.0.0.1)")
 
     r = sub.add_parser("run", help="agent + cloud ingest in one process (what `make run` does)",
+                       formatter_class=raw,
                        description="Run the agent and the embedded cloud ingest together and "
-                       "print progress (accepted, buffered, delivered) until stopped.")
+                       "print progress (accepted, buffered, delivered) until stopped.",
+                       epilog=_RUN_HELP + _ENV_HELP)
     r.add_argument("--config", required=True, help="TOML config with agent sections and [cloud]")
     r.add_argument("--duration", type=float, default=0.0,
                    help="stop gracefully after this many seconds (0 = run until signalled)")
@@ -191,12 +222,15 @@ async def _cloud_main(path: str, metrics_port: int = 0, metrics_host: str = "127
 
 
 async def _run_main(path: str, duration: float) -> int:
+    import os
+
     from agent.config import parse_agent_config
+    from agent.envconfig import apply_overrides
     from agent.supervisor import Agent
     from cloud.app import build_cloud_app
     from pymigrate.logsetup import setup_logging
 
-    data = _load(path)
+    data = apply_overrides(_load(path), os.environ)  # PYMIGRATE__SECTION__KEY=value
     cfg = parse_agent_config(data, source_file=path)
     setup_logging(cfg.log.format, cfg.log.level)
     app = build_cloud_app(data.get("cloud", {}))
