@@ -44,7 +44,8 @@ Applied correction (slewed)
     there a change up to ``slew_max_ms`` is slewed in at ``slew_rate`` (default 5%:
     20 ms take 0.4 s), so the function stays continuous and strictly increasing and
     readings keep their order across model updates; a larger change (a first good
-    sample after a bad one) steps. The first model also covers the past.
+    sample after a bad one) steps. The first model slews likewise from the RTC times
+    handed out unsynced when it is close to them; otherwise it covers the past too.
 
 Correction and flags
     With a model, ``ts = applied(m)`` (``m + offset(m)`` once slewed in) and
@@ -234,6 +235,7 @@ class TimeCorrector:
         self._dirty = False
         self._dirty_at = 0.0  # monotonic ms of the newest sample
         self._done = -math.inf  # newest monotonic ms a reading was corrected at
+        self._done_off: float | None = None  # its ts - m while unsynced (raw RTC time)
         # the correction applied: piecewise linear in monotonic ms, (start, value, slope);
         # a new model changes it only from the moment of its sample on (see _fit)
         self._applied: list[tuple[float, float, float]] = []
@@ -300,7 +302,13 @@ class TimeCorrector:
         u = self._done
         if seg:
             del seg[bisect.bisect_right(seg, (u, math.inf, math.inf)):]
-        if not seg:  # nothing corrected yet with a model: it covers the past too
+        if not seg and self._done_off is not None:
+            # the first model after times were handed out unsynced (the RTC's time):
+            # slew from those when the change is small
+            delta = u + self._done_off - model.at(u)
+            if abs(delta) <= cfg.slew_max_ms:
+                seg.append((u, u + self._done_off, 1.0))
+        if not seg:  # nothing handed out, or far off: the model covers the past too
             ref = self._dirty_at
             seg.append((ref, model.at(ref), k))
             return
@@ -447,8 +455,6 @@ class TimeCorrector:
                 m, trusted, flags = loc[0], loc[1].trusted, 0
             if model is not None:
                 applied = self._applied_at(m)
-                if loc is not None and m > self._done:
-                    self._done = m
                 ts = _round(applied)
                 flags |= _CORRECTED | (0 if trusted else _ANCHORED)
                 uncert = self._uncert(model, m) + math.ceil(abs(applied - model.at(m)))
@@ -466,6 +472,10 @@ class TimeCorrector:
             else:
                 ts, flags, uncert = raw, _UNCERTAIN, 0
                 counters["uncertain"] += 1
+            if loc is not None and m > self._done:
+                self._done = m
+                if model is None:
+                    self._done_off = ts - m
             out.append(replace(r, ts_ms=ts, raw_ts_ms=raw, uncert_ms=uncert,
                                quality=(r.quality & ~_TIME_FLAGS) | flags))
         return out

@@ -328,3 +328,31 @@ async def test_a_corrected_time_is_never_revised_by_a_later_model() -> None:
     await true.advance(2.0)
     now = tc.correct([Reading("gw", "t", dev.rtc_now(), 1.0)])[0]
     assert abs(now.ts_ms - true.true_time_ms()) <= 2
+
+
+@pytest.mark.parametrize("seed", [16, 17, 19])
+async def test_first_sync_slews_from_the_rtc_time_when_close(seed: int) -> None:
+    rng = random.Random(seed)
+    # an NTP-disciplined gateway whose RTC is 40 ms ahead: readings go out unsynced
+    # (raw time) until the first ack; then the correction (-40 ms) must not swap them
+    true, dev, tc = make(seed, offset_ms=40.0, max_skew_ms=5.0)
+    carry: list[tuple[Reading, int]] = []
+    rows = await stream(true, dev, tc, rng, seconds=0.5, sensors=2, pending=carry)
+    assert rows and tc.status()["state"] == "unsynced"
+    rows += await stream(true, dev, tc, rng, seconds=0.3, sensors=2, pending=carry,
+                         exchange=(2.0, 2.0))
+    assert tc.synced()
+    rows += await stream(true, dev, tc, rng, seconds=1.0, sensors=2, pending=carry)
+    assert_order_preserving(rows)
+    tail = rows[-10:]
+    assert max(abs(ts - t) for _, _, ts, t in tail) <= 3  # slewed in by then
+
+
+async def test_first_sync_far_off_covers_the_past() -> None:
+    true, dev, tc = make(17, offset_ms=-600_000, p_preempt=0.0)
+    r = Reading("gw", "t", dev.rtc_now(), 1.0)
+    t_r = true.true_time_ms()
+    assert tc.correct([r])[0].ts_ms == r.ts_ms  # unsynced: the RTC's time
+    await noisy_ack(true, dev, tc, 2.0, 2.0)
+    out = tc.correct([r])[0]  # re-sent after the first ack: 10 minutes off, corrected
+    assert abs(out.ts_ms - t_r) <= 2 and out.quality == Quality.TIME_CORRECTED
