@@ -160,7 +160,10 @@ IGNORED_SECTIONS = {"cloud", "fleet", "simulate"}  # other programs' sections in
 def parse_agent_config(data: dict[str, Any], *, source_file: str = "") -> AgentConfig:
     """Validate a parsed TOML mapping into an AgentConfig (raises ConfigError)."""
     data = {k: v for k, v in data.items() if k not in IGNORED_SECTIONS}
-    agg = parse_aggregation(data.pop("aggregation", None))
+    agg_data = data.pop("aggregation", None)
+    if agg_data is not None and not isinstance(agg_data, dict):
+        raise ConfigError("aggregation", f"must be a table, got {type(agg_data).__name__}")
+    agg = parse_aggregation(agg_data)
     cfg = convert(data, AgentConfig)
     _check(cfg)
     return msgspec.structs.replace(cfg, aggregation=agg, source_file=source_file)

@@ -131,7 +131,7 @@ def decode(kind: str, payload: bytes) -> Message:
         msg: Message = dec.decode(payload)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid {kind} document: {exc}", reason="invalid") from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed {kind} document: {exc}", reason="malformed") from exc
     if msg.v != VERSION:
         raise ProtocolError(f"unsupported {kind} version {msg.v}", reason="version")

@@ -17,6 +17,7 @@ import zstandard
 
 from pymigrate.errors import DecodeError
 from pymigrate.types import AggInfo, Priority, Reading
+from pymigrate.zsafe import zstd_decompress
 
 MAX_DECODED = 64 * 1024 * 1024  # refuse to inflate a payload past this (decompression bombs)
 
@@ -93,7 +94,7 @@ class MsgpackZstdCodec:
         return self._c.compress(_enc.encode(_columns(readings)))
 
     def decode(self, payload: bytes, device_id: str, priority: Priority) -> list[Reading]:
-        return _guarded(lambda: self._d.decompress(payload, max_output_size=MAX_DECODED),
+        return _guarded(lambda: zstd_decompress(payload, MAX_DECODED, dctx=self._d),
                         device_id, priority)
 
 

@@ -52,6 +52,7 @@ from agent.codec._bits import (
 )
 from pymigrate.errors import DecodeError
 from pymigrate.types import AggInfo, Priority, Reading
+from pymigrate.zsafe import zstd_decompress
 
 FORMAT = 1
 MAX_BODY = 64 * 1024 * 1024  # refuse to inflate a body past this (decompression bombs)
@@ -395,7 +396,7 @@ class TszCodec:
         if kind == 0:
             body = packed
         elif kind == 1:
-            body = self._zd.decompress(packed, max_output_size=body_len)
+            body = zstd_decompress(packed, body_len, dctx=self._zd)
         else:
             body = lz4.block.decompress(packed, uncompressed_size=body_len)
         if len(body) != body_len:

@@ -60,7 +60,7 @@ def parse_json_payload(data: bytes, *, topic: str, device_id: str,
     """Parse one JSON payload (shapes in the module docstring) -> (readings, rejects)."""
     try:
         doc = _json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return [], [("malformed_json", topic)]
     default_sensor = topic.rsplit("/", 1)[-1] or "value"
     items = doc if isinstance(doc, list) else [doc]

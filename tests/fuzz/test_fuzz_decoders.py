@@ -86,7 +86,7 @@ def codec(data: bytes, codec_id: int) -> None:
         codec_by_id(codec_id).decode(data, "fuzz-dev", Priority.NORMAL)
     except PyMigrateError:
         pass
-    except MemoryError:  # KNOWN BUG: test_known_bug_zstd_declared_content_size
+    except MemoryError:  # KNOWN BUG: test_regression_zstd_declared_content_size
         return
     import zlib
 
@@ -113,7 +113,7 @@ def json_payload(data: bytes) -> None:
             readings, rejects = parse_payload(data, fmt=fmt, topic="sensors/fuzz/t1",
                                               device_id="fuzz-dev", now_ms=NOW)
         except UnicodeDecodeError:
-            # KNOWN BUG (see test_known_bug_json_invalid_utf8): tolerated here only so the
+            # KNOWN BUG (see test_regression_json_invalid_utf8): tolerated here only so the
             # fuzzer keeps looking for other failures
             continue
         assert isinstance(readings, list) and isinstance(rejects, list)
@@ -125,7 +125,7 @@ def jobs(data: bytes) -> None:
             jobs_protocol.decode(kind, data)
         except PyMigrateError:
             pass
-        except UnicodeDecodeError:  # KNOWN BUG: test_known_bug_jobs_invalid_utf8
+        except UnicodeDecodeError:  # KNOWN BUG: test_regression_jobs_invalid_utf8
             pass
 
 
@@ -143,7 +143,7 @@ def config_doc(doc: dict[str, Any]) -> None:
     except PyMigrateError:
         pass
     except (TypeError, ValueError):
-        # KNOWN BUG: test_known_bug_config_aggregation_not_a_table
+        # KNOWN BUG: test_regression_config_aggregation_not_a_table
         if isinstance(doc.get("aggregation"), dict | None):
             raise
 
@@ -176,30 +176,21 @@ def test_corpus_real_samples_decode() -> None:
             parse_agent_config(tomllib.loads(p.read_text()))
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="agent.sources.mqtt.parse_json_payload lets msgspec's "
-                   "UnicodeDecodeError escape: a poison MQTT message kills the source stage")
-def test_known_bug_json_invalid_utf8() -> None:
+def test_regression_json_invalid_utf8() -> None:
     """Found by test_fuzz_json_ingest: invalid UTF-8 inside a JSON string. The payload must
-    be rejected (``malformed_json``), not raise. Remove the xfail once fixed."""
+    be rejected (``malformed_json``), not raise.."""
     readings, rejects = parse_payload(b'{"\x80value":1}', fmt="json", topic="t/x",
                                       device_id="d", now_ms=NOW)
     assert readings == [] and rejects
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="transports.jobs_protocol.decode lets msgspec's UnicodeDecodeError "
-                   "escape instead of ProtocolError")
-def test_known_bug_jobs_invalid_utf8() -> None:
-    """Found by test_fuzz_job_documents. Remove the xfail once fixed."""
+def test_regression_jobs_invalid_utf8() -> None:
+    """Found by test_fuzz_job_documents.."""
     with pytest.raises(jobs_protocol.ProtocolError):
         jobs_protocol.decode("start", b'{"device_id":"\xff"}')
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError),
-                   reason="agent.config.parse_agent_config: a non-table [aggregation] "
-                   "raises TypeError/ValueError, not ConfigError naming the key")
-def test_known_bug_config_aggregation_not_a_table() -> None:
+def test_regression_config_aggregation_not_a_table() -> None:
     """Found by test_fuzz_config_structure (``aggregation = [1]`` in TOML)."""
     with pytest.raises(PyMigrateError):
         parse_agent_config({"aggregation": [None]})
@@ -208,12 +199,9 @@ def test_known_bug_config_aggregation_not_a_table() -> None:
 ZSTD_BOMB = b"(\xb5/\xfd\xe0" + (1 << 40).to_bytes(8, "little") + b"\x01\x00\x00"
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError,
-                   reason="agent.codec.simple: a zstd frame header declaring a huge content "
-                   "size makes zstandard allocate it (max_output_size does not apply)")
-def test_known_bug_zstd_declared_content_size() -> None:
+def test_regression_zstd_declared_content_size() -> None:
     """Found by test_fuzz_codecs (PYMIGRATE_FUZZ_EXAMPLES=3000): 16 bytes that raise
-    MemoryError instead of DecodeError. Remove the xfail once fixed."""
+    MemoryError instead of DecodeError.."""
     with pytest.raises(PyMigrateError):
         codec_by_id(1).decode(ZSTD_BOMB, "d", Priority.NORMAL)
 
