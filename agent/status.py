@@ -111,8 +111,9 @@ def summarise(health: dict[str, Any], m: dict[str, Any]) -> str:
         f"  throughput {_bytes(m.get(P + 'throughput_bytes_per_second'))}/s",
         f"clock     {clock.get('state', '?')}"
         + (f", offset {float(off):+.1f} ms" if isinstance(off, int | float) else ""),
-        f"aggreg.   ratio {float(m.get(P + 'aggregation_ratio') or 0):.3f}"
-        + (f"   memory RSS {_bytes(rss)}" if rss else ""),
+        ("aggreg.   " + (f"ratio {float(m.get(P + 'aggregation_ratio') or 0):.3f} (out/in)"
+                           if m.get(P + "aggregation_readings_in_total") else "off")
+         + (f"   memory RSS {_bytes(rss)}" if rss else "")),
     ]
     return "\n".join(lines)
 

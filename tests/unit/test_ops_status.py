@@ -48,6 +48,10 @@ def test_summary_reads_like_a_report() -> None:
     assert "coap: closed  mqtt: open" in text
     assert "rtt 12.5 ms" in text and "offset -12.5 ms" in text
     assert "memory RSS 32.0 MiB" in text
+    assert "aggreg.   off" in text
+    agg = parse_metrics(TEXT + "pymigrate_agent_aggregation_readings_in_total 100.0\n"
+                        "pymigrate_agent_aggregation_ratio 0.05\n")
+    assert "ratio 0.050 (out/in)" in summarise(HEALTH, agg)
 
 
 def test_unreachable_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
