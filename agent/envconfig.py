@@ -164,8 +164,14 @@ def check_permissions(path: str | os.PathLike[str], data: Mapping[str, Any]) -> 
 
 def load_config(path: str | os.PathLike[str],
                 env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Load, override from the environment, validate (ConfigError names the key)."""
+    """Load, override from the environment, validate (ConfigError names the key),
+    including the ``[uplink.<transport>]`` table of every transport in use."""
+    from transports.config import parse_transport
+
     env = os.environ if env is None else env
     data = load_toml(str(path))
     check_permissions(path, data)
-    return parse_agent_config(apply_overrides(data, env), source_file=str(path))
+    cfg = parse_agent_config(apply_overrides(data, env), source_file=str(path))
+    for name in cfg.uplink.transports:
+        parse_transport(name, getattr(cfg.uplink, name))
+    return cfg

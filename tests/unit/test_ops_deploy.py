@@ -228,8 +228,7 @@ def test_example_configs_pass_check_config(name: str, capsys: pytest.CaptureFixt
     assert f"{path}: OK" in capsys.readouterr().out
     cfg = load_config(path, env={})
     for t in cfg.uplink.transports:  # the transport sections validate against their schema
-        if name != "default.toml":
-            parse_transport(t, getattr(cfg.uplink, t))
+        parse_transport(t, getattr(cfg.uplink, t))
 
 
 def test_example_configs_are_annotated() -> None:
@@ -238,6 +237,15 @@ def test_example_configs_are_annotated() -> None:
         lines = [ln for ln in text.splitlines() if "=" in ln and not ln.startswith("#")]
         commented = [ln for ln in lines if "#" in ln]
         assert len(commented) >= len(lines) // 2, name
+
+
+def test_check_config_rejects_a_typo_in_a_transport_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text((CONFIGS / "agent-mqtt.toml").read_text().replace(
+        'host = "127.0.0.1"        # e.g.', 'hots = "127.0.0.1"        # e.g.'))
+    assert cli_main(["agent", "--check-config", str(bad)]) == 2
+    assert "hots" in capsys.readouterr().err
 
 
 def test_check_config_rejects_a_bad_file(tmp_path: Path,
