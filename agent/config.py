@@ -129,6 +129,21 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status_interval_s: float = 5.0  # `pymigrate run` progress line period
 
 
+class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[jobs]``: the fleet jobs client (MQTT job topics of ``pymigrate fleet``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = "pymigrate"
+    username: str = ""
+    password: str = ""
+    check_delay_s: float = 5.0  # after applying: first post-update health check
+    health_interval_s: float = 30.0  # soak: health checks while the coordinator waits
+    heartbeat_s: float = 60.0  # last-seen health report period (0 = off)
+    max_backlog_bytes: int = 0  # unhealthy above this backlog (0 = no limit)
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The whole agent configuration."""
 
@@ -144,6 +159,7 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     aggregation: AggregationConfig = msgspec.field(default_factory=AggregationConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     source_file: str = ""
 
@@ -212,6 +228,8 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("log.format", f"must be 'console' or 'json', got {cfg.log.format!r}")
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
+    if not 0 < cfg.jobs.port < 65536:
+        raise ConfigError("jobs.port", f"must be a TCP port, got {cfg.jobs.port}")
     if cfg.pipeline.queue_size < 1:
         raise ConfigError("pipeline.queue_size", "must be >= 1")
     if cfg.pipeline.drain_timeout_s < 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -83,6 +84,7 @@ class Agent:
         self.started = asyncio.Event()
         self.stopped_cleanly = False
         self.notifier = Notifier.from_env()  # no-op unless run by systemd (NOTIFY_SOCKET)
+        self.jobs: Any = None  # agent.jobs.JobsClient when [jobs] enabled
         self.metrics: Any = None  # agent.metrics.MetricsServer when [metrics] enabled
         self.runtime: dict[str, Any] = {}  # edge framework facts (agent.envconfig)
 
@@ -128,6 +130,8 @@ class Agent:
                     self.metrics = MetricsServer(self, self.config.metrics)
                     await self.metrics.start()  # bind before READY: a busy port fails start
                     tg.create_task(self.metrics.serve_until(ctl), name="agent[metrics]")
+                if self.config.jobs.enabled:
+                    tg.create_task(self._run_jobs(), name="agent[jobs]")
                 if self.notifier.enabled:
                     tg.create_task(self.notifier.run(
                         self.stages_alive, stop=self._stop, status=self._status_line,
@@ -143,6 +147,53 @@ class Agent:
                     await u.close()
             await self.buffer.close()
             log.info("agent stopped", clean=self.stopped_cleanly)
+
+    async def _run_jobs(self) -> None:
+        """Fleet jobs: apply config changes atomically (previous kept), report health."""
+        from agent.jobs import JobError, JobsClient
+        from transports.jobs_mqtt import MqttDeviceHub
+
+        j = self.config.jobs
+        if not self.config.source_file:
+            log.warning("jobs enabled but the agent was not started from a config file")
+            return
+        hub = MqttDeviceHub(j.host, j.port, prefix=j.prefix, client_id=f"{self.device_id}-jobs",
+                            username=j.username or None, password=j.password or None,
+                            will_device=self.device_id, clock=self.clock)
+
+        async def apply_config(path: Path) -> None:
+            from agent.reload import reload_agent
+
+            result = await reload_agent(self, path)
+            if not result.ok:
+                raise JobError(f"config refused: {result.error}", reason="invalid_config")
+
+        self.jobs = JobsClient(self.device_id, channel=hub.link(self.device_id),
+                               apply_config=apply_config, health=self.health,
+                               clock=self.clock, config_path=self.config.source_file,
+                               check_delay_s=j.check_delay_s,
+                               health_interval_s=j.health_interval_s,
+                               heartbeat_s=j.heartbeat_s)
+        await hub.start()
+        try:
+            await self.jobs.start()
+            await self._stop.wait()
+        finally:
+            await self.jobs.stop()
+            await hub.stop()
+
+    def health(self) -> Any:
+        """The health a device reports to the fleet coordinator (gates and soak)."""
+        from transports.jobs_protocol import Health
+
+        b = self.buffer.stats()
+        up = self.uploader.stats()
+        lag = 0.0 if b.oldest_ts_ms is None else max(
+            0.0, (self.clock.time_ms() - b.oldest_ts_ms) / 1000.0)
+        limit = self.config.jobs.max_backlog_bytes
+        ok = all(self.stages_alive().values()) and not (limit and b.payload_bytes > limit)
+        return Health(ok=ok, online=True, backlog_bytes=b.payload_bytes, lag_s=lag,
+                      error_rate=round(1.0 - float(up.get("success_rate", 1.0) or 0.0), 4))
 
     async def _run_source(self, source: Source) -> None:
         await source.run(self._emit)
