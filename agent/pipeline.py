@@ -150,18 +150,25 @@ class IngestStage:
         await self._spawn(out, batch.ack)
 
     async def _spawn(self, readings: list[Reading], ack: Any) -> None:
+        # the window state is snapshotted now, in processing order, so the blob written
+        # with this batch reflects exactly the readings processed up to it
+        snap = self.aggregator.snapshot() if self._has_rules else None
         if self._tg is None:  # called outside run(): do it inline
-            await self._accept(readings, ack)
+            await self._accept(readings, ack, snap)
             return
         await self._slots.acquire()
-        self._tg.create_task(self._accept(readings, ack), name="agent[ingest-append]")
+        self._tg.create_task(self._accept(readings, ack, snap), name="agent[ingest-append]")
 
-    async def _accept(self, readings: list[Reading], ack: Any) -> None:
+    async def _accept(self, readings: list[Reading], ack: Any, snap: bytes | None) -> None:
         try:
+            jobs = []
             if readings:
-                await self._store(readings)
-                if self._has_rules:
-                    await self._persist_windows()
+                jobs.append(self._store(readings))
+            if snap is not None:
+                # issued together so both normally join the same group commit
+                jobs.append(self.buffer.put_state(AGG_STATE_KEY, snap))
+            if jobs:
+                await asyncio.gather(*jobs)
             if ack is not None:
                 await ack()  # only now: the readings are committed (or were invalid)
         finally:
