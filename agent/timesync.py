@@ -5,7 +5,7 @@ Time bases
     The agent's monotonic clock (``clock.monotonic()``) is the base of the model; the
     wall clock (``clock.time_ms()``, the gateway RTC that also stamps readings) is only
     related to it. Every call observes both; ``wall - monotonic`` stays constant while
-    the RTC runs normally (slow slewing, up to ``slew_ppm``, is tracked). A change larger
+    the RTC runs normally (slow slewing, up to ``rtc_slew_ppm``, is tracked). A change larger
     than ``step_threshold_ms`` is a *jump* (backwards step, forward step, or a reset to
     an implausible year such as 1970): it opens a new *regime* (a wall->monotonic
     relation). Readings are mapped to monotonic time through the regime their raw
@@ -17,7 +17,7 @@ Read skew
     A process can be preempted between reading the two clocks, so one observation does
     not give ``wall - monotonic`` exactly: the wall read is bracketed by two monotonic
     reads, which bounds the relation. A regime keeps the intersection of those bounds
-    (widened by ``slew_ppm`` over time) and its point estimate moves only when a bound
+    (widened by ``rtc_slew_ppm`` over time) and its point estimate moves only when a bound
     proves it wrong, to the nearest bound. Within a regime the correction is thus one
     strictly increasing function of the raw time, whenever a batch is processed: raw
     times >= 2 ms apart stay distinct and in order, equal raw times stay equal
@@ -105,7 +105,7 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drift_target_ppm: float = 50.0  # wants_samples() until the drift error is below this
     unsynced_drift_ppm: float = 200.0  # assumed drift when none is estimated
     step_threshold_ms: float = 2000.0  # wall-vs-monotonic change that counts as a jump
-    slew_ppm: float = 500.0  # max rate wall - monotonic may change without a step (slewing)
+    rtc_slew_ppm: float = 500.0  # max rate wall - monotonic may change without a step (slewing)
     backfill_s: float = 60.0  # readings stamped this long before the first observation fit
     slew_rate: float = 0.05  # a model change is applied at most this fast (ms per ms) ...
     slew_max_ms: float = 128.0  # ... when it is at most this large; larger ones step
@@ -126,7 +126,7 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("drift_target_ppm", self.drift_target_ppm > 0, "> 0"),
             ("unsynced_drift_ppm", self.unsynced_drift_ppm >= 0, ">= 0"),
             ("step_threshold_ms", self.step_threshold_ms > 0, "> 0"),
-            ("slew_ppm", 0 <= self.slew_ppm <= 100_000, "between 0 and 100000"),
+            ("rtc_slew_ppm", 0 <= self.rtc_slew_ppm <= 100_000, "between 0 and 100000"),
             ("backfill_s", self.backfill_s >= 0, ">= 0"),
             ("slew_rate", 0 < self.slew_rate <= 0.5, "in (0, 0.5]"),
             ("slew_max_ms", self.slew_max_ms >= 0, ">= 0"),
@@ -405,7 +405,7 @@ class TimeCorrector:
                 self._regimes.append(_Regime(lo, hi, now, self._last_obs, plausible, False))
                 del self._regimes[:-_MAX_REGIMES]
             else:
-                if not cur.update(lo, hi, now, cfg.slew_ppm * 1e-6):
+                if not cur.update(lo, hi, now, cfg.rtc_slew_ppm * 1e-6):
                     self.counters["small_steps"] += 1  # followed: below the jump threshold
                 cur.plausible = plausible
                 if not plausible:

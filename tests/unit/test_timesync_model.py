@@ -301,7 +301,8 @@ def test_disabled_is_a_pass_through() -> None:
     ("max_samples", 1), ("window_s", 0), ("keep_fraction", 0), ("keep_fraction", 1.5),
     ("max_delay_ms", 0), ("step_threshold_ms", -1), ("min_year", 1900), ("max_drift_ppm", 0),
     ("delay_factor", 0.5), ("delay_slack_ms", -1), ("drift_target_ppm", 0),
-    ("slew_ppm", -1), ("backfill_s", -5),
+    ("rtc_slew_ppm", -1), ("backfill_s", -5), ("slew_rate", 0), ("slew_rate", 0.9),
+    ("slew_max_ms", -1),
 ])
 def test_config_errors_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as ei:

@@ -20,14 +20,14 @@ class SkewClock:
     preempted between two reads: each read happens a random delay after the previous
     one (mostly microseconds, ``p_preempt`` of reads up to ``max_skew_ms`` later), so
     ``monotonic()`` and ``time_ms()`` read back to back see different instants. The RTC
-    is ``offset_ms`` off and may slew (run ``rtc_slew_ppm`` faster than the monotonic clock).
+    is ``offset_ms`` off and may slew (run ``wall_slew_ppm`` faster than the monotonic clock).
     """
 
     def __init__(self, true: VirtualClock, rng: random.Random, *, offset_ms: float = 0.0,
-                 rtc_slew_ppm: float = 0.0, max_skew_ms: float = 30.0,
+                 wall_slew_ppm: float = 0.0, max_skew_ms: float = 30.0,
                  p_preempt: float = 0.3) -> None:
         self.true, self.rng = true, rng
-        self.offset_ms, self.slew = offset_ms, rtc_slew_ppm * 1e-6
+        self.offset_ms, self.slew = offset_ms, wall_slew_ppm * 1e-6
         self.max_skew_ms, self.p_preempt = max_skew_ms, p_preempt
         self.h = true.monotonic()  # instant of the last read (s)
         self.reads = 0
@@ -174,7 +174,7 @@ async def test_order_kept_while_acks_keep_arriving(seed: int) -> None:
 async def test_slow_slew_is_tracked_without_jumps() -> None:
     rng = random.Random(7)
     # the RTC is slewed 400 ppm faster than the monotonic clock for an hour: 1.44 s
-    true, dev, tc = make(7, rtc_slew_ppm=400.0, max_skew_ms=10.0)
+    true, dev, tc = make(7, wall_slew_ppm=400.0, max_skew_ms=10.0)
     await ack(true, dev, tc, rng)
     worst = 0
     for _ in range(360):
