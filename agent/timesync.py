@@ -196,7 +196,7 @@ def _round(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-_MAX_SEGMENTS = 32
+_MAX_SEGMENTS = 256  # < 40 kB: times handed out stay fixed over the last 128+ acks
 
 
 def _year_ms(year: int) -> int:
