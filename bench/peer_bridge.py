@@ -144,6 +144,7 @@ class Publisher:
     def __init__(self, port: Callable[[], int], topic: str, w: Workload, rate: float,
                  side: Side) -> None:
         self.port, self.topic, self.w, self.rate, self.side = port, topic, w, rate, side
+        self._last = 0
 
     async def run(self) -> None:
         import aiomqtt
@@ -157,7 +158,12 @@ class Publisher:
                                           timeout=3) as c:
                     while i < len(self.w.rows):
                         await asyncio.sleep(max(0.0, t0 + i / self.rate - time.monotonic()))
-                        ts = self.side.first_pub_ms.setdefault(i, time.time_ns() // 1_000_000)
+                        if i not in self.side.first_pub_ms:
+                            # strictly increasing: two rows sent in one millisecond (a
+                            # late timer) must not share a timestamp (edge dedup key)
+                            self._last = max(time.time_ns() // 1_000_000, self._last + 1)
+                            self.side.first_pub_ms[i] = self._last
+                        ts = self.side.first_pub_ms[i]
                         await c.publish(self.topic, self.w.payload(i, ts), qos=1)
                         i += 1
             except aiomqtt.MqttError:
