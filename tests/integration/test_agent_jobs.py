@@ -86,6 +86,11 @@ async def test_config_rollout_reaches_a_real_agent(mosquitto: tuple[str, int],
         assert await asyncio.to_thread(main, ["create-rollout", "--store", db, "--spec",
                                               str(spec), "--broker", f"{host}:{port}",
                                               "--prefix", prefix]) == 0
+        # the control message makes the running coordinator pick the rollout up
+        for _ in range(500):
+            if "r1" in coord.core.rollouts:
+                break
+            await asyncio.sleep(0.02)
         r = await asyncio.wait_for(coord.wait_finished("r1"), timeout=30)
         assert r.status == "completed"
         assert agent.config.retry.profile == "metered"  # applied live, no restart
