@@ -257,3 +257,68 @@ async def test_window_state_survives_a_restart(tmp_path: Path) -> None:
     assert by_fn["count"] == [10.0, 10.0, 10.0]
     assert by_fn["sum"] == [sum(values[0:10]), sum(values[10:20]), sum(values[20:30])]
     assert by_fn["min"] == [0.0, 10.0, 20.0] and by_fn["max"] == [9.0, 19.0, 29.0]
+
+
+async def test_time_windows_close_on_their_deadline(tmp_path: Path) -> None:
+    """A tumbling window closes by wall time (the stage sleeps until the deadline) even
+    when no further reading of that series arrives."""
+    rules = {"aggregation": {"rules": [{"name": "t1s", "match": "temperature",
+                                        "window": {"type": "tumbling", "size_s": 0.2},
+                                        "functions": ["count", "avg"]}]}}
+    async with run_agent(tmp_path, rules) as (agent, _, _):
+        await _until(lambda: agent.aggregator.stats().aggregates_out >= 4)
+    assert agent.ingest.counts["accepted"] > 0
+
+
+class _FullOnceBuffer:
+    """A buffer stub whose first append reports a full disk."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.stored: list[Reading] = []
+
+    async def append(self, readings: list[Reading]) -> list[Reading]:
+        from pymigrate.errors import BufferFull
+
+        self.calls += 1
+        if self.calls == 1:
+            raise BufferFull("disk full", reason="disk_full")
+        self.stored.extend(readings)
+        return list(readings)
+
+    async def put_state(self, key: str, value: bytes) -> None:
+        return None
+
+    async def get_state(self, key: str) -> bytes | None:
+        return None
+
+
+async def test_buffer_full_holds_the_batch_and_retries() -> None:
+    from agent.aggregate import AggregationConfig, Aggregator
+    from agent.config import ValidationConfig
+    from agent.dedup import DedupConfig, Deduplicator
+    from agent.pipeline import IngestStage
+    from agent.timesync import TimeCorrector, TimeSyncConfig
+    from agent.validate import Validator
+    from pymigrate.clock import VirtualClock
+
+    clock = VirtualClock()
+    buf = _FullOnceBuffer()
+    acked: list[int] = []
+
+    async def ack() -> None:
+        acked.append(1)
+
+    stage = IngestStage(asyncio.Queue(), buffer=buf, clock=clock,  # type: ignore[arg-type]
+                        validator=Validator(ValidationConfig(), now_ms=clock.time_ms),
+                        dedup=Deduplicator(DedupConfig(), clock=clock),
+                        timesync=TimeCorrector(TimeSyncConfig(), clock=clock),
+                        aggregator=Aggregator(AggregationConfig(), clock=clock),
+                        priorities=PriorityMap([]))
+    task = asyncio.create_task(stage.process(SourceBatch(
+        [Reading("d", "t", clock.time_ms(), 1.0)], ack=ack)))
+    await clock.settle()
+    assert acked == [] and stage.counts["buffer_full_waits"] == 1  # held, not acked
+    await clock.advance(1.0)
+    await task
+    assert acked == [1] and len(buf.stored) == 1
