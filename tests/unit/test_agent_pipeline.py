@@ -70,9 +70,9 @@ async def run_agent(tmp_path: Path, overrides: dict[str, Any] | None = None, *,
         await store.close()
 
 
-async def _until(pred: Any, timeout: float = 10.0) -> None:
+async def _until(pred: Any, limit_s: float = 10.0) -> None:
     """Wait (bounded) until ``pred()`` holds: no fixed sleeps that flake under load."""
-    end = asyncio.get_running_loop().time() + timeout
+    end = asyncio.get_running_loop().time() + limit_s
     while not pred():
         assert asyncio.get_running_loop().time() < end, "condition not reached in time"
         await asyncio.sleep(0.02)
@@ -85,7 +85,7 @@ async def _seqs(store: SqliteStore, device: str) -> list[int]:
 
 
 async def test_every_accepted_reading_is_stored_once(tmp_path: Path) -> None:
-    async with run_agent(tmp_path) as (agent, store, _):
+    async with run_agent(tmp_path) as (agent, _store, _):
         await asyncio.sleep(0.6)
     accepted = agent.ingest.counts["accepted"]
     assert accepted > 50
@@ -178,7 +178,7 @@ async def test_priorities_and_aggregation_reach_the_store(tmp_path: Path) -> Non
                                    "window": {"type": "count", "count": 5},
                                    "functions": ["min", "max", "count"]}]},
     }
-    async with run_agent(tmp_path, overrides) as (agent, _, _):
+    async with run_agent(tmp_path, overrides) as (_agent, _, _):
         await asyncio.sleep(0.6)
     st = SqliteStore(tmp_path / "cloud.db")
     await st.open()
