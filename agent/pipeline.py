@@ -143,7 +143,7 @@ class IngestStage:
         if readings:
             fresh = self.dedup.filter(readings)
             self.counts["duplicates_dropped"] += len(readings) - len(fresh)
-            corrected = self.timesync.correct(fresh)
+            corrected = self.timesync.correct(fresh) if batch.local_clock else fresh
             valid = self.validator.filter(corrected)
             prioritized = self.priorities.apply(valid)
             out = self.aggregator.process(prioritized) if self._has_rules else prioritized

@@ -13,11 +13,18 @@ from pymigrate.types import Reading
 class SourceBatch(msgspec.Struct):
     """Readings from one source event. ``ack`` (if any) is called once they are accepted
     (committed in the buffer) or definitively rejected; ``rejects`` are (reason, detail)
-    pairs found while parsing, counted by the validator."""
+    pairs found while parsing, counted by the validator.
+
+    ``local_clock`` says the timestamps were read from this gateway's own clock, so the
+    time-sync model applies to them. Timestamps that came with the data (a replayed file,
+    a sensor payload with its own ``ts``) are kept as given: the gateway's clock model
+    says nothing about them.
+    """
 
     readings: list[Reading]
     ack: Callable[[], Awaitable[None]] | None = None
     rejects: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    local_clock: bool = True
 
 
 class Emit(Protocol):

@@ -55,6 +55,17 @@ def _ts(v: Any, now_ms: int) -> int:
     raise ValueError("bad_timestamp")
 
 
+def payload_has_time(data: bytes) -> bool:
+    """True when a payload may carry its own timestamps (then they are kept as given).
+
+    JSON: a time key is present; a bare number: no; CBOR (SenML): assumed yes.
+    """
+    head = data.lstrip()[:1]
+    if head in (b"{", b"["):
+        return any(k in data for k in (b'"ts"', b'"t"', b'"time"', b'"bt"'))
+    return not (head.isdigit() or head == b"-")
+
+
 def parse_json_payload(data: bytes, *, topic: str, device_id: str,
                        now_ms: int) -> tuple[list[Reading], list[tuple[str, str]]]:
     """Parse one JSON payload (shapes in the module docstring) -> (readings, rejects)."""
@@ -139,7 +150,8 @@ class MqttSourceStage:
                         rs, rejects = parse_payload(payload, fmt=self.cfg.format, topic=topic,
                                                     device_id=self.device_id,
                                                     now_ms=self.clock.time_ms())
-                        await emit(SourceBatch(rs, ack=ack, rejects=rejects))
+                        await emit(SourceBatch(rs, ack=ack, rejects=rejects,
+                                               local_clock=not payload_has_time(payload)))
             except TransportError as exc:
                 self.connected.clear()
                 log.warning("mqtt source disconnected", error=str(exc), retry_in_s=delay)

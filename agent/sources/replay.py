@@ -102,7 +102,7 @@ class CsvReplay:
             shift = 0
             for ts, vals, rejects in self.rows:
                 if ts is None:
-                    await emit(SourceBatch([], rejects=rejects))
+                    await emit(SourceBatch([], rejects=rejects, local_clock=False))
                     continue
                 if first_ts is None:
                     first_ts = ts
@@ -116,7 +116,7 @@ class CsvReplay:
                 last_ts = t
                 await emit(SourceBatch(
                     [Reading(device_id=self.device_id, sensor=s, ts_ms=t, value=v)
-                     for s, v in vals], rejects=rejects))
+                     for s, v in vals], rejects=rejects, local_clock=False))
             if not self.cfg.loop or first_ts is None:
                 break
             loop_shift = last_ts + step - first_ts if not self.cfg.shift_to_now else 0

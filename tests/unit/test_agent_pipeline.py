@@ -322,3 +322,21 @@ async def test_buffer_full_holds_the_batch_and_retries() -> None:
     await clock.advance(1.0)
     await task
     assert acked == [1] and len(buf.stored) == 1
+
+
+async def test_timestamps_that_came_with_the_data_are_kept(tmp_path: Path) -> None:
+    """A replayed 2018 recording keeps its timestamps: the gateway's clock model does not
+    apply to them (only readings stamped by the gateway's own clock are corrected)."""
+    p = tmp_path / "old.csv"
+    p.write_text("timestamp,a\n2018-10-18T00:00:00Z,1.5\n2018-10-18T00:01:00Z,2.5\n")
+    overrides = {"sources": [{"type": "replay", "path": str(p)}]}
+    async with run_agent(tmp_path, overrides) as (agent, _, _):
+        await _until(lambda: agent.ingest.counts["accepted"] == 2)
+    st = SqliteStore(tmp_path / "cloud.db")
+    await st.open()
+    try:
+        rows = await st.query("dev-1", "a")
+    finally:
+        await st.close()
+    assert [(r.ts_ms, r.value, r.quality) for r in rows] == [
+        (1539820800000, 1.5, 0), (1539820860000, 2.5, 0)]

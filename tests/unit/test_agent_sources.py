@@ -170,3 +170,13 @@ def test_mqtt_senml_json_and_cbor() -> None:
             (r.sensor, r.value, r.ts_ms) for r in src)
     rs, rej = _parse(b"\xff\x00garbage", "auto")
     assert rs == [] and rej[0][0].startswith("senml_")
+
+
+@pytest.mark.parametrize(("payload", "has"), [
+    (b'{"value": 1}', False), (b'{"value": 1, "ts": 5}', True), (b"42", False),
+    (b'[{"n": "a", "v": 1, "t": 0}]', True), (b"\x81\xa2\x00ab\x02\x01", True),
+])
+def test_payload_time_detection(payload: bytes, has: bool) -> None:
+    from agent.sources.mqtt import payload_has_time
+
+    assert payload_has_time(payload) is has
