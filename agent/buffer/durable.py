@@ -414,14 +414,15 @@ class DurableBuffer:
             if excess > 0:
                 floor = plan.floor if plan.floor < len(Priority) else Priority.HIGH
                 await evict.make_room(db, excess, floor=floor, reason="budget",
-                                      fx=fx, codec=self._codec, degrader=self._degrader)
+                                      fx=fx, codec=self._codec, degrader=self._degrader,
+                                      busy=set(self._ledger.inflight))
 
         await self._txn(body)
 
     async def _free_disk(self, need: int, floor: int) -> bool:
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
             await evict.make_room(db, need, floor=floor, reason="disk_full",
-                                  fx=fx, codec=self._codec)
+                                  fx=fx, codec=self._codec, busy=set(self._ledger.inflight))
 
         fx = await self._txn(body)
         return bool(fx.removed)

@@ -10,7 +10,7 @@ in the transaction's :class:`Effects` with its reason.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import aiosqlite
@@ -50,33 +50,45 @@ async def expire(db: aiosqlite.Connection, ledger: Ledger, ttl_ms: list[int | No
 
 async def make_room(db: aiosqlite.Connection, excess: int, *, floor: int,
                     reason: str, fx: Effects, codec: ChunkCodec,
-                    degrader: Degrader | None = None) -> int:
+                    degrader: Degrader | None = None, busy: Collection[int] = ()) -> int:
     """Free at least ``excess`` bytes from priorities >= ``floor``, lowest first, oldest
-    first; returns how many bytes could not be freed (>= 0)."""
+    first; returns how many bytes could not be freed (>= 0).
+
+    Within a priority, chunks whose upload is in flight (``busy``) go last: they are
+    likely to be acked in a moment, and evicting them would count as lost what is
+    delivered anyway.
+    """
     for p in sorted(Priority, reverse=True):
         if p < floor:
             break
-        while excess > 0:
-            rows = await db.execute_fetchall(
-                "SELECT id, nbytes, count, degraded FROM chunks WHERE priority = ? "
-                "ORDER BY id LIMIT ?", (int(p), _BATCH))
-            if not rows:
-                break
-            victims: list[Removed] = []
-            for cid, nbytes, count, degraded in rows:
-                if excess <= 0:
+        for in_flight in (False, True):
+            last = -1
+            while excess > 0:
+                rows = list(await db.execute_fetchall(
+                    "SELECT id, nbytes, count, degraded FROM chunks WHERE priority = ? "
+                    "AND id > ? ORDER BY id LIMIT ?", (int(p), last, _BATCH)))
+                if not rows:
                     break
-                if degrader is not None and p == Priority.LOW and not degraded:
-                    saved = await _degrade(db, int(cid), fx, codec, degrader)
-                    if saved > 0:
-                        excess -= saved
+                last = int(rows[-1][0])
+                victims: list[Removed] = []
+                for cid, nbytes, count, degraded in rows:
+                    if excess <= 0:
+                        break
+                    if (int(cid) in busy) != in_flight:
                         continue
-                victims.append(Removed(int(cid), int(p), int(nbytes), int(count), reason))
-                excess -= int(nbytes)
-            if victims:
-                await db.executemany("DELETE FROM chunks WHERE id = ?",
-                                     [(v.id,) for v in victims])
-                fx.removed.extend(victims)
+                    if degrader is not None and p == Priority.LOW and not degraded:
+                        saved = await _degrade(db, int(cid), fx, codec, degrader)
+                        if saved > 0:
+                            excess -= saved
+                            continue
+                    victims.append(Removed(int(cid), int(p), int(nbytes), int(count), reason))
+                    excess -= int(nbytes)
+                if victims:
+                    await db.executemany("DELETE FROM chunks WHERE id = ?",
+                                         [(v.id,) for v in victims])
+                    fx.removed.extend(victims)
+            if excess <= 0:
+                break
         if excess <= 0:
             break
     return max(0, excess)

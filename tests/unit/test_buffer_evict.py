@@ -189,3 +189,19 @@ def test_disk_full_recognised_from_sqlite_and_os_errors() -> None:
     assert not _is_disk_full(OSError(errno.EACCES, "Permission denied"))
     assert _is_disk_full(sqlite3.OperationalError("database or disk is full"))
     assert not _is_disk_full(sqlite3.OperationalError("database is locked"))
+
+
+async def test_in_flight_chunks_are_evicted_last_within_their_priority(tmp_path: Path) -> None:
+    async with opened(tmp_path / "b.db", budget_bytes=BUDGET, chunk_max_readings=CH) as buf:
+        await fill(buf, Priority.LOW, 20, device="l", seed=1)
+        taken = await buf.take(max_bytes=1, max_chunks=1)  # the oldest LOW chunk, in flight
+        await fill(buf, Priority.NORMAL, 35, device="n", seed=2)
+        assert taken and taken[0].chunk.priority == Priority.LOW
+        oldest = taken[0].chunk.seq_first
+        await fill(buf, Priority.NORMAL, 20, device="n", seed=3)  # over budget now
+        assert buf.stats().evicted.get("budget:low", 0) > 0
+        await buf.ack([taken[0].id])  # delivered: it was not evicted under the uploader
+        got = await drain(buf, ack=False)
+        low = sorted({r.seq for r in got if r.device_id == "l"})
+        assert oldest not in low  # acked, gone
+        assert low and low[0] > oldest + CH  # the next-oldest LOW chunks were evicted
