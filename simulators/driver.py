@@ -29,15 +29,16 @@ import collections
 import contextvars
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
+import structlog
 
 from pymigrate.clock import VirtualClock
 
 __all__ = ["CpuMeter", "ThreadTracker", "TimeDriver", "current_device", "stage_of"]
 
-T = TypeVar("T")
+log = structlog.get_logger("pymigrate.sim")
 
 #: the simulated device a task belongs to (inherited by the tasks it creates)
 current_device: contextvars.ContextVar[str] = contextvars.ContextVar("sim_device", default="")
@@ -52,6 +53,7 @@ class ThreadTracker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._orig: Any = None
+        self._orig_stop: Any = None
         self._patched_loop = False
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
 
@@ -71,7 +73,7 @@ class ThreadTracker:
 
     def install(self) -> None:
         """Start counting (patches aiosqlite for the duration; see :meth:`uninstall`)."""
-        orig = aiosqlite.Connection._execute
+        orig: Any = aiosqlite.Connection._execute
         self._orig = orig
         tracker = self
 
@@ -83,7 +85,19 @@ class ThreadTracker:
             finally:
                 tracker._end()
 
-        aiosqlite.Connection._execute = _execute  # type: ignore[method-assign]
+        aiosqlite.Connection._execute = _execute  # type: ignore[method-assign, assignment]
+        orig_stop: Any = aiosqlite.Connection.stop
+        self._orig_stop = orig_stop
+
+        def stop(conn: aiosqlite.Connection) -> Any:
+            # close() awaits the worker thread's stop future outside _execute
+            fut = orig_stop(conn)
+            if fut is not None:
+                tracker._begin()
+                fut.add_done_callback(lambda _f: tracker._end())
+            return fut
+
+        aiosqlite.Connection.stop = stop  # type: ignore[method-assign, assignment]
         loop = self.loop
         orig_rie = loop.run_in_executor
 
@@ -95,12 +109,13 @@ class ThreadTracker:
             fut.add_done_callback(lambda _f: tracker._end())
             return fut
 
-        loop.run_in_executor = run_in_executor  # type: ignore[method-assign]
+        loop.run_in_executor = run_in_executor  # type: ignore[method-assign, assignment]
         self._patched_loop = True
 
     def uninstall(self) -> None:
         if self._orig is not None:
             aiosqlite.Connection._execute = self._orig  # type: ignore[method-assign]
+            aiosqlite.Connection.stop = self._orig_stop  # type: ignore[method-assign]
             self._orig = None
         if self._patched_loop:
             del self.loop.run_in_executor
@@ -162,7 +177,7 @@ class CpuMeter:
     """CPU seconds of the loop thread per (device, stage), from a task factory."""
 
     def __init__(self) -> None:
-        self.cpu: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.cpu: dict[tuple[str, str], float] = collections.defaultdict(float)
         self._t0_process = 0.0
         self._t0_thread = 0.0
         self.process_s = 0.0
@@ -186,7 +201,7 @@ class CpuMeter:
     def by_stage(self, device: str | None = None) -> dict[str, float]:
         """CPU seconds per stage (all devices, or one); ``sqlite-threads`` is the CPU
         spent outside the loop thread (SQLite in aiosqlite/executor threads)."""
-        out: collections.Counter[str] = collections.Counter()
+        out: dict[str, float] = collections.defaultdict(float)
         for (dev, stage), s in self.cpu.items():
             if device is None or dev == device:
                 out[stage] += s
@@ -203,6 +218,8 @@ class TimeDriver:
         self.idle_passes = idle_passes
         self.tracker: ThreadTracker | None = None
         self.steps = 0
+        self.spins = 0  # quiescence not reached after spin_limit passes (busy loops)
+        self.spin_limit = 20_000
 
     def start(self) -> None:
         self.tracker = ThreadTracker()
@@ -217,6 +234,7 @@ class TimeDriver:
         """Return once no task is runnable and no thread work is pending."""
         loop = asyncio.get_running_loop()
         idle = 0
+        busy = 0
         while idle < self.idle_passes:
             await asyncio.sleep(0)
             if self.tracker is not None and self.tracker.pending:
@@ -224,8 +242,17 @@ class TimeDriver:
                 idle = 0
                 continue
             # the loop's ready queue is private API; no public way to ask "anything runnable?"
-            if len(getattr(loop, "_ready", ())) > 0:
+            ready = getattr(loop, "_ready", ())
+            if len(ready) > 0:
                 idle = 0
+                busy += 1
+                if busy >= self.spin_limit:
+                    # something re-schedules itself without sleeping on the clock (a busy
+                    # loop): count it and let time move, or virtual time would stall
+                    self.spins += 1
+                    if self.spins <= 3:
+                        log.warning("sim.busy_loop", ready=[repr(h)[:160] for h in ready][:4])
+                    return
                 continue
             idle += 1
 

@@ -22,11 +22,12 @@ import random
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 from agent.config import parse_agent_config
 from cloud.ingest import IngestService
@@ -45,8 +46,12 @@ from transports.base import Incoming
 __all__ = ["CloudSim", "CloudUplink", "DeviceSpec", "Fleet", "Group", "TokenBucket",
            "daily_outages"]
 
+log = structlog.get_logger("pymigrate.sim")
+
 START_MS = 1_767_229_200_000  # 2026-01-01T01:00:00Z: simulated wall time at t = 0
 HOUR = 3600.0
+_AGENT_FILES = [tracemalloc.Filter(True, f"*{os.sep}{pkg}{os.sep}*")
+                for pkg in ("agent", "pymigrate", "transports")]
 
 
 class TokenBucket:
@@ -251,10 +256,13 @@ class Fleet:
         self.driver = TimeDriver(self.clock)
         self.cpu = CpuMeter()
         self.peak_mem = 0
+        self.peak_agent_heap = 0  # per device: live blocks allocated by agent code
+        self._snapshots = 0
         self.events: collections.Counter[str] = collections.Counter()
         self.wall_s = 0.0
-        self.hooks: list[tuple[float, Callable[[Fleet], Awaitable[None]]]] = []
+        self.hooks: list[tuple[float, Callable[[Fleet], Coroutine[Any, Any, None]]]] = []
         self._next_sample = 0.0
+        self._hook_tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------------- building
     def _build(self) -> None:
@@ -287,7 +295,7 @@ class Fleet:
     def _on_event(self, device: str, name: str, data: dict[str, Any]) -> None:
         self.events[name] += 1
 
-    def at(self, hours: float, hook: Callable[[Fleet], Awaitable[None]]) -> None:
+    def at(self, hours: float, hook: Callable[[Fleet], Coroutine[Any, Any, None]]) -> None:
         """Run ``hook(fleet)`` once simulated time reaches ``hours`` (e.g. a restart)."""
         self.hooks.append((hours * HOUR, hook))
         self.hooks.sort(key=lambda h: h[0])
@@ -310,16 +318,36 @@ class Fleet:
                               "delivered": delivered, "wire_bytes": wire})
         if self.memory:
             self.peak_mem = max(self.peak_mem, tracemalloc.get_traced_memory()[1])
+            self._snapshots += 1
+            if self._snapshots % 12 == 1:  # a snapshot is costly: every 12th sample
+                snap = tracemalloc.take_snapshot().filter_traces(_AGENT_FILES)
+                live = sum(st.size for st in snap.statistics("filename"))
+                self.peak_agent_heap = max(self.peak_agent_heap, live // max(1, len(self.devices)))
 
     async def _on_step(self, now: float) -> None:
+        for t in self._hook_tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
         while self.hooks and self.hooks[0][0] <= now:
             _, hook = self.hooks.pop(0)
-            await hook(self)
+            # a hook may wait on virtual time (a graceful stop drains): run it beside
+            # the driver, never inside it
+            self._hook_tasks.append(asyncio.create_task(hook(self), name="sim[hook]"))
         if now >= self._next_sample:
             self._sample(now)
             self._next_sample = now + self.sample_s
             if self.progress is not None:
                 self.progress(now)
+
+    async def drive(self, aw: Awaitable[Any], *, limit_h: float = 24.0) -> Any:
+        """Await ``aw`` while the driver keeps virtual time moving (up to ``limit_h``)."""
+        task = asyncio.ensure_future(aw)
+        await self.driver.run_until(self.clock.monotonic() + limit_h * HOUR, None,
+                                    until=task.done)
+        if not task.done():
+            task.cancel()
+            raise TimeoutError(f"not done within {limit_h} simulated hours")
+        return task.result()
 
     def _all_delivered(self) -> bool:
         """Sources finished and nothing left anywhere in any agent (queue, open windows,
@@ -339,9 +367,11 @@ class Fleet:
                 return False
         return True
 
-    async def run(self, hours: float, *, drain_hours: float = 48.0) -> Report:
+    async def run(self, hours: float, *, drain_hours: float = 48.0,
+                  inspect: Callable[[Fleet], Awaitable[None]] | None = None) -> Report:
         """Produce for ``hours``, then stop the sources and deliver what is buffered
-        (up to ``drain_hours`` more), stop every agent and build the report."""
+        (up to ``drain_hours`` more), stop every agent and build the report.
+        ``inspect(fleet)`` runs at the end while the cloud store is still open."""
         t_wall = time.perf_counter()
         loop = asyncio.get_running_loop()
         if self.memory:
@@ -356,6 +386,12 @@ class Fleet:
                 await d.start()
             end = hours * HOUR
             await self.driver.run_until(end, self._on_step)
+            if self._hook_tasks:  # let hooks still running finish (time keeps moving)
+                await self.driver.run_until(
+                    end + drain_hours * HOUR, self._on_step,
+                    until=lambda: all(t.done() for t in self._hook_tasks))
+                for t in self._hook_tasks:
+                    t.result()
             for d in self.devices:
                 d.stop_sources()
             for d in self.devices:
@@ -365,9 +401,11 @@ class Fleet:
                                            until=self._all_delivered):
                 drained_at = self.clock.monotonic()
             self._sample(self.clock.monotonic())
-            for d in self.devices:
-                await d.stop()
+            # a graceful stop waits on virtual time (group commit window, drain deadline)
+            await self.drive(asyncio.gather(*(d.stop() for d in self.devices)))
             report = await build_report(self, hours=hours, drained_at=drained_at)
+            if inspect is not None:
+                await inspect(self)
         finally:
             self.driver.stop()
             self.cpu.uninstall(loop)

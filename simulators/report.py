@@ -8,6 +8,7 @@ documented policy, nor dead-lettered, nor quarantined, nor still buffered: it mu
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from pathlib import Path
@@ -54,7 +55,8 @@ class Report(msgspec.Struct, kw_only=True):
     peak_buffer_bytes: int = 0
     peak_payload_bytes: int = 0
     peak_state_dir_bytes: int = 0
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: int = 0  # whole simulation (all devices + cloud), traced peak
+    peak_agent_heap_bytes: int = 0  # per device: live Python heap allocated by agent code
     cpu_by_stage: dict[str, float] = msgspec.field(default_factory=dict)
     drained_at_h: float | None = None
     all_delivered: bool = False
@@ -159,10 +161,11 @@ async def build_report(fleet: Fleet, *, hours: float, drained_at: float | None) 
     dl = fleet.cloud.deliveries
     rep.lag_s = weighted_percentiles([(lag, n) for _, lag, n, _ in dl])
     for p in range(4):
-        pct = weighted_percentiles([(lag, n) for _, lag, n, pp in dl if pp == p], (99,))
-        if pct:
-            rep.lag_p99_by_priority_s[_PRIO[p]] = pct["p99"]
+        pq = weighted_percentiles([(lag, n) for _, lag, n, pp in dl if pp == p], (99,))
+        if pq:
+            rep.lag_p99_by_priority_s[_PRIO[p]] = pq["p99"]
     rep.peak_memory_bytes = fleet.peak_mem
+    rep.peak_agent_heap_bytes = fleet.peak_agent_heap
     rep.drained_at_h = None if drained_at is None else round(drained_at / 3600.0, 3)
     rep.all_delivered = drained_at is not None and rep.still_buffered == 0
     rep.timeline = fleet.timeline
@@ -201,8 +204,9 @@ def render_table(rep: Report) -> str:
         ("peak buffer file (per device)", f"{_mb(rep.peak_buffer_bytes)}  (payload "
                                           f"{_mb(rep.peak_payload_bytes)})"),
         ("peak state dir (per device)", _mb(rep.peak_state_dir_bytes)),
-        ("peak memory (traced heap)", _mb(rep.peak_memory_bytes) if rep.peak_memory_bytes
-         else "not measured"),
+        ("peak memory (traced)", f"simulation {_mb(rep.peak_memory_bytes)}, agent heap per "
+                                 f"device {_mb(rep.peak_agent_heap_bytes)}"
+         if rep.peak_memory_bytes else "not measured (--memory)"),
         ("all delivered", f"{rep.all_delivered}" + (f" (at {rep.drained_at_h:g} h)"
                                                     if rep.drained_at_h is not None else "")),
     ]
@@ -253,8 +257,9 @@ def write_chart(rep: Report, path: str | Path) -> bool:
     axes[0].set_ylabel("backlog (MB)")
     axes[1].plot(t, [p["delivered"] for p in tl])
     axes[1].set_ylabel("delivered readings")
-    bw = [0.0] + [max(0.0, (b["wire_bytes"] - a["wire_bytes"]) * 8 /
-                      max(1e-9, (b["t_h"] - a["t_h"]) * 3600)) / 1000 for a, b in zip(tl, tl[1:])]
+    bw = [0.0] + [max(0.0, (b["wire_bytes"] - a["wire_bytes"]) * 8
+                      / max(1e-9, (b["t_h"] - a["t_h"]) * 3600)) / 1000
+                  for a, b in itertools.pairwise(tl)]
     axes[2].plot(t, bw)
     axes[2].set_ylabel("bandwidth (kbit/s)")
     axes[2].set_xlabel("simulated hours")

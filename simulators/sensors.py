@@ -95,8 +95,10 @@ class WeatherGen(Generator):
 
     def __init__(self, *, device_id: str, clock: Clock, sensors: int = 10,
                  interval_s: float = 1.0, seed: int = 1, resolution: float = 0.1,
-                 batch_s: float = 10.0, alarm_every_s: float = 0.0) -> None:
+                 batch_s: float = 10.0, alarm_every_s: float = 0.0,
+                 low: tuple[str, ...] = ()) -> None:
         super().__init__(device_id=device_id, clock=clock, batch_s=batch_s)
+        self.low = low  # sensor-name prefixes sent at LOW priority
         self.station = WeatherStation(
             WeatherSource(sensors=sensors, interval_s=interval_s, seed=seed,
                           resolution=resolution), device_id=device_id, clock=clock)
@@ -106,7 +108,11 @@ class WeatherGen(Generator):
     def readings_between(self, t0_ms: int, t1_ms: int) -> list[Reading]:
         out: list[Reading] = []
         for ts in _ticks(t0_ms, t1_ms, self.period_ms):
-            out.extend(self.station.sample(ts))
+            rs = self.station.sample(ts)
+            if self.low:
+                rs = [Reading(r.device_id, r.sensor, r.ts_ms, r.value, Priority.LOW)
+                      if r.sensor.startswith(self.low) else r for r in rs]
+            out.extend(rs)
         if self.alarm_ms:
             out.extend(Reading(self.device_id, "alarm", ts, 1.0, Priority.CRITICAL)
                        for ts in _ticks(t0_ms, t1_ms, self.alarm_ms))
