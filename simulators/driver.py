@@ -8,9 +8,9 @@ the run would depend on thread scheduling. :class:`TimeDriver` therefore advance
 only when the program is *quiescent*:
 
 * no thread work is pending: :class:`ThreadTracker` counts aiosqlite requests (by
-  wrapping ``aiosqlite.Connection._execute`` for the duration of the run) and default
-  executor jobs (a counting executor installed on the loop), and wakes the driver on an
-  event when the count drops to zero (no polling);
+  wrapping ``aiosqlite.Connection._execute``, ``_connect`` and ``stop`` for the duration
+  of the run) and executor jobs (``loop.run_in_executor``, which ``asyncio.to_thread``
+  uses), and wakes the driver on an event when the count drops to zero (no polling);
 * the event loop's ready queue is empty for two consecutive passes (every task is
   blocked on a clock sleeper, a queue, an event or that thread work).
 
@@ -54,6 +54,7 @@ class ThreadTracker:
         self._idle.set()
         self._orig: Any = None
         self._orig_stop: Any = None
+        self._orig_connect: Any = None
         self._patched_loop = False
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
 
@@ -86,6 +87,17 @@ class ThreadTracker:
                 tracker._end()
 
         aiosqlite.Connection._execute = _execute  # type: ignore[method-assign, assignment]
+        orig_connect: Any = aiosqlite.Connection._connect
+        self._orig_connect = orig_connect
+
+        async def _connect(conn: aiosqlite.Connection) -> Any:
+            tracker._begin()
+            try:
+                return await orig_connect(conn)
+            finally:
+                tracker._end()
+
+        aiosqlite.Connection._connect = _connect  # type: ignore[method-assign, assignment]
         orig_stop: Any = aiosqlite.Connection.stop
         self._orig_stop = orig_stop
 
@@ -116,6 +128,7 @@ class ThreadTracker:
         if self._orig is not None:
             aiosqlite.Connection._execute = self._orig  # type: ignore[method-assign]
             aiosqlite.Connection.stop = self._orig_stop  # type: ignore[method-assign]
+            aiosqlite.Connection._connect = self._orig_connect  # type: ignore[method-assign]
             self._orig = None
         if self._patched_loop:
             del self.loop.run_in_executor

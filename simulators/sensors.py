@@ -20,6 +20,7 @@ delivery against.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import random
@@ -226,9 +227,14 @@ class CsvReplayGen(Generator):
         if not rows:
             raise ValueError(f"{path}: no rows with a timestamp")
         t0 = rows[0][0]
-        self.rows = [(ts - t0, vals) for ts, vals in rows]
-        step = self.rows[1][0] - self.rows[0][0] if len(self.rows) > 1 else 1000
+        # recordings are not always in order (clock corrections): replay in time order
+        self.rows = sorted(((ts - t0, vals) for ts, vals in rows), key=lambda r: r[0])
+        if self.rows[0][0] < 0:
+            shift = -self.rows[0][0]
+            self.rows = [(off + shift, vals) for off, vals in self.rows]
+        step = max(1, (self.rows[-1][0] - self.rows[0][0]) // max(1, len(self.rows) - 1))
         self.span_ms = self.rows[-1][0] + max(step, 1)
+        self._offsets = [off for off, _ in self.rows]
         self.loop = loop
         self.priority = priority
         self.start_ms = clock.time_ms()
@@ -244,10 +250,10 @@ class CsvReplayGen(Generator):
             last_pass = min(last_pass, 0)
         for k in range(first_pass, last_pass + 1):
             base = k * self.span_ms
-            for off, vals in self.rows:
-                t = base + off
-                if lo <= t < hi:
-                    ts = self.start_ms + t
-                    out.extend(Reading(self.device_id, s, ts, v, self.priority)
-                               for s, v in vals)
+            i = bisect.bisect_left(self._offsets, lo - base)
+            j = bisect.bisect_left(self._offsets, hi - base)
+            for off, vals in self.rows[i:j]:
+                ts = self.start_ms + base + off
+                out.extend(Reading(self.device_id, name, ts, v, self.priority)
+                           for name, v in vals)
         return out
