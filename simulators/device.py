@@ -192,33 +192,28 @@ class SimDevice:
             self.task.result()  # raises the start failure
         await self.quota.apply(self.agent)
 
+    @staticmethod
+    def _counts(agent: Agent) -> Counter[str]:
+        st = agent.status()
+        up = agent.uploader.stats()
+        out: Counter[str] = Counter({k: int(st[k]) for k in (
+            "received", "accepted", "duplicates_dropped", "delivered")})
+        out["rejected"] = sum(st["rejected"].values())
+        out["dead_lettered"] = int(up["readings_dead_lettered"])
+        for k in ("batches_throttled", "batches_failed", "wakeups"):
+            out[k] = int(up[k])
+        return out
+
     def _fold(self) -> None:
         """Add the finished incarnation's counters to the totals."""
-        if self.agent is None:
-            return
-        st = self.agent.status()
-        for k in ("received", "accepted", "duplicates_dropped", "delivered"):
-            self.totals[k] += int(st[k])
-        self.totals["rejected"] += sum(st["rejected"].values())
-        up = self.agent.uploader.stats()
-        self.totals["dead_lettered"] += int(up["readings_dead_lettered"])
-        self.totals["batches_throttled"] += int(up["batches_throttled"])
-        self.totals["batches_failed"] += int(up["batches_failed"])
-        self.totals["wakeups"] += int(up["wakeups"])
+        if self.agent is not None:
+            self.totals.update(self._counts(self.agent))
 
     def live(self) -> dict[str, int]:
         """Totals including the running incarnation."""
         out = Counter(self.totals)
         if self.agent is not None and self.task is not None and not self.task.done():
-            st = self.agent.status()
-            for k in ("received", "accepted", "duplicates_dropped", "delivered"):
-                out[k] += int(st[k])
-            out["rejected"] += sum(st["rejected"].values())
-            up = self.agent.uploader.stats()
-            out["dead_lettered"] += int(up["readings_dead_lettered"])
-            out["batches_throttled"] += int(up["batches_throttled"])
-            out["batches_failed"] += int(up["batches_failed"])
-            out["wakeups"] += int(up["wakeups"])
+            out.update(self._counts(self.agent))
         return dict(out)
 
     def sample(self) -> tuple[int, int]:

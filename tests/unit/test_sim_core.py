@@ -263,6 +263,10 @@ def test_cli_list_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["nope"]) == 2
     assert main(["partition", "--devices", "0"]) == 2
     assert "unknown scenario" in capsys.readouterr().err
+    from simulators.scenarios import get
+
+    run, check = get("partition")
+    assert callable(run) and callable(check)
 
 
 def test_cli_runs_a_scenario_with_table_chart_and_progress(
@@ -290,3 +294,52 @@ def test_progress_bar_quiet_when_not_a_tty() -> None:
     bar(5)
     bar.close()
     assert s.getvalue() == ""
+
+
+async def test_sim_device_lifecycle_crash_restart_and_counts(tmp_path: Path) -> None:
+    from simulators.scenarios import base_checks
+
+    fleet = Fleet(name="life", groups=[Group("g", 1)], root=tmp_path, seed=3,
+                  gens=lambda d, c, n: [WeatherGen(device_id=d, clock=c, sensors=2,
+                                                   interval_s=10, batch_s=60)])
+    fleet._build()
+    fleet.driver.start()
+    try:
+        await fleet.cloud.store.open()
+        dev = fleet.devices[0]
+        assert dev.quarantined_readings() == 0  # no buffer file yet
+        await dev.stop()  # not started: nothing to do
+        await dev.start()
+        await fleet.driver.run_until(1800)
+        running = dev.live()
+        assert running["accepted"] > 0 and running["delivered"] > 0
+        await dev.stop(crash=True)  # a power cut: cancelled, state stays on disk
+        assert dev.agent is None and dev.totals["accepted"] == running["accepted"]
+        assert dev.sample() == (0, 0)
+        await dev.start()
+        assert dev.incarnations == 2
+        await fleet.driver.run_until(3600)
+        await fleet.drive(dev.restart(), limit_h=1)
+        assert dev.incarnations == 3 and dev.live()["accepted"] > running["accepted"]
+        await fleet.drive(dev.stop())
+        with pytest.raises(TimeoutError):
+            await fleet.drive(asyncio.Event().wait(), limit_h=0.01)
+    finally:
+        fleet.driver.stop()
+        await fleet.cloud.store.close()
+    rep = Report(scenario="x", devices=1, hours=1, seed=1, produced=5, lost=2,
+                 unexplained_extra=1, duplicates_stored=1,
+                 evicted_by_priority={"critical": 1},
+                 produced_by_priority={"critical": 2})
+    assert len(base_checks(rep)) == 7
+    assert base_checks(Report(scenario="x", devices=1, hours=1, seed=1), delivered=False) == []
+
+
+async def test_sim_device_start_failure_is_raised(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the data directory should be")
+    fleet = Fleet(name="bad", groups=[Group("g", 1)], root=blocker,
+                  gens=lambda d, c, n: [WeatherGen(device_id=d, clock=c, sensors=1)])
+    fleet._build()
+    with pytest.raises(OSError):
+        await fleet.devices[0].start()
