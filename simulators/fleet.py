@@ -88,6 +88,7 @@ class CloudSim:
         self.limiter = limiter
         self.outages = sorted(outages)
         self.first_seen: set[tuple[str, int]] = set()
+        self.lag_by_device: dict[str, list[tuple[float, int]]] = {}
         # (recv time s, lag s of the chunk midpoint, readings, priority) per first delivery
         self.deliveries: list[tuple[float, float, int, int]] = []
         self.requests: collections.Counter[int] = collections.Counter()  # per minute
@@ -109,8 +110,9 @@ class CloudSim:
                     continue
                 self.first_seen.add(key)
                 mid = (c.ts_first + c.ts_last) / 2
-                self.deliveries.append((now, (recv_ms - mid) / 1000.0, c.count,
-                                        int(c.priority)))
+                lag = (recv_ms - mid) / 1000.0
+                self.deliveries.append((now, lag, c.count, int(c.priority)))
+                self.lag_by_device.setdefault(c.device_id, []).append((lag, c.count))
         return ack
 
 
@@ -162,6 +164,7 @@ class CloudUplink:
             raise TransportError("timeout")
         await self.clock.sleep(ex.request_s)
         if self.cloud.down(self.clock.monotonic()):
+            self.cloud.requests[int(self.clock.monotonic() // 60)] += 1  # answered 503
             await self.clock.sleep(min(ex.response_s, max(0.0, timeout - ex.request_s)))
             raise TransportError("cloud unavailable (503)")
         ack = await self.cloud.handle(payload, self.device_id)

@@ -5,7 +5,7 @@ catches up. Nothing is lost, nothing stored twice, the healthy group is unaffect
 from __future__ import annotations
 
 from simulators.fleet import DeviceSpec, Fleet, Group
-from simulators.report import Report
+from simulators.report import Report, weighted_percentiles
 from simulators.scenarios import Options, base_checks
 from simulators.sensors import WeatherGen
 
@@ -33,16 +33,23 @@ async def run(opts: Options) -> Report:
         rep = await fleet.run(hours, drain_hours=6)
     finally:
         fleet.close()
-    lag: dict[str, list[float]] = {"site-a": [], "site-b": []}
+    attempts: dict[str, int] = {}
+    lag: dict[str, list[tuple[float, int]]] = {}
     group_of = {d.id: d.group for d in fleet.devices}
-    by_dev = {d.id: d for d in fleet.devices}
     for dev, up in fleet.uplinks.items():
-        _ = by_dev[dev]
-        lag[group_of[dev]].append(up.attempts)
+        attempts[group_of[dev]] = attempts.get(group_of[dev], 0) + up.attempts
+    for dev_lag in fleet.cloud.lag_by_device.items():
+        lag.setdefault(group_of[dev_lag[0]], []).extend(dev_lag[1])
     rep.extra["partition_h"] = f"{cut[0]:g}-{cut[1]:g}"
-    rep.extra["attempts_by_group"] = {g: int(sum(v)) for g, v in lag.items() if v}
+    rep.extra["attempts_by_group"] = attempts
+    rep.extra["lag_p99_by_group_s"] = {g: weighted_percentiles(v, (99,)).get("p99", 0.0)
+                                       for g, v in sorted(lag.items())}
     return rep
 
 
 def check(rep: Report) -> list[str]:
-    return base_checks(rep)
+    bad = base_checks(rep)
+    lag = rep.extra.get("lag_p99_by_group_s", {})
+    if "site-b" in lag and lag["site-b"] > 600:
+        bad.append(f"the healthy group waited too: p99 lag {lag['site-b']} s")
+    return bad
