@@ -11,9 +11,14 @@ Three lines of defence, in the order the ingest applies them:
    what makes it survive ingest restarts and be shared by replicas (a replica reads,
    updates and writes it under the store's row lock / transaction).
    Sequence numbers start at 1 (0 = never accepted). Gaps that will never fill (chunks
-   evicted on the device) are closed with :meth:`IdempotencyState.advance_floor`; if
-   exceptions still exceed ``max_ranges`` the lowest gap is closed and counted
-   (``gaps_closed``): a reading arriving later inside it would be treated as a duplicate.
+   evicted on the device) can be closed with :meth:`IdempotencyState.advance_floor`. If
+   exceptions exceed ``max_ranges`` (priorities interleave seqs, so a backlog of
+   lower-priority chunks opens one gap per higher-priority reading), the *lowest
+   exception range is forgotten*, never a gap closed: forgetting only makes the state
+   say "not stored yet" for seqs that were, so a resend of them is written again and
+   the store's unique (device, seq) key counts it as a duplicate. Closing a gap instead
+   would ack still-unsent readings as duplicates without writing them: data loss.
+   Forgotten ranges are counted (``ranges_forgotten``).
 
 2. **Natural key** (:func:`natural_key`): ``(device, sensor, device timestamp,
    value bits)`` for the store's upsert. It catches a re-sent reading that got a *new*
@@ -98,7 +103,8 @@ def _get_varint(data: bytes, pos: int) -> tuple[int, int]:
 class IdempotencyState:
     """Acked sequence numbers of one device: watermark + exception ranges."""
 
-    __slots__ = ("_ends", "_starts", "gaps_closed", "max_ranges", "watermark")
+    __slots__ = ("_ends", "_starts", "gaps_closed", "max_ranges", "ranges_forgotten",
+                 "watermark")
 
     def __init__(self, watermark: int = 0, ranges: Iterable[tuple[int, int]] = (),
                  *, max_ranges: int = 4096) -> None:
@@ -106,7 +112,8 @@ class IdempotencyState:
             raise ValueError("watermark must be >= 0")
         self.watermark = watermark
         self.max_ranges = max_ranges
-        self.gaps_closed = 0
+        self.gaps_closed = 0  # explicit advance_floor() closes only
+        self.ranges_forgotten = 0
         self._starts: list[int] = []
         self._ends: list[int] = []
         for a, b in ranges:
@@ -165,8 +172,9 @@ class IdempotencyState:
             self.watermark = ends[0]
             del starts[0], ends[0]
         while len(starts) > self.max_ranges:
-            self.advance_floor(starts[0])
-            self.gaps_closed += 1
+            # forget (never close): the store's unique key still catches a resend
+            del starts[0], ends[0]
+            self.ranges_forgotten += 1
         return (b - a + 1) - covered
 
     def advance_floor(self, seq: int) -> None:

@@ -80,11 +80,6 @@ def test_storage_exhaustion_evicts_lowest_priority_first(
     assert rep.duplicates_stored == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cloud.dedup.IdempotencyState keeps at most 4096 exception ranges; a device whose "
-    "high-priority readings interleave with evicted/unsent normal ones (one range per "
-    "reading) overflows it, advance_floor() closes the gaps and the store acks the "
-    "older normal readings as duplicates without writing them"))
 def test_storage_exhaustion_loses_nothing_outside_eviction(
         exhaustion: tuple[Report, list[str], float]) -> None:
     rep, problems, _ = exhaustion
