@@ -43,7 +43,8 @@ class Uplink(Protocol):
 
     async def connect(self) -> None: ...
 
-    async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:
+    async def send(self, payload: bytes, *, batch_id: str,
+                   timeout: float) -> Ack:  # noqa: ASYNC109 - the retry controller sets it
         """Send one encoded batch and wait for its ack.
 
         Raises TransportError (retriable), ThrottledError, or PayloadRejected.
