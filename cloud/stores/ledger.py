@@ -21,6 +21,7 @@ from pathlib import Path
 import aiosqlite
 
 from cloud.dedup import IdempotencyState
+from cloud.stores._sqlite import open_sqlite
 from cloud.stores.base import StoreUnavailable
 
 __all__ = ["LedgerTxn", "SqliteLedger"]
@@ -67,12 +68,8 @@ class SqliteLedger:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.executescript(_SCHEMA)
+        self._db = await open_sqlite(self.path, busy_timeout_ms=self.busy_timeout_ms,
+                                     schema=_SCHEMA)
 
     async def close(self) -> None:
         if self._db is not None:

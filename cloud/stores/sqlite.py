@@ -35,6 +35,7 @@ from typing import Any
 import aiosqlite
 
 from cloud.dedup import IdempotencyState
+from cloud.stores._sqlite import open_sqlite
 from cloud.stores.base import (
     Admit,
     StoreRejected,
@@ -121,13 +122,8 @@ class SqliteStore:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.executescript(SCHEMA)
+        self._db = await open_sqlite(self.path, busy_timeout_ms=self.busy_timeout_ms,
+                                     schema=SCHEMA)
 
     async def close(self) -> None:
         if self._db is not None:
