@@ -36,17 +36,11 @@ from typing import Any
 
 import aiohttp
 
-from cloud.dedup import IdempotencyState
 from cloud.stores.base import (
-    Admit,
     StoreRejected,
     StoreUnavailable,
-    WriteResult,
-    plan_write,
-    require_finite,
-    validate,
 )
-from cloud.stores.ledger import SqliteLedger
+from cloud.stores.ledger import LedgerBacked, SqliteLedger
 from pymigrate.clock import Clock, WallClock
 from pymigrate.lineproto import escape_key, escape_measurement
 from pymigrate.types import AggInfo, Priority, Reading
@@ -101,7 +95,7 @@ def _q(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class InfluxStore:
+class InfluxStore(LedgerBacked):
     """Idempotent InfluxDB 1.x/2.x store (see module docstring)."""
 
     name = "influx"
@@ -218,28 +212,8 @@ class InfluxStore:
         return list(results[0].get("series") or [])
 
     # -- Store ------------------------------------------------------------------------------
-    async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
-                    *, admit: Admit | None = None) -> WriteResult:
-        validate(device_id, readings)
-        require_finite(readings)
-        async with self.ledger.transaction(device_id) as txn:
-            plan = plan_write(txn.state, readings, admit)
-            if plan.write:
-                await self._write_lines(reading_lines(plan.write, self.measurement))
-            txn.save(plan.state)
-        # a replacing gateway policy cannot delete the other copy here (see config)
-        return WriteResult(written=len(plan.write), duplicates=plan.duplicates,
-                           gateway_dropped=plan.skipped)
-
-    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
-                          payload: bytes) -> None:
-        await self.ledger.dead_letter(device_id, batch_id, reason, payload)
-
-    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        return await self.ledger.dead_letters(limit)
-
-    async def idempotency_state(self, device_id: str) -> IdempotencyState:
-        return await self.ledger.state(device_id)
+    async def _sink(self, readings: list[Reading]) -> None:
+        await self._write_lines(reading_lines(readings, self.measurement))
 
     def _where(self, device_id: str, sensor: str | None, start_ms: int | None,
                end_ms: int | None) -> str:

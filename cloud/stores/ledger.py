@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,7 +22,15 @@ import aiosqlite
 
 from cloud.dedup import IdempotencyState
 from cloud.stores._sqlite import open_sqlite
-from cloud.stores.base import StoreUnavailable
+from cloud.stores.base import (
+    Admit,
+    StoreUnavailable,
+    WriteResult,
+    plan_write,
+    require_finite,
+    validate,
+)
+from pymigrate.types import Reading
 
 __all__ = ["LedgerTxn", "SqliteLedger"]
 
@@ -130,3 +138,37 @@ class SqliteLedger:
                 "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT ?",
                 (limit,)) as cur:
             return [(str(a or ""), str(b or ""), str(c)) async for a, b, c in cur]
+
+
+class LedgerBacked:
+    """What a store without transactions of its own (InfluxDB, Timestream) shares: the
+    idempotency step and dead letters live in a :class:`SqliteLedger`, and ``write``
+    hands the readings still to be stored to the store's own ``_sink``."""
+
+    ledger: SqliteLedger
+
+    async def _sink(self, readings: list[Reading]) -> None:
+        raise NotImplementedError
+
+    async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
+                    *, admit: Admit | None = None) -> WriteResult:
+        validate(device_id, readings)
+        require_finite(readings)
+        async with self.ledger.transaction(device_id) as txn:
+            plan = plan_write(txn.state, readings, admit)
+            if plan.write:
+                await self._sink(plan.write)
+            txn.save(plan.state)
+        # a replacing gateway policy cannot delete the other copy here (see config)
+        return WriteResult(written=len(plan.write), duplicates=plan.duplicates,
+                           gateway_dropped=plan.skipped)
+
+    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
+                          payload: bytes) -> None:
+        await self.ledger.dead_letter(device_id, batch_id, reason, payload)
+
+    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        return await self.ledger.dead_letters(limit)
+
+    async def idempotency_state(self, device_id: str) -> IdempotencyState:
+        return await self.ledger.state(device_id)

@@ -24,21 +24,14 @@ the SDK (``standard`` retry mode), then reported as an outage.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cloud.dedup import IdempotencyState
 from cloud.stores.base import (
-    Admit,
     StoreRejected,
     StoreUnavailable,
-    WriteResult,
-    plan_write,
-    require_finite,
-    validate,
 )
-from cloud.stores.ledger import SqliteLedger
+from cloud.stores.ledger import LedgerBacked, SqliteLedger
 from pymigrate.types import AggInfo, Priority, Reading
 
 __all__ = ["MAX_RECORDS", "TimestreamStore", "to_record"]
@@ -91,7 +84,7 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-class TimestreamStore:
+class TimestreamStore(LedgerBacked):
     """Idempotent AWS Timestream store (see module docstring)."""
 
     name = "timestream"
@@ -155,27 +148,8 @@ class TimestreamStore:
             self._write.write_records(DatabaseName=self.database, TableName=self.table,
                                       Records=records[i:i + MAX_RECORDS])
 
-    async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
-                    *, admit: Admit | None = None) -> WriteResult:
-        validate(device_id, readings)
-        require_finite(readings)
-        async with self.ledger.transaction(device_id) as txn:
-            plan = plan_write(txn.state, readings, admit)
-            if plan.write:
-                await self._call(self._write_all, [to_record(r) for r in plan.write])
-            txn.save(plan.state)
-        return WriteResult(written=len(plan.write), duplicates=plan.duplicates,
-                           gateway_dropped=plan.skipped)
-
-    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
-                          payload: bytes) -> None:
-        await self.ledger.dead_letter(device_id, batch_id, reason, payload)
-
-    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        return await self.ledger.dead_letters(limit)
-
-    async def idempotency_state(self, device_id: str) -> IdempotencyState:
-        return await self.ledger.state(device_id)
+    async def _sink(self, readings: list[Reading]) -> None:
+        await self._call(self._write_all, [to_record(r) for r in readings])
 
     def _select(self, what: str, device_id: str | None, sensor: str | None = None,
                 start_ms: int | None = None, end_ms: int | None = None) -> str:
