@@ -161,25 +161,24 @@ class IngestStage:
 
     async def _accept(self, readings: list[Reading], ack: Any, snap: bytes | None) -> None:
         try:
-            jobs = []
+            state = None if snap is None else (AGG_STATE_KEY, snap)
             if readings:
-                jobs.append(self._store(readings))
-            if snap is not None:
-                # issued together so both normally join the same group commit
-                jobs.append(self.buffer.put_state(AGG_STATE_KEY, snap))
-            if jobs:
-                await asyncio.gather(*jobs)
+                # the window state goes into the same transaction as the readings
+                await self._store(readings, state)
+            elif state is not None:
+                await self.buffer.put_state(*state)
             if ack is not None:
                 await ack()  # only now: the readings are committed (or were invalid)
         finally:
             if self._tg is not None:
                 self._slots.release()
 
-    async def _store(self, readings: list[Reading]) -> None:
+    async def _store(self, readings: list[Reading],
+                     state: tuple[str, bytes] | None = None) -> None:
         delay = 0.5
         while True:
             try:
-                accepted = await self.buffer.append(readings)
+                accepted = await self.buffer.append(readings, state=state)
                 break
             except BufferFull as exc:
                 # nothing accepted yet: hold the batch (the source stays un-acked and

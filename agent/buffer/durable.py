@@ -237,9 +237,12 @@ class DurableBuffer:
 
     # ---------------------------------------------------------------- ingest side
 
-    async def append(self, readings: Sequence[Reading]) -> list[Reading]:
+    async def append(self, readings: Sequence[Reading], *,
+                     state: tuple[str, bytes] | None = None) -> list[Reading]:
         """Accept ``readings``: returns them with ``seq`` set once they are durable.
 
+        ``state`` (key, blob) is stored in the same transaction as the readings (e.g. the
+        aggregation windows that include them), so a crash keeps both or neither.
         Raises BufferFull when they cannot be stored even after eviction; then none of
         them was accepted.
         """
@@ -247,11 +250,14 @@ class DurableBuffer:
         if self._closing:
             raise BufferFull("buffer closed", reason="closed")
         if not readings:
+            if state is not None:
+                await self.put_state(*state)
             return []
         fut: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._first_pending = self._clock.monotonic()
-        self._pending.append(Append(readings, fut, self._clock.monotonic()))
+        self._pending.append(Append(readings, fut, self._clock.monotonic(),
+                                    None if state is None else (state[0], bytes(state[1]))))
         self._pending_n += len(readings)
         self._wake.set()
         if self._pending_n >= self._cfg.commit_max_readings:
@@ -312,7 +318,7 @@ class DurableBuffer:
     async def _run_each(self, group: Plan, flush: bool) -> None:
         """Commit a group caller by caller, failing only the callers that cannot be built."""
         for a in group.callers:
-            plan = Plan(callers=[a])
+            plan = Plan(callers=[a], states=dict([a.state]) if a.state is not None else {})
             try:
                 self._build(plan, False)
             except Exception as exc:
@@ -338,7 +344,11 @@ class DurableBuffer:
             self._wake.set()
             if self._pending_n >= self._cfg.commit_max_readings:
                 self._kick.set()
-        plan = Plan(callers=callers, states=self._states, waiters=self._waiters)
+        states = self._states
+        for a in callers:  # in arrival order: the last state of a key wins
+            if a.state is not None:
+                states[a.state[0]] = a.state[1]
+        plan = Plan(callers=callers, states=states, waiters=self._waiters)
         self._states, self._waiters = {}, []
         flush, self._flush_req = self._flush_req, False
         return plan, flush

@@ -32,6 +32,7 @@ class Append:
     readings: Sequence[Reading]
     fut: asyncio.Future[list[Reading]]
     since: float  # monotonic arrival time: its group commit is due at since + window
+    state: tuple[str, bytes] | None = None  # committed in the same transaction
 
 
 @dataclass

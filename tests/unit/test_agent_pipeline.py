@@ -277,7 +277,8 @@ class _FullOnceBuffer:
         self.calls = 0
         self.stored: list[Reading] = []
 
-    async def append(self, readings: list[Reading]) -> list[Reading]:
+    async def append(self, readings: list[Reading], *,
+                     state: tuple[str, bytes] | None = None) -> list[Reading]:
         from pymigrate.errors import BufferFull
 
         self.calls += 1
