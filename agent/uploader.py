@@ -359,7 +359,7 @@ class Uploader:
         """Give chunks back unsent (not an attempt): remember their own attempt count."""
         for i in items:
             self._attempts[i.id] = self._attempt_of(i)
-        await self.buffer.release([i.id for i in items])
+        await self.buffer.release([i.id for i in items], failed=False)
 
     async def _pack(self, slot: _Slot, items: list[StoredChunkLike],
                     probe: bool) -> tuple[_Slot, _Batch] | None:

@@ -82,12 +82,13 @@ class MemoryBuffer:
             if s is not None:
                 self.acked.append(s)
 
-    async def release(self, ids: Iterable[int]) -> None:
+    async def release(self, ids: Iterable[int], *, failed: bool = True) -> None:
         for i in ids:
             if i in self._inflight:
                 self._inflight.discard(i)
                 s = self._items[i]
-                self._items[i] = msgspec.structs.replace(s, attempts=s.attempts + 1)
+                if failed:
+                    self._items[i] = msgspec.structs.replace(s, attempts=s.attempts + 1)
         self._notify()
 
     async def wait_for_data(self, min_priority: Priority = Priority.LOW) -> None:

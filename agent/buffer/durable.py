@@ -624,8 +624,10 @@ class DurableBuffer:
         for i in ids:
             self._ledger.inflight.pop(i, None)
 
-    async def release(self, ids: Sequence[int]) -> None:
-        """Not delivered: put these chunks back at the head of their priority."""
+    async def release(self, ids: Sequence[int], *, failed: bool = True) -> None:
+        """Not delivered: put these chunks back at the head of their priority.
+
+        ``failed=False`` gives back chunks that were never sent (no attempt counted)."""
         ids = [i for i in ids if i in self._ledger.inflight]
         if not ids:
             return
@@ -635,8 +637,9 @@ class DurableBuffer:
             await db.execute(f"UPDATE chunks SET attempts = attempts + 1 WHERE id IN ({marks})",
                              ids)
 
-        async with self._lock:
-            await self._txn(body)
+        if failed:
+            async with self._lock:
+                await self._txn(body)
         for i in ids:
             self._ledger.inflight.pop(i, None)
         self._data_evt.set()
