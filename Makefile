@@ -32,7 +32,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@for b in $$($(PY) -m bench --help | sed -n 's/^benchmarks: //p' | tr ',' ' '); do \
-	  echo "== $$b"; $(PY) -m bench $$b || exit 1; done
+	  echo "== $$b"; \
+	  if [ "$$b" = compression ]; then \
+	    for d in tests/data/*.csv; do $(PY) -m bench compression --dataset $$d || exit 1; done; \
+	  else $(PY) -m bench $$b || exit 1; fi; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
