@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import aiosqlite
 
 from cloud.dedup import IdempotencyState
-from cloud.stores._sqlite import open_sqlite
+from cloud.stores._sqlite import SqliteStateFile, now_ms, open_sqlite
 from cloud.stores.base import (
     Admit,
     StoreUnavailable,
@@ -51,9 +50,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
 
 class LedgerTxn:
     """One device's state inside a ledger transaction; ``save`` it to keep the change."""
@@ -66,7 +62,7 @@ class LedgerTxn:
         self.saved = state
 
 
-class SqliteLedger:
+class SqliteLedger(SqliteStateFile):
     """Per-device idempotency state + dead-letter table in one SQLite file (WAL)."""
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000) -> None:
@@ -84,12 +80,6 @@ class SqliteLedger:
             db, self._db = self._db, None
             await db.close()
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("ledger is not open")
-        return self._db
-
     @asynccontextmanager
     async def transaction(self, device_id: str) -> AsyncIterator[LedgerTxn]:
         """Lock, load the device's state, yield it; commit a saved state on success."""
@@ -100,14 +90,14 @@ class SqliteLedger:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"idempotency ledger busy: {exc}") from exc
             try:
-                txn = LedgerTxn(await self._load(device_id))
+                txn = LedgerTxn(await self._load_state(device_id))
                 yield txn
                 if txn.saved is not None:
                     await db.execute(
                         "INSERT INTO idempotency (device_id, state, updated_ms) VALUES (?,?,?)"
                         " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state,"
                         " updated_ms = excluded.updated_ms",
-                        (device_id, txn.saved.to_bytes(), _now_ms()))
+                        (device_id, txn.saved.to_bytes(), now_ms()))
                 await db.execute("COMMIT")
             except BaseException:
                 try:
@@ -116,28 +106,6 @@ class SqliteLedger:
                     pass
                 raise
 
-    async def _load(self, device_id: str) -> IdempotencyState:
-        async with self.db.execute("SELECT state FROM idempotency WHERE device_id = ?",
-                                   (device_id,)) as cur:
-            row = await cur.fetchone()
-        return IdempotencyState() if row is None else IdempotencyState.from_bytes(row[0])
-
-    async def state(self, device_id: str) -> IdempotencyState:
-        async with self._lock:
-            return await self._load(device_id)
-
-    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
-                          payload: bytes) -> None:
-        async with self._lock:
-            await self.db.execute(
-                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"
-                " VALUES (?,?,?,?,?)", (device_id, batch_id, reason, payload, _now_ms()))
-
-    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        async with self.db.execute(
-                "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT ?",
-                (limit,)) as cur:
-            return [(str(a or ""), str(b or ""), str(c)) async for a, b, c in cur]
 
 
 class LedgerBacked:
@@ -171,4 +139,4 @@ class LedgerBacked:
         return await self.ledger.dead_letters(limit)
 
     async def idempotency_state(self, device_id: str) -> IdempotencyState:
-        return await self.ledger.state(device_id)
+        return await self.ledger.idempotency_state(device_id)

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from cloud.dedup import IdempotencyState
-from cloud.stores._sqlite import open_sqlite
+from cloud.stores._sqlite import SqliteStateFile, now_ms, open_sqlite
 from cloud.stores.base import (
     Admit,
     StoreRejected,
@@ -89,9 +87,6 @@ _SELECT = ("SELECT device_id, sensor, ts_ms, value, priority, seq, raw_ts_ms, qu
            " uncert_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count FROM readings")
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
 
 def row_to_reading(row: Sequence[Any]) -> Reading:
     """A ``_SELECT``-shaped row (also used by the PostgreSQL store) as a Reading."""
@@ -105,7 +100,7 @@ def row_to_reading(row: Sequence[Any]) -> Reading:
         quality=int(row[7]), uncert_ms=int(row[8]), agg=agg)
 
 
-class SqliteStore:
+class SqliteStore(SqliteStateFile):
     """Idempotent SQLite store; ``write`` commits before returning.
 
     One connection per store; writes of one store instance are serialized by an
@@ -130,12 +125,6 @@ class SqliteStore:
             db, self._db = self._db, None
             await db.close()
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("store is not open")
-        return self._db
-
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
                     *, admit: Admit | None = None) -> WriteResult:
         validate(device_id, readings)
@@ -149,7 +138,7 @@ class SqliteStore:
                 state = await self._load_state(device_id)
                 plan = plan_write(state, readings, admit)
                 written = 0
-                now = _now_ms()
+                now = now_ms()
                 if plan.delete:
                     await db.executemany("DELETE FROM readings WHERE device_id = ? AND seq = ?",
                                          plan.delete)
@@ -184,29 +173,6 @@ class SqliteStore:
         return WriteResult(written=written,
                            duplicates=plan.duplicates + len(plan.write) - written,
                            gateway_dropped=plan.skipped, replaced=len(plan.delete))
-
-    async def _load_state(self, device_id: str) -> IdempotencyState:
-        async with self.db.execute("SELECT state FROM idempotency WHERE device_id = ?",
-                                   (device_id,)) as cur:
-            row = await cur.fetchone()
-        return IdempotencyState() if row is None else IdempotencyState.from_bytes(row[0])
-
-    async def idempotency_state(self, device_id: str) -> IdempotencyState:
-        async with self._lock:
-            return await self._load_state(device_id)
-
-    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
-                          payload: bytes) -> None:
-        async with self._lock:
-            await self.db.execute(
-                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"
-                " VALUES (?,?,?,?,?)", (device_id, batch_id, reason, payload, _now_ms()))
-
-    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        async with self.db.execute(
-                "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT ?",
-                (limit,)) as cur:
-            return [(str(a or ""), str(b or ""), str(c)) async for a, b, c in cur]
 
     async def query(self, device_id: str, sensor: str | None = None,
                     start_ms: int | None = None, end_ms: int | None = None) -> list[Reading]:
