@@ -7,6 +7,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 
+from pymigrate.clock import Clock
 from pymigrate.errors import ConfigError, PayloadRejected, ThrottledError, TransportError
 from pymigrate.types import Ack
 
@@ -89,3 +90,43 @@ def client_tls_context(section: str, ca_file: str, cert_file: str, key_file: str
             raise ConfigError(f"{section}.cert_file",
                               f"cannot load client certificate {cert_file!r}: {exc}") from exc
     return ctx
+
+
+class AckWaiters:
+    """End-to-end acks by correlation (batch id): the send side registers and waits, the
+    receive side resolves; acks nobody waits for any more are counted as stale."""
+
+    def __init__(self) -> None:
+        self._futs: dict[str, asyncio.Future[Ack]] = {}
+        self.stale = 0
+
+    def register(self, batch_id: str) -> asyncio.Future[Ack]:
+        """The future for ``batch_id`` (a pending one is reused: a retried send of the
+        same batch may be answered by the ack of the earlier attempt)."""
+        fut = self._futs.get(batch_id)
+        if fut is None or fut.done():
+            fut = self._futs[batch_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def resolve(self, batch_id: str, ack: Ack) -> None:
+        fut = self._futs.get(batch_id)
+        if fut is None or fut.done():
+            self.stale += 1
+            return
+        fut.set_result(ack)
+
+    def fail_all(self, exc: BaseException) -> None:
+        for fut in self._futs.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def wait(self, fut: asyncio.Future[Ack], deadline: float, clock: Clock) -> Ack:
+        """The ack, or TimeoutError at ``deadline`` (monotonic, on ``clock``)."""
+        return await asyncio.wait_for(asyncio.shield(fut),
+                                      max(0.0, deadline - clock.monotonic()))
+
+    def discard(self, batch_id: str, fut: asyncio.Future[Ack] | None) -> None:
+        if fut is not None and self._futs.get(batch_id) is fut:
+            del self._futs[batch_id]
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: no "never retrieved" warning

@@ -37,7 +37,7 @@ from pymigrate.clock import Clock, WallClock
 from pymigrate.envelope import decode_ack, encode_ack
 from pymigrate.errors import DecodeError, PyMigrateError, ThrottledError, TransportError
 from pymigrate.types import Ack
-from transports._common import KeyedLocks, check_ack, client_tls_context, transport_ack
+from transports._common import AckWaiters, KeyedLocks, check_ack, client_tls_context, transport_ack
 from transports.base import Incoming, IngestHandler
 from transports.config import AmqpConfig
 
@@ -109,8 +109,7 @@ class AmqpUplink:
         self._tls = _tls(cfg)
         self._link: _Link | None = None
         self._lock = asyncio.Lock()
-        self._waiters: dict[str, asyncio.Future[Ack]] = {}
-        self.stale_acks = 0
+        self._waiters = AckWaiters()
 
     async def connect(self) -> None:
         """Connect, open a confirmed channel, declare the exchange and the reply queue."""
@@ -156,16 +155,15 @@ class AmqpUplink:
         except DecodeError:
             log.warning("AMQP uplink %s: undecodable ack", self.device_id)
             return
-        fut = self._waiters.get(message.correlation_id or ack.batch_id)
-        if fut is None or fut.done():
-            self.stale_acks += 1
-            return
-        fut.set_result(ack)
+        self._waiters.resolve(message.correlation_id or ack.batch_id, ack)
+
+    @property
+    def stale_acks(self) -> int:
+        """Acks for batches nobody waits for any more (late, duplicate)."""
+        return self._waiters.stale
 
     def _fail_all(self, exc: PyMigrateError) -> None:
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        self._waiters.fail_all(exc)
 
     async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:  # noqa: ASYNC109
         """Publish (persistent, mandatory, confirmed) and wait for the Ack.
@@ -181,8 +179,7 @@ class AmqpUplink:
                                  batch_id=batch_id) from exc
         fut: asyncio.Future[Ack] | None = None
         if self.end_to_end:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters[batch_id] = fut
+            fut = self._waiters.register(batch_id)
         msg = aio_pika.Message(
             payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             content_type="application/vnd.pymigrate.batch", message_id=batch_id,
@@ -209,17 +206,13 @@ class AmqpUplink:
             if fut is None:
                 return transport_ack(batch_id, self.clock.time_ms())
             try:
-                ack = await asyncio.wait_for(asyncio.shield(fut),
-                                             max(0.0, deadline - self.clock.monotonic()))
+                ack = await self._waiters.wait(fut, deadline, self.clock)
             except TimeoutError as exc:
                 await self._drop(link)
                 raise TransportError(f"no AMQP ack for {batch_id} within {timeout:.1f}s",
                                      batch_id=batch_id) from exc
         finally:
-            if fut is not None and self._waiters.get(batch_id) is fut:
-                del self._waiters[batch_id]
-                if fut.done() and not fut.cancelled():
-                    fut.exception()
+            self._waiters.discard(batch_id, fut)
         return check_ack(ack, batch_id, "amqp")
 
     async def _drop(self, link: _Link) -> None:

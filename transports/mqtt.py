@@ -39,7 +39,7 @@ from pymigrate.clock import Clock, WallClock
 from pymigrate.envelope import decode_ack, encode_ack
 from pymigrate.errors import DecodeError, PyMigrateError, TransportError
 from pymigrate.types import Ack
-from transports._common import KeyedLocks, check_ack, client_tls_context, transport_ack
+from transports._common import AckWaiters, KeyedLocks, check_ack, client_tls_context, transport_ack
 from transports.base import Incoming, IngestHandler
 from transports.config import MqttConfig
 
@@ -193,8 +193,7 @@ class MqttUplink:
         self._tls = _tls(cfg)
         self._conn: _Connection | None = None
         self._lock = asyncio.Lock()
-        self._waiters: dict[str, asyncio.Future[Ack]] = {}
-        self.stale_acks = 0  # acks for batches nobody waits for any more (late, duplicate)
+        self._waiters = AckWaiters()
 
     async def connect(self) -> None:
         """Open the session and subscribe to the ack topic (idempotent)."""
@@ -236,16 +235,15 @@ class MqttUplink:
             return
         corr = _props(msg, "CorrelationData")
         batch_id = corr.decode("utf-8", "replace") if isinstance(corr, bytes) else ack.batch_id
-        fut = self._waiters.get(batch_id)
-        if fut is None or fut.done():
-            self.stale_acks += 1
-            return
-        fut.set_result(ack)
+        self._waiters.resolve(batch_id, ack)
+
+    @property
+    def stale_acks(self) -> int:
+        """Acks for batches nobody waits for any more (late, duplicate)."""
+        return self._waiters.stale
 
     def _fail_all(self, exc: PyMigrateError) -> None:
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        self._waiters.fail_all(exc)
 
     async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:  # noqa: ASYNC109
         """Publish at QoS 1 and wait for the end-to-end Ack (or only the PUBACK).
@@ -257,9 +255,7 @@ class MqttUplink:
         conn = await self._ensure(timeout)
         fut: asyncio.Future[Ack] | None = None
         if self.end_to_end:
-            fut = self._waiters.get(batch_id)
-            if fut is None or fut.done():
-                fut = self._waiters[batch_id] = asyncio.get_running_loop().create_future()
+            fut = self._waiters.register(batch_id)
         props: Properties | None = None
         if self.cfg.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -275,18 +271,14 @@ class MqttUplink:
             if fut is None:
                 return transport_ack(batch_id, self.clock.time_ms())
             try:
-                ack = await asyncio.wait_for(asyncio.shield(fut),
-                                             max(0.0, deadline - self.clock.monotonic()))
+                ack = await self._waiters.wait(fut, deadline, self.clock)
             except TimeoutError as exc:
                 # a half-open link looks exactly like this: start over on the next send
                 await self._drop(conn)
                 raise TransportError(f"no MQTT ack for {batch_id} within {timeout:.1f}s",
                                      batch_id=batch_id) from exc
         finally:
-            if fut is not None and self._waiters.get(batch_id) is fut:
-                del self._waiters[batch_id]
-                if fut.done() and not fut.cancelled():
-                    fut.exception()  # retrieved: no "never retrieved" warning
+            self._waiters.discard(batch_id, fut)
         return check_ack(ack, batch_id, "mqtt")
 
     async def _publish(self, conn: _Connection, payload: bytes, props: Properties | None,
