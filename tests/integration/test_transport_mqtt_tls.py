@@ -13,10 +13,6 @@ the broker's certificate fails verification locally: TransportError with
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,89 +22,35 @@ import pytest
 
 from cloud.ingest import IngestService
 from pymigrate.errors import TransportError
-from tests.conftest import free_port, require_binary, service_up
+from tests.conftest import require_binary
 from tests.integration import transport_support
 from tests.integration.transport_support import RecordingStore, make_batch
 from transports.config import MqttConfig
 from transports.mqtt import MqttIngestServer, MqttUplink
 
 pytestmark = pytest.mark.integration
+from tests.support.pki import make_ca, make_leaf, tls_mosquitto  # noqa: E402
+
 fresh_structlog = transport_support.fresh_structlog  # autouse: see its docstring
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}", cwd=d)
-
-
-def _leaf(d: Path, ca: str, name: str, cn: str, san: str = "") -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-    extra: list[str] = []
-    if san:
-        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-        extra = ["-extfile", f"{name}.ext"]
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", *extra, cwd=d)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     require_binary("openssl")
     d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue-ca")
-    _leaf(d, "ca", "server", "127.0.0.1", san="IP:127.0.0.1")
-    _leaf(d, "ca", "device", "tls-device-1")
-    _leaf(d, "ca", "ingest", "ingest-1")
-    _leaf(d, "rogue-ca", "rogue", "tls-device-1")
+    make_ca(d, "ca")
+    make_ca(d, "rogue-ca")
+    make_leaf(d, "ca", "server", "127.0.0.1", san="IP:127.0.0.1")
+    make_leaf(d, "ca", "device", "tls-device-1")
+    make_leaf(d, "ca", "ingest", "ingest-1")
+    make_leaf(d, "rogue-ca", "rogue", "tls-device-1")
     yield d
 
 
 @pytest.fixture
 async def tls_broker(pki: Path, tmp_path: Path) -> AsyncIterator[int]:
-    # Debian installs the broker in /usr/sbin, which is not on every PATH
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK)
-        else require_binary("mosquitto"))
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"""
-user root
-persistence false
-set_tcp_nodelay true
-listener {port} 127.0.0.1
-cafile {pki / 'ca.crt'}
-certfile {pki / 'server.crt'}
-keyfile {pki / 'server.key'}
-require_certificate true
-use_identity_as_username true
-allow_anonymous false
-""")
-    proc = await asyncio.create_subprocess_exec(binary, "-c", str(conf),
-                                                stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE)
-    try:
-        for _ in range(100):  # wait for the listener (bounded: 5 s)
-            if service_up("127.0.0.1", port, timeout=0.2):
-                break
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("TLS mosquitto did not start")
-        if proc.returncode is not None:
-            err = await proc.stderr.read() if proc.stderr else b""
-            pytest.fail(f"mosquitto exited: {err.decode(errors='replace')}")
+    async with tls_mosquitto(pki, tmp_path) as port:
         yield port
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
 
 
 def _cfg(pki: Path, port: int, cert: str, ca: str = "ca") -> MqttConfig:

@@ -11,9 +11,6 @@ batch into device B's stream: the broker drops the publish, the ingest never see
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,8 +19,9 @@ import pytest
 
 from cloud.ingest import IngestService
 from pymigrate.errors import PyMigrateError
-from tests.conftest import free_port, require_binary, service_up
+from tests.conftest import require_binary
 from tests.integration.transport_support import RecordingStore, make_batch
+from tests.support.pki import make_ca, make_leaf, tls_mosquitto
 from transports.config import MqttConfig
 from transports.mqtt import MqttIngestServer, MqttUplink
 
@@ -32,40 +30,20 @@ pytestmark = pytest.mark.integration
 PREFIX = f"acl/{uuid.uuid4().hex[:8]}"
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _leaf(d: Path, name: str, cn: str, san: str = "") -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-    extra: list[str] = []
-    if san:
-        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-        extra = ["-extfile", f"{name}.ext"]
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", *extra, cwd=d)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     require_binary("openssl")
     d = tmp_path_factory.mktemp("acl-pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=acl-ca", cwd=d)
-    _leaf(d, "server", "127.0.0.1", san="IP:127.0.0.1")
-    _leaf(d, "dev-a", "sec-dev-a")
-    _leaf(d, "dev-b", "sec-dev-b")
-    _leaf(d, "ingest", "ingest-1")
+    make_ca(d, "ca")
+    make_leaf(d, "ca", "server", "127.0.0.1", san="IP:127.0.0.1")
+    make_leaf(d, "ca", "dev-a", "sec-dev-a")
+    make_leaf(d, "ca", "dev-b", "sec-dev-b")
+    make_leaf(d, "ca", "ingest", "ingest-1")
     yield d
 
 
 @pytest.fixture
 async def acl_broker(pki: Path, tmp_path: Path) -> AsyncIterator[int]:
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK)
-        else require_binary("mosquitto"))
-    port = free_port()
     acl = tmp_path / "acl"
     acl.write_text(f"""
 user ingest-1
@@ -75,35 +53,8 @@ topic write {PREFIX}/ack/+
 pattern write {PREFIX}/up/%u
 pattern read {PREFIX}/ack/%u
 """)
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"""
-user root
-persistence false
-listener {port} 127.0.0.1
-cafile {pki / 'ca.crt'}
-certfile {pki / 'server.crt'}
-keyfile {pki / 'server.key'}
-require_certificate true
-use_identity_as_username true
-allow_anonymous false
-acl_file {acl}
-""")
-    proc = await asyncio.create_subprocess_exec(binary, "-c", str(conf),
-                                                stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE)
-    try:
-        for _ in range(100):  # bounded: 5 s
-            if service_up("127.0.0.1", port, timeout=0.2) or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        if proc.returncode is not None or not service_up("127.0.0.1", port, timeout=0.2):
-            err = await proc.stderr.read() if proc.stderr else b""
-            pytest.fail(f"ACL mosquitto did not start: {err.decode(errors='replace')}")
+    async with tls_mosquitto(pki, tmp_path, extra=f"acl_file {acl}") as port:
         yield port
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
 
 
 def _cfg(pki: Path, port: int, cert: str) -> MqttConfig:
