@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from agent.aggregate import Aggregator, make_degrader
@@ -56,10 +57,7 @@ class Agent:
         self.clock = clock or WallClock()
         self.device_id = cfg.device.id
         self.on_event = on_event
-        bcfg = cfg.buffer
-        import msgspec
-
-        bcfg = msgspec.structs.replace(bcfg, path=str(cfg.data_path(bcfg.path)))
+        bcfg = msgspec.structs.replace(cfg.buffer, path=str(cfg.data_path(cfg.buffer.path)))
         degrader = make_degrader(cfg.aggregation.degrade) if cfg.aggregation.degrade else None
         self.buffer = DurableBuffer(bcfg, clock=self.clock, on_event=self._event,
                                     degrader=degrader)
