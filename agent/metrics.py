@@ -221,17 +221,23 @@ def make_registry(agent: Agent, *, process: bool = True) -> CollectorRegistry:
 
 
 def health(agent: Agent) -> dict[str, Any]:
-    """The ``/health`` document: ``healthy`` is false when any stage task is not alive."""
+    """The ``/health`` document: ``healthy`` is false when any stage task is not alive, or
+    when the cloud refuses this device for a reason a resend cannot fix (``blocked``:
+    uplink -> reason, e.g. ``device_mismatch``; ``identity`` -> ``conflict``)."""
     stages = agent.stages_alive()
     b = agent.buffer.stats()
     up = agent.uploader.stats()
     clock = agent.timesync.status()
     stopping = agent.stopping
-    healthy = bool(stages) and all(stages.values())
+    alive = bool(stages) and all(stages.values())
+    blocked = dict(up.get("blocked", {}))
+    healthy = alive and not blocked
     breakers = {n: str(u.get("breaker")) for n, u in up.get("uplinks", {}).items()}
-    if not healthy:
+    if not alive:
         state = ("stopping" if stopping else "failing" if agent.started.is_set()
                  else "starting")
+    elif blocked:
+        state = "blocked"  # the cloud refuses us for a reason only a person can fix
     elif breakers and all(v == "open" for v in breakers.values()):
         state = "degraded"  # alive, buffering, but no uplink is usable right now
     else:
@@ -246,6 +252,7 @@ def health(agent: Agent) -> dict[str, Any]:
                     "bytes": b.payload_bytes, "by_priority": dict(b.readings_pending)},
         "oldest_data_age_s": oldest_age_s(agent),
         "breakers": breakers,
+        "blocked": blocked,
         "clock": {k: clock.get(k) for k in ("state", "offset_ms", "drift_ppm", "uncert_ms",
                                             "rtc_trusted", "samples")},
         "counts": {"accepted": agent.ingest.counts["accepted"],

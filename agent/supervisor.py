@@ -24,6 +24,7 @@ from agent.buffer import DurableBuffer
 from agent.config import AgentConfig
 from agent.dedup import Deduplicator
 from agent.pipeline import IngestStage, PriorityMap
+from agent.retry.backoff import agent_rng
 from agent.sdnotify import Notifier
 from agent.sources import SourceBatch, build_source
 from agent.sources.base import Source
@@ -59,8 +60,11 @@ class Agent:
         self.on_event = on_event
         bcfg = msgspec.structs.replace(cfg.buffer, path=str(cfg.data_path(cfg.buffer.path)))
         degrader = make_degrader(cfg.aggregation.degrade) if cfg.aggregation.degrade else None
-        self.buffer = DurableBuffer(bcfg, clock=self.clock, on_event=self._event,
-                                    degrader=degrader)
+        seed = cfg.retry.seed
+        self.buffer = DurableBuffer(
+            bcfg, clock=self.clock, on_event=self._event, degrader=degrader,
+            new_instance=None if seed is None else
+            (lambda: f"{agent_rng(cfg.device.id, seed).getrandbits(64):016x}"))
         self.timesync = TimeCorrector(cfg.timesync, clock=self.clock)
         self.dedup = Deduplicator(cfg.dedup, clock=self.clock)
         self.validator = Validator(cfg.validation, now_ms=self.timesync.now_ms)

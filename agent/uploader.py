@@ -42,7 +42,7 @@ from agent.retry.windows import parse_windows
 from pymigrate.clock import Clock
 from pymigrate.envelope import Batch, encode_batch
 from pymigrate.errors import PayloadRejected, ThrottledError, TransportError
-from pymigrate.types import Ack, Priority
+from pymigrate.types import CONFIG_REJECTIONS, Ack, Priority
 from transports.base import Uplink
 
 __all__ = ["AckCallback", "EventCallback", "StoredChunkLike", "UploadBuffer", "Uploader"]
@@ -105,6 +105,11 @@ class Uploader:
         self._isolate: set[int] = set()  # chunk ids to resend alone (a batch was rejected)
         self._suspect: set[int] = set()  # chunk ids whose last attempt failed on the link
         self._bseq = itertools.count(1)
+        # batch ids are unique across restarts: an ack queued for a killed process can
+        # never free a batch of this one (the rng is seeded from os.urandom unless a seed
+        # is configured for a reproducible simulation)
+        self._epoch = f"{self.rng.getrandbits(32):08x}"
+        self.blocked: dict[str, str] = {}  # uplink -> rejection that a resend cannot fix
         self.counts: collections.Counter[str] = collections.Counter()
         self.batches_by_attempt: collections.Counter[int] = collections.Counter()
         self.readings_by_attempt: collections.Counter[int] = collections.Counter()
@@ -160,7 +165,10 @@ class Uploader:
             **{k: self.counts[k] for k in (
                 "batches_sent", "batches_acked", "batches_failed", "batches_throttled",
                 "batches_rejected", "bytes_sent", "readings_acked", "wakeups", "loop_wakeups",
-                "duplicates", "readings_dead_lettered", "sync_pings")},
+                "duplicates", "readings_dead_lettered", "sync_pings", "conflicts",
+                "readings_conflicted", "gaps_acked", "ack_mismatches", "readings_given_up",
+                "readings_dead_lettered_in_cloud")},
+            "blocked": dict(self.blocked),
             "dead_letters": dict(self.dead_letters),
             "attempts": dict(sorted(self.batches_by_attempt.items())),
             "readings_by_attempt": dict(sorted(self.readings_by_attempt.items())),
@@ -266,6 +274,13 @@ class Uploader:
         room = max(1, (limit - ENVELOPE_OVERHEAD) // (CHUNK_OVERHEAD + 1))
         items = list(await self.buffer.take(max(1, limit - CHUNK_OVERHEAD),
                                             min(max_chunks, room), minp))
+        gap_rows: list[Any] = []
+        take_gaps = getattr(self.buffer, "take_gaps", None)
+        if take_gaps is not None and not probe:
+            gap_rows = list(await take_gaps(items[0].chunk.device_id if items else None))
+        if not items and gap_rows:
+            self._spawn(slot, self._gap_batch(gap_rows))
+            return
         if not items:
             self._linger_until = None
             if not self._inflight:
@@ -282,16 +297,41 @@ class Uploader:
             return
         self._empty_takes = 0
         items = await self._screen(items)
+        if items and gap_rows and gap_rows[0].device_id != items[0].chunk.device_id:
+            await self.buffer.release([], failed=False, gap_ids=[g.id for g in gap_rows])
+            gap_rows = []
         if not items:
+            if gap_rows:
+                self._spawn(slot, self._gap_batch(gap_rows))
             return
-        packed = await self._pack(slot, items, probe)
+        packed = await self._pack(slot, items, probe, gap_rows)
         if packed is None:
+            if gap_rows:
+                await self.buffer.release([], failed=False, gap_ids=[g.id for g in gap_rows])
             return
         slot, batch = packed
         probe = batch.probe
         if probe:
             slot.breaker.begin_probe()
         self._spawn(slot, batch)
+
+    def _batch(self, device_id: str, batch_id: str, chunks: list[Any], sent_ms: int,
+               gap_rows: Sequence[Any] = ()) -> Batch:
+        """A batch with this device's stream identity (when the buffer keeps one)."""
+        stream_of = getattr(self.buffer, "stream_of", None)
+        instance, base, hwm = stream_of(device_id) if stream_of is not None else ("", 1, 0)
+        return Batch(device_id, batch_id, chunks, sent_ms, instance, base, hwm,
+                     [g.gap for g in gap_rows])
+
+    def _new_batch_id(self, device_id: str, tag: str) -> str:
+        return f"{device_id}-{self._epoch}-{tag}-{next(self._bseq)}"
+
+    def _gap_batch(self, gap_rows: Sequence[Any]) -> _Batch:
+        """A batch that carries only gap records (what the device gave up, and why)."""
+        dev = gap_rows[0].device_id
+        batch_id = self._new_batch_id(dev, "gaps")
+        payload = encode_batch(self._batch(dev, batch_id, [], self.clock.time_ms(), gap_rows))
+        return _Batch([], 1, batch_id, payload, False, [g.id for g in gap_rows])
 
     async def _sync_ping(self) -> None:
         """An empty batch whose ack carries server times (clock sync while idle)."""
@@ -301,9 +341,8 @@ class Uploader:
         if (slot is None or mode != "send" or ready_at > now or self._inflight_full()
                 or not self.windows.is_open(self.clock.time_ms())):
             return
-        n = next(self._bseq)
-        batch_id = f"{self.device_id}-sync-{n}"
-        payload = encode_batch(Batch(self.device_id, batch_id, [], sent_ms=self.clock.time_ms()))
+        batch_id = self._new_batch_id(self.device_id, "sync")
+        payload = encode_batch(self._batch(self.device_id, batch_id, [], self.clock.time_ms()))
         self.counts["sync_pings"] += 1
         self._spawn(slot, _Batch([], 1, batch_id, payload, False))
 
@@ -361,8 +400,8 @@ class Uploader:
             self._attempts[i.id] = self._attempt_of(i)
         await self.buffer.release([i.id for i in items], failed=False)
 
-    async def _pack(self, slot: _Slot, items: list[StoredChunkLike],
-                    probe: bool) -> tuple[_Slot, _Batch] | None:
+    async def _pack(self, slot: _Slot, items: list[StoredChunkLike], probe: bool,
+                    gap_rows: Sequence[Any] = ()) -> tuple[_Slot, _Batch] | None:
         """Encode a batch that fits ``max_payload``; spill the tail back to the buffer.
 
         A chunk that already failed is retried in a minimal batch (``batch_min_bytes``):
@@ -380,17 +419,17 @@ class Uploader:
         first = items[0].chunk
         sent_ms = self.clock.time_ms()
         while True:
-            payload = encode_batch(Batch(first.device_id, "", [i.chunk for i in items],
-                                         sent_ms=sent_ms))
+            payload = encode_batch(self._batch(first.device_id, "", [i.chunk for i in items],
+                                               sent_ms, gap_rows))
             if len(payload) <= slot.uplink.max_payload or len(items) == 1:
                 break
             cut = max(1, len(items) // 2)
             await self._spill(items[cut:])
             items = items[:cut]
         attempt = 1 + max(self._attempt_of(i) for i in items)
-        batch_id = f"{first.device_id}-{first.seq_first}-a{attempt}-{next(self._bseq)}"
-        payload = encode_batch(Batch(first.device_id, batch_id, [i.chunk for i in items],
-                                     sent_ms=sent_ms))
+        batch_id = self._new_batch_id(first.device_id, f"{first.seq_first}-a{attempt}")
+        payload = encode_batch(self._batch(first.device_id, batch_id,
+                                           [i.chunk for i in items], sent_ms, gap_rows))
         if len(payload) > slot.uplink.max_payload:
             slot.counts["oversized_for_uplink"] += 1
             if len(payload) > max(s.uplink.max_payload for s in self._slots):
@@ -412,7 +451,8 @@ class Uploader:
             self._attempts.pop(next(iter(self._attempts)))
         if len(self._suspect) > _ATTEMPTS_CAP:
             self._suspect.clear()  # only a batching hint: forgetting it loses nothing
-        return slot, _Batch(items, attempt, batch_id, payload, probe)
+        return slot, _Batch(items, attempt, batch_id, payload, probe,
+                            [g.id for g in gap_rows])
 
     # ------------------------------------------------------------------ one attempt
     async def _send(self, slot: _Slot, batch: _Batch) -> None:
@@ -430,29 +470,55 @@ class Uploader:
             ack = await slot.uplink.send(batch.payload, batch_id=batch.batch_id, timeout=timeout)
         except asyncio.CancelledError:
             slot.breaker.record_aborted(probe=batch.probe)
-            await asyncio.shield(self._settle(self.buffer.release(batch.ids)))
+            await asyncio.shield(self._settle(self._release(batch)))
             raise
         except ThrottledError as exc:
             outcome = self._throttled(slot, batch, exc.retry_after_s)
         except PayloadRejected as exc:
-            outcome = self._rejected(slot, batch, exc.reason)
+            outcome = self._rejected(slot, batch, exc.reason,
+                                     bool(exc.attrs.get("dead_lettered", False)))
         except (TransportError, OSError, TimeoutError) as exc:
             # an attempt that used up its timeout doubles the next one (Karn)
             spent = self.clock.monotonic() - t0
             outcome = self._failed(slot, batch, exc, timed_out=spent >= 0.9 * timeout)
         else:
             rtt = self.clock.monotonic() - t0
-            if ack.status in ("ok", "duplicate"):
-                outcome = self._acked(slot, batch, ack, rtt, w0)
+            if ack.status in ("ok", "duplicate", "conflict"):
+                mismatch = self._ack_mismatch(batch, ack)
+                if mismatch:
+                    outcome = self._failed(slot, batch, TransportError(mismatch))
+                else:
+                    outcome = self._acked(slot, batch, ack, rtt, w0)
             elif ack.status == "throttled":
                 outcome = self._throttled(slot, batch, ack.retry_after_s)
             elif ack.status == "rejected":
-                outcome = self._rejected(slot, batch, ack.reason or "rejected")
+                outcome = self._rejected(slot, batch, ack.reason or "rejected",
+                                         ack.dead_lettered)
             else:
                 outcome = self._failed(slot, batch,
                                        TransportError(f"unknown ack status {ack.status!r}"))
         # the outcome's ack/release completes even if we are cancelled meanwhile
         await asyncio.shield(self._settle(outcome))
+
+    def _ack_mismatch(self, batch: _Batch, ack: Ack) -> str:
+        """Why an ack cannot free this batch ('' when it can): it must name the batch and,
+        when the cloud reports counts (end-to-end acks), the readings and gap records the
+        batch carried. A transport-only ack (``reason == "transport"``) has no counts."""
+        problem = ""
+        if ack.batch_id and ack.batch_id != batch.batch_id:
+            problem = f"ack for batch {ack.batch_id!r} answered batch {batch.batch_id!r}"
+        elif ack.count >= 0 and ack.reason != "transport" and (
+                ack.count != batch.readings or ack.gaps != len(batch.gap_ids)):
+            problem = (f"ack of batch {batch.batch_id} counts {ack.count} readings and "
+                       f"{ack.gaps} gaps, the batch has {batch.readings} and "
+                       f"{len(batch.gap_ids)}")
+        if problem:
+            self.counts["ack_mismatches"] += 1
+            log.error("uploader.ack_mismatch", batch_id=batch.batch_id, problem=problem)
+        return problem
+
+    async def _release(self, batch: _Batch, *, failed: bool = True) -> None:
+        await self.buffer.release(batch.ids, failed=failed, gap_ids=batch.gap_ids)
 
     async def _ensure_connected(self, slot: _Slot) -> None:
         if slot.connected:
@@ -463,8 +529,22 @@ class Uploader:
                 slot.connected = True
 
     async def _acked(self, slot: _Slot, batch: _Batch, ack: Ack, rtt: float, w0: float) -> None:
-        if batch.items:
-            await self.buffer.ack(batch.ids)
+        if batch.items or batch.gap_ids:
+            await self.buffer.ack(batch.ids, batch.gap_ids)
+            self.counts["gaps_acked"] += len(batch.gap_ids)
+        if ack.status == "conflict":
+            # another agent sends these sequence numbers under our identity (a cloned
+            # image?): the cloud kept our copy apart; say so loudly and stay unhealthy
+            self.counts["conflicts"] += 1
+            self.counts["readings_conflicted"] += ack.conflicts
+            self.blocked["identity"] = "conflict"
+            log.error("uploader.identity_conflict", batch_id=batch.batch_id,
+                      readings=ack.conflicts, hint="another agent uses this device id and "
+                      "instance id (cloned data_dir?): give each gateway its own device.id "
+                      "or delete the copied data_dir/*.instance file")
+        slot_blocked = self.blocked.pop(slot.name, None)
+        if slot_blocked:
+            log.warning("uploader.unblocked", uplink=slot.name, was=slot_blocked)
         w1 = float(self.clock.time_ms())
         self._last_exchange = self.clock.monotonic()
         for i in batch.items:
@@ -492,8 +572,8 @@ class Uploader:
 
     async def _failed(self, slot: _Slot, batch: _Batch, exc: BaseException, *,
                       timed_out: bool = False) -> None:
-        if batch.items:
-            await self.buffer.release(batch.ids)
+        if batch.items or batch.gap_ids:
+            await self._release(batch)
             self._suspect.update(batch.ids)
         now = self.clock.monotonic()
         self.counts["batches_failed"] += 1
@@ -518,7 +598,7 @@ class Uploader:
     async def _throttled(self, slot: _Slot, batch: _Batch, retry_after_s: float) -> None:
         """Obey: wait retry-after (plus jitter, so a fleet does not return in step).
         Not a link failure: the breaker is told the link is alive."""
-        await self.buffer.release(batch.ids)
+        await self._release(batch)
         now = self.clock.monotonic()
         wait = max(0.0, retry_after_s) * (1.0 + self.rng.uniform(0.0, self.cfg.throttle_jitter))
         slot.throttle_until = max(slot.throttle_until, now + wait)
@@ -533,22 +613,45 @@ class Uploader:
         self.aimd.decrease_inflight()
         self._event("throttled", uplink=slot.name, retry_after_s=retry_after_s)
 
-    async def _rejected(self, slot: _Slot, batch: _Batch, reason: str) -> None:
-        """The cloud refused the batch: resend its chunks one by one to find the bad one;
-        a chunk refused on its own is dead-lettered."""
+    async def _rejected(self, slot: _Slot, batch: _Batch, reason: str,
+                        dead_lettered: bool = False) -> None:
+        """The cloud refused the batch.
+
+        A refusal caused by configuration or identity (:data:`CONFIG_REJECTIONS`), or one
+        the cloud did not keep in its dead letters, is not the data's fault: the data
+        stays, the uplink's breaker opens and ``blocked`` makes the agent unhealthy with
+        the reason. Otherwise the chunks are resent one by one to find the bad one; a
+        chunk refused on its own, and kept in the cloud's dead letters, is let go.
+        """
         self.counts["batches_rejected"] += 1
         slot.counts["rejected"] += 1
-        slot.breaker.record_neutral(probe=batch.probe)
-        if not batch.items:  # a sync ping the cloud does not accept: nothing to lose
+        if not batch.items and not batch.gap_ids:  # a sync ping: nothing to lose
+            slot.breaker.record_neutral(probe=batch.probe)
             log.warning("uploader.sync_ping_refused", uplink=slot.name, reason=reason)
             return
-        if len(batch.items) > 1:
-            self._isolate.update(batch.ids)
-            await self.buffer.release(batch.ids)
+        if reason in CONFIG_REJECTIONS or not dead_lettered:
+            await self._release(batch, failed=False)
+            slot.breaker.trip(self.clock.monotonic(), probe=batch.probe)
+            if self.blocked.get(slot.name) != reason:
+                log.error("uploader.blocked", uplink=slot.name, reason=reason,
+                          dead_lettered=dead_lettered, batch_id=batch.batch_id,
+                          hint="the cloud refuses this device's batches for a reason a "
+                          "resend cannot fix; the data stays buffered until it is fixed")
+            self.blocked[slot.name] = reason
+            self._event("blocked", uplink=slot.name, reason=reason)
             return
-        await self._dead_letter(batch.items, f"rejected:{reason}")
+        slot.breaker.record_neutral(probe=batch.probe)
+        if len(batch.items) > 1 or batch.gap_ids:
+            self._isolate.update(batch.ids)
+            await self._release(batch)
+            return
+        # the cloud holds the payload in its dead letters: the device may let go
+        await self._dead_letter(batch.items, f"rejected:{reason}", in_cloud=True)
 
-    async def _dead_letter(self, items: Sequence[StoredChunkLike], reason: str) -> None:
+    async def _dead_letter(self, items: Sequence[StoredChunkLike], reason: str, *,
+                           in_cloud: bool = False) -> None:
+        """Let go of chunks that will never be delivered. ``in_cloud``: the cloud keeps
+        them in its dead letters (plain delete); else they leave a gap record."""
         n = sum(i.chunk.count for i in items)
         log.warning("uploader.dead_letter", device=self.device_id, chunks=len(items),
                     readings=n, reason=reason)
@@ -556,7 +659,14 @@ class Uploader:
             res = self.on_dead_letter(items, reason)
             if res is not None:
                 await res
-        await self.buffer.ack([i.id for i in items])
+        give_up = getattr(self.buffer, "give_up", None)
+        if in_cloud:
+            await self.buffer.ack([i.id for i in items])
+            self.counts["readings_dead_lettered_in_cloud"] += n
+        elif give_up is not None:  # leaves a gap record in the same transaction
+            self.counts["readings_given_up"] += await give_up([i.id for i in items], reason)
+        else:
+            await self.buffer.ack([i.id for i in items])
         key = reason.split(":", 1)[0]
         self.dead_letters[key] += len(items)
         self.counts["readings_dead_lettered"] += n

@@ -9,6 +9,19 @@ the data and retries), so an outage is back-pressure, not loss. Data the store r
 cannot hold) is answered ``rejected`` (non-retriable) and written to the dead-letter table
 with its reason.
 
+Every rejection is written to the dead letters (device, batch, reason, peer, the whole
+payload) before it is answered; the ack says ``dead_lettered`` only when that write
+succeeded, and only then may the device let go of the data. A rejection caused by
+configuration or identity (:data:`~pymigrate.types.CONFIG_REJECTIONS`, e.g.
+``device_mismatch``) keeps the data on the device; those dead letters are rate-limited
+per device and reason, since the device keeps resending the same data.
+
+Completeness (:mod:`cloud.stores.completeness`): the envelope's stream identity (agent
+instance), chunk digests and gap records go to the store with the readings; the same
+sequence numbers with other content are answered ``conflict`` (kept apart, never a
+duplicate). The ack carries the batch's reading and gap counts; the device frees a batch
+only when they match what it sent.
+
 Exactly once: the store reads, updates and saves the device's idempotency state (acked
 sequence ranges) in the write transaction, so a resend is acked ``duplicate`` and written
 zero times, across ingest restarts and across replicas sharing the store.
@@ -38,10 +51,11 @@ import structlog
 from agent.codec import open_chunk
 from cloud.dedup import ConflictPolicy, ConflictResolver, GatewayDeduper
 from cloud.stores.base import Admission, Store, StoreRejected
+from cloud.stores.completeness import BatchMeta, ChunkDigest
 from pymigrate.clock import Clock, WallClock
 from pymigrate.envelope import DEFAULT_MAX_BYTES, decode_batch
 from pymigrate.errors import DecodeError, ThrottledError
-from pymigrate.types import Ack, Reading
+from pymigrate.types import CONFIG_REJECTIONS, Ack, Reading
 from transports.base import Incoming
 
 log = structlog.get_logger("pymigrate.cloud.ingest")
@@ -63,12 +77,21 @@ class IngestService:
         self.max_batch_bytes = max_batch_bytes
         self.limiter = limiter  # object with .check(device_id) raising ThrottledError
         self.counters: collections.Counter[str] = collections.Counter()
+        self.config_dead_letter_interval_ms = 60_000
+        self._config_dl_at: dict[tuple[str, str], int] = {}
 
-    def _reject(self, reason: str, t_recv: int, batch_id: str = "", **kw: Any) -> Ack:
+    async def _reject(self, inc: Incoming, reason: str, t_recv: int, batch_id: str = "",
+                      device: str = "", **kw: Any) -> Ack:
+        """Dead-letter, count, log with device and peer, answer ``rejected``."""
         self.counters[f"rejected:{reason}"] += 1
-        log.warning("batch rejected", reason=reason, batch_id=batch_id, **kw)
+        kept = await self._dead_letter(device or inc.channel_device_id or "", batch_id, reason,
+                                       inc.payload, peer=inc.peer)
+        log.warning("batch rejected", reason=reason, batch_id=batch_id,
+                    device=(device or inc.channel_device_id or "?")[:80], peer=inc.peer[:120],
+                    transport=inc.transport, size=len(inc.payload), dead_lettered=kept, **kw)
         return Ack(batch_id=batch_id, status="rejected", t_recv_ms=t_recv,
-                   t_send_ms=self.clock.time_ms(), reason=reason)
+                   t_send_ms=self.clock.time_ms(), reason=reason,
+                   dead_lettered=kept and reason not in CONFIG_REJECTIONS)
 
     async def handle(self, inc: Incoming) -> Ack:
         t_recv = self.clock.time_ms()
@@ -76,13 +99,12 @@ class IngestService:
         try:
             batch = decode_batch(inc.payload, max_bytes=self.max_batch_bytes)
         except DecodeError as exc:
-            await self._dead_letter(inc.channel_device_id or "", "", exc.reason, inc.payload)
-            return self._reject(exc.reason, t_recv, transport=inc.transport,
-                                size=len(inc.payload))
+            return await self._reject(inc, exc.reason, t_recv, error=str(exc)[:200])
         if inc.channel_device_id is not None and inc.channel_device_id != batch.device_id:
             # the channel (topic, path, certificate) vouches for another device
-            return self._reject("device_mismatch", t_recv, batch.batch_id,
-                                channel=inc.channel_device_id, claimed=batch.device_id)
+            return await self._reject(inc, "device_mismatch", t_recv, batch.batch_id,
+                                      device=batch.device_id,
+                                      channel=inc.channel_device_id[:80])
         if self.limiter is not None:
             try:
                 self.limiter.check(batch.device_id)
@@ -91,24 +113,29 @@ class IngestService:
                 return Ack(batch_id=batch.batch_id, status="throttled", t_recv_ms=t_recv,
                            t_send_ms=self.clock.time_ms(), retry_after_s=exc.retry_after_s)
         readings: list[Reading] = []
+        digests: list[ChunkDigest] = []
         try:
             for chunk in batch.chunks:
                 rs = open_chunk(chunk)
                 if any(r.device_id != batch.device_id for r in rs):
                     raise DecodeError("reading device differs", reason="device_mismatch")
+                digests.append(ChunkDigest(chunk.seq_first, chunk.seq_last, chunk.count,
+                                           chunk.checksum, len(readings), len(rs)))
                 readings.extend(rs)
         except DecodeError as exc:
-            await self._dead_letter(batch.device_id, batch.batch_id, exc.reason, inc.payload)
-            return self._reject(exc.reason, t_recv, batch.batch_id, device=batch.device_id)
+            return await self._reject(inc, exc.reason, t_recv, batch.batch_id,
+                                      device=batch.device_id, error=str(exc)[:200])
         admit = (self._admit if self.gateway is not None or self.conflicts is not None
                  else None)
+        meta = BatchMeta(batch.instance, batch.seq_base, batch.hwm,
+                         digests if batch.instance else [], batch.gaps, inc.payload,
+                         inc.peer)
         try:
             result = await self.store.write(batch.device_id, batch.batch_id, readings,
-                                            admit=admit)
+                                            admit=admit, meta=meta)
         except StoreRejected as exc:  # bad data: never retried, kept for inspection
-            await self._dead_letter(batch.device_id, batch.batch_id, exc.reason, inc.payload)
-            return self._reject(exc.reason, t_recv, batch.batch_id, device=batch.device_id,
-                                error=str(exc))
+            return await self._reject(inc, exc.reason, t_recv, batch.batch_id,
+                                      device=batch.device_id, error=str(exc)[:200])
         except Exception as exc:  # store outage: do not ack, the device keeps the data
             self.counters["store_errors"] += 1
             log.error("store write failed", batch_id=batch.batch_id, error=str(exc),
@@ -119,12 +146,22 @@ class IngestService:
         self.counters["gateway_replaced"] += result.replaced
         self.counters["readings_written"] += result.written
         self.counters["readings_duplicate"] += result.duplicates
+        self.counters["readings_conflict"] += result.conflicts
+        self.counters["readings_late"] += result.late
+        self.counters["gaps_received"] += len(batch.gaps)
         fresh = result.written + result.gateway_dropped
-        status = "ok" if fresh or not readings else "duplicate"
+        if result.conflicts:
+            status = "conflict"
+            log.error("sequence numbers stored with other content: kept apart",
+                      device=batch.device_id, instance=batch.instance, batch_id=batch.batch_id,
+                      readings=result.conflicts, peer=inc.peer[:120])
+        else:
+            status = "ok" if fresh or not readings else "duplicate"
         self.counters[f"batches_{status}"] += 1
         return Ack(batch_id=batch.batch_id, status=status, t_recv_ms=t_recv,
                    t_send_ms=self.clock.time_ms(), accepted=result.written,
-                   duplicates=result.duplicates)
+                   duplicates=result.duplicates, count=len(readings), gaps=len(batch.gaps),
+                   conflicts=result.conflicts)
 
     def _admit(self, fresh: list[Reading]) -> Admission:
         """Store-side filter over a batch's not-yet-stored readings (inside the write
@@ -172,10 +209,25 @@ class IngestService:
         return out, losers
 
     async def _dead_letter(self, device_id: str, batch_id: str, reason: str,
-                           payload: bytes) -> None:
+                           payload: bytes, *, peer: str = "") -> bool:
+        """Keep a rejected payload (whole: it is the only copy once the device lets go).
+        True when it is kept (or, for a configuration rejection the device keeps the data
+        of, when a recent dead letter of that device and reason already says it)."""
+        if reason in CONFIG_REJECTIONS:
+            key = (device_id, reason)
+            now = self.clock.time_ms()
+            if now - self._config_dl_at.get(key, -(2**62)) < self.config_dead_letter_interval_ms:
+                self.counters["dead_letters_rate_limited"] += 1
+                return True
+            if len(self._config_dl_at) > 10_000:
+                self._config_dl_at.clear()
+            self._config_dl_at[key] = now
         self.counters["dead_letters"] += 1
         try:
-            await self.store.dead_letter(device_id, batch_id, reason, payload[:65536])
+            await self.store.dead_letter(device_id[:256], batch_id[:256], reason, payload,
+                                         peer=peer[:256])
         except Exception as exc:  # dead-lettering must never take the ingest down
             self.counters["dead_letter_errors"] += 1
             logging.getLogger(__name__).warning("dead-letter write failed: %s", exc)
+            return False
+        return True

@@ -1,6 +1,13 @@
 """The wire envelope: ``magic | version | body length | body | crc32``.
 
-Version 3 (written by default) is version 2 with the body zstd-compressed as a whole
+Version 4 (written by default) is version 3 plus the stream identity and the completeness
+ledger: the agent's ``instance`` id (generated once per buffer, so two agents configured
+with one device id are two streams, not one), ``seq_base`` (the first sequence number of
+that stream), ``hwm`` (the highest sequence number the agent has issued so far) and the
+gap records (:class:`~pymigrate.types.Gap`) it wants the cloud to keep. A batch may carry
+gaps and no chunks.
+Version 5 is version 4 with a body that did not shrink when compressed (sent plain).
+Version 3 is version 2 with the body zstd-compressed as a whole
 (falling back to version 2 when that does not shrink it): chunk payloads are already
 compressed, but what repeats from chunk to chunk of a device (series names, which the
 tsz codec keeps outside its own entropy stage) is then stored about once per batch.
@@ -22,11 +29,13 @@ import msgspec
 import zstandard
 
 from pymigrate.errors import DecodeError
-from pymigrate.types import Ack, Chunk, Priority
+from pymigrate.types import Ack, Chunk, Gap, Priority
 
 MAGIC = b"PMIG"
-VERSION = 3
-SUPPORTED_VERSIONS = frozenset({1, 2, 3})
+VERSION = 4
+SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4, 5})  # 5: the body of 4, not compressed
+MAX_GAPS = 4096
+MAX_GAP_RUNS = 100_000
 MAX_CHUNK_POINTS = 1_000_000
 DEFAULT_MAX_POINTS = 4_000_000
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -42,6 +51,10 @@ class Batch(msgspec.Struct, frozen=True):
     batch_id: str
     chunks: list[Chunk]
     sent_ms: int = 0
+    instance: str = ""
+    seq_base: int = 1
+    hwm: int = 0
+    gaps: list[Gap] = msgspec.field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -65,6 +78,11 @@ class _BatchV2(msgspec.Struct, array_like=True, frozen=True):
     batch_id: str
     sent_ms: int
     chunks: list[_ChunkV2]
+    # version 4 (absent in 2 and 3)
+    instance: str = ""
+    seq_base: int = 1
+    hwm: int = 0
+    gaps: list[Gap] = msgspec.field(default_factory=list)
 
 
 _benc = msgspec.msgpack.Encoder()
@@ -72,18 +90,41 @@ _bdec = msgspec.msgpack.Decoder(Batch)
 _bdec2 = msgspec.msgpack.Decoder(_BatchV2)
 
 
-def _to_v2(batch: Batch) -> _BatchV2:
-    return _BatchV2(batch.device_id, batch.batch_id, batch.sent_ms, [
-        _ChunkV2(c.priority, c.seq_first, c.seq_last - c.seq_first, c.count, c.ts_first,
-                 c.ts_last - c.ts_first, c.codec, c.payload, c.checksum)
-        for c in batch.chunks])
+def _to_v2(batch: Batch, version: int) -> _BatchV2:
+    chunks = [_ChunkV2(c.priority, c.seq_first, c.seq_last - c.seq_first, c.count, c.ts_first,
+                       c.ts_last - c.ts_first, c.codec, c.payload, c.checksum)
+              for c in batch.chunks]
+    if version < 4:
+        return _BatchV2(batch.device_id, batch.batch_id, batch.sent_ms, chunks)
+    return _BatchV2(batch.device_id, batch.batch_id, batch.sent_ms, chunks, batch.instance,
+                    batch.seq_base, batch.hwm, batch.gaps)
 
 
 def _from_v2(b: _BatchV2) -> Batch:
     return Batch(b.device_id, b.batch_id, [
         Chunk(b.device_id, c.priority, c.seq_first, c.seq_first + c.seq_span, c.count,
               c.ts_first, c.ts_first + c.ts_span, c.codec, c.payload, c.checksum)
-        for c in b.chunks], b.sent_ms)
+        for c in b.chunks], b.sent_ms, b.instance, b.seq_base, b.hwm, b.gaps)
+
+
+def _check_gap(g: Gap) -> None:
+    if not (1 <= g.seq_first <= g.seq_last <= _I64_MAX) or g.count < 0:
+        raise DecodeError("gap range is reversed or out of range", reason="malformed")
+    if not g.reason or len(g.reason) > 64 or len(g.detail) > 1024:
+        raise DecodeError("gap reason missing or too long", reason="malformed")
+    if len(g.runs) > MAX_GAP_RUNS:
+        raise DecodeError(f"gap has {len(g.runs)} runs, over {MAX_GAP_RUNS}",
+                          reason="oversized")
+    prev = g.seq_first - 1
+    n = 0
+    for a, b in g.runs:
+        if a <= prev or b < a or b > g.seq_last:
+            raise DecodeError("gap runs unsorted, overlapping or outside the gap",
+                              reason="malformed")
+        n += b - a + 1
+        prev = b
+    if g.runs and (g.runs[0][0] != g.seq_first or n != g.count):
+        raise DecodeError("gap runs disagree with its range or count", reason="malformed")
 
 
 _zc = zstandard.ZstdCompressor(level=3, write_checksum=False)
@@ -121,16 +162,20 @@ _adec = msgspec.json.Decoder(Ack)
 
 
 def encode_batch(batch: Batch, *, version: int = VERSION) -> bytes:
-    """Encode a batch into a checksummed envelope (``version`` 2 by default, 1 for old peers)."""
+    """Encode a batch into a checksummed envelope (``version`` 4 by default; 1-3 for old peers)."""
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"cannot write envelope version {version}")
-    body = _benc.encode(batch if version == 1 else _to_v2(batch))
-    if version == 3:
+    if version < 4 and (batch.gaps or batch.instance):
+        raise ValueError(f"envelope version {version} cannot carry gaps or an instance id")
+    body = _benc.encode(batch if version == 1 else _to_v2(batch, version))
+    if version in (3, 4):
         packed = _zc.compress(body)
         if len(packed) < len(body):
             body = packed
-        else:
+        elif version == 3:
             version = 2  # nothing to gain: send the plain body
+        else:
+            version = 5  # version 4 content, body not compressed
     head = HEADER.pack(MAGIC, version, len(body))
     return head + body + TRAILER.pack(zlib.crc32(body, zlib.crc32(head)))
 
@@ -157,7 +202,7 @@ def decode_batch(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
     (crc,) = TRAILER.unpack_from(data, HEADER.size + body_len)
     if zlib.crc32(body, zlib.crc32(data[: HEADER.size])) != crc:
         raise DecodeError("envelope checksum mismatch", reason="checksum")
-    if version == 3:
+    if version in (3, 4):
         body = _inflate(body, max_bytes)
     try:
         batch = _bdec.decode(body) if version == 1 else _from_v2(_bdec2.decode(body))
@@ -167,6 +212,13 @@ def decode_batch(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
         if c.device_id != batch.device_id:
             raise DecodeError("chunk device differs from batch device", reason="device_mismatch")
         _check_chunk(c)
+    if len(batch.gaps) > MAX_GAPS:
+        raise DecodeError(f"batch carries {len(batch.gaps)} gaps, over {MAX_GAPS}",
+                          reason="oversized")
+    for g in batch.gaps:
+        _check_gap(g)
+    if len(batch.instance) > 64 or batch.seq_base < 1 or not 0 <= batch.hwm <= _I64_MAX:
+        raise DecodeError("bad stream identity (instance, seq_base, hwm)", reason="malformed")
     if batch.count > max_points:
         raise DecodeError(f"batch declares {batch.count} readings, over {max_points}",
                           reason="oversized")

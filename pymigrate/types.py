@@ -88,12 +88,55 @@ class Chunk(msgspec.Struct, frozen=True):
     checksum: int
 
 
+class Gap(msgspec.Struct, frozen=True, array_like=True):
+    """Sequence numbers the agent will never deliver, and why (the completeness ledger).
+
+    ``runs`` lists the exact sequence numbers as inclusive ranges. Empty ``runs`` (what
+    could not be read any more, e.g. a corrupt database page) means: every sequence number
+    of ``[seq_first, seq_last]`` that is not stored or named by another gap, at most
+    ``count`` of them. ``ts_ms`` is the device's wall time when it gave them up.
+    """
+
+    seq_first: int
+    seq_last: int
+    count: int
+    reason: str
+    ts_ms: int
+    runs: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.runs)
+
+
+#: Rejection reasons caused by configuration or identity, not by the data: the device
+#: keeps the data, opens its breaker and reports itself unhealthy.
+CONFIG_REJECTIONS = frozenset({"device_mismatch", "unauthorized", "forbidden", "bad_version"})
+
+
+def seq_runs_of(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted inclusive runs of distinct sequence numbers."""
+    runs: list[tuple[int, int]] = []
+    for s in sorted(set(seqs)):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], s)
+        else:
+            runs.append((s, s))
+    return runs
+
+
 class Ack(msgspec.Struct, frozen=True):
     """End-to-end acknowledgement from the cloud ingest.
 
     ``t_recv_ms``/``t_send_ms`` are the server's receive and send times (NTP-style samples).
-    ``status`` is ``ok``, ``duplicate`` (already stored, written once), ``rejected``
-    (non-retriable, ``reason`` says why) or ``throttled`` (retry after ``retry_after_s``).
+    ``status`` is ``ok``, ``duplicate`` (already stored, written once), ``conflict`` (some
+    sequence numbers were already stored with other content: the new copy is kept apart,
+    ``conflicts`` readings), ``rejected`` (non-retriable, ``reason`` says why;
+    ``dead_lettered`` tells whether the cloud kept the payload, so the device may let go),
+    ``throttled`` (retry after ``retry_after_s``) or ``error`` (retriable).
+    ``count`` is how many readings the cloud decoded from the batch and ``gaps`` how many
+    gap records it stored: an ack frees a batch only when both match what was sent.
     """
 
     batch_id: str
@@ -104,3 +147,7 @@ class Ack(msgspec.Struct, frozen=True):
     duplicates: int = 0
     reason: str = ""
     retry_after_s: float = 0.0
+    count: int = -1  # -1: not reported (transport-only acks, older clouds)
+    gaps: int = 0
+    conflicts: int = 0
+    dead_lettered: bool = False

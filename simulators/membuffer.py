@@ -75,14 +75,16 @@ class MemoryBuffer:
         self._inflight.update(s.id for s in out)
         return out
 
-    async def ack(self, ids: Iterable[int]) -> None:
+    async def ack(self, ids: Iterable[int], gap_ids: Iterable[int] = ()) -> None:
+        """``gap_ids``: this buffer keeps no gap records (it never gives data up)."""
         for i in ids:
             s = self._items.pop(i, None)
             self._inflight.discard(i)
             if s is not None:
                 self.acked.append(s)
 
-    async def release(self, ids: Iterable[int], *, failed: bool = True) -> None:
+    async def release(self, ids: Iterable[int], *, failed: bool = True,
+                      gap_ids: Iterable[int] = ()) -> None:
         for i in ids:
             if i in self._inflight:
                 self._inflight.discard(i)

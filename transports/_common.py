@@ -13,13 +13,14 @@ from pymigrate.types import Ack
 
 
 def check_ack(ack: Ack, batch_id: str, transport: str) -> Ack:
-    """Return an ``ok``/``duplicate`` ack; turn every other status into the typed error.
+    """Return an ``ok``/``duplicate``/``conflict`` ack; turn every other status into the
+    typed error.
 
     ``throttled`` -> :class:`ThrottledError` (with the server's retry-after),
     ``rejected`` -> :class:`PayloadRejected`, ``error`` or unknown -> retriable
     :class:`TransportError` (the device keeps the data and resends).
     """
-    if ack.status in ("ok", "duplicate"):
+    if ack.status in ("ok", "duplicate", "conflict"):
         return ack
     if ack.status == "throttled":
         raise ThrottledError(f"{transport} ingest throttled batch {batch_id}",
@@ -28,7 +29,7 @@ def check_ack(ack: Ack, batch_id: str, transport: str) -> Ack:
     if ack.status == "rejected":
         raise PayloadRejected(f"{transport} ingest rejected batch {batch_id}: {ack.reason}",
                               reason=ack.reason or "rejected", batch_id=batch_id,
-                              transport=transport)
+                              transport=transport, dead_lettered=ack.dead_lettered)
     raise TransportError(f"{transport} ingest answered {ack.status!r} ({ack.reason})",
                          batch_id=batch_id, transport=transport)
 

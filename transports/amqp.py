@@ -290,7 +290,9 @@ class AmqpIngestServer:
         assert self._handler is not None and self._channel is not None
         async with self._locks.hold(device or ""):
             try:
-                ack = await self._handler(Incoming(bytes(message.body), "amqp", device))
+                ack = await self._handler(Incoming(
+                    bytes(message.body), "amqp", device,
+                    f"amqp user={message.user_id or '?'} routing_key={message.routing_key}"))
             except Exception as exc:  # a handler bug must not kill the consumer
                 log.exception("AMQP ingest handler failed")
                 t = self.clock.time_ms()

@@ -28,6 +28,7 @@ class Incoming(msgspec.Struct, frozen=True):
     payload: bytes
     transport: str
     channel_device_id: str | None = None
+    peer: str = ""  # who sent it, as the transport knows it (address, topic, user)
 
 
 IngestHandler = Callable[[Incoming], Awaitable[Ack]]

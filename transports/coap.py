@@ -98,7 +98,8 @@ def _ack_from_response(resp: Message, batch_id: str) -> Ack:
     if code == Code.BAD_REQUEST or code == Code.REQUEST_ENTITY_TOO_LARGE or code == Code.FORBIDDEN:
         raise PayloadRejected(f"ingest rejected batch: {ack.reason if ack else code}",
                               reason=ack.reason if ack and ack.reason else "rejected",
-                              batch_id=batch_id)
+                              batch_id=batch_id,
+                              dead_lettered=bool(ack is not None and ack.dead_lettered))
     raise TransportError(f"CoAP ingest answered {code}", batch_id=batch_id)
 
 
@@ -115,7 +116,8 @@ class _IngestResource(aiocoap.resource.Resource):  # type: ignore[misc]
             return Message(code=Code.NOT_FOUND)
         device = path[0] if path and path[0] else None
         try:
-            ack = await self._handler(Incoming(bytes(request.payload), "coap", device))
+            ack = await self._handler(Incoming(bytes(request.payload), "coap", device,
+                                               f"coap {_peer_of(request)}"))
         except Exception:  # a handler bug answers 5.00, it must not kill the server
             log.exception("CoAP ingest handler failed")
             return Message(code=Code.INTERNAL_SERVER_ERROR)
@@ -126,10 +128,17 @@ class _DeviceIngest(_IngestResource, aiocoap.resource.PathCapable):  # type: ign
     pass
 
 
+def _peer_of(request: Message) -> str:
+    try:
+        return str(request.remote.hostinfo)
+    except Exception:  # an unusual remote (e.g. a test double) has no hostinfo
+        return "?"
+
+
 def response_for(ack: Ack) -> Message:
     """Map an Ack onto the CoAP response code users and peers expect."""
     body = encode_ack(ack)
-    if ack.status in ("ok", "duplicate"):
+    if ack.status in ("ok", "duplicate", "conflict"):
         return Message(code=Code.CHANGED, payload=body)
     if ack.status == "throttled":
         m = Message(code=Code.SERVICE_UNAVAILABLE, payload=body)

@@ -388,7 +388,8 @@ class MqttIngestServer:
             assert self._handler is not None
             async with self._locks.hold(device):
                 try:
-                    ack = await self._handler(Incoming(bytes(msg.payload), "mqtt", device))
+                    ack = await self._handler(Incoming(bytes(msg.payload), "mqtt", device,
+                                                       f"mqtt topic={topic}"))
                 except Exception as exc:  # a handler bug must not kill the consumer
                     log.exception("MQTT ingest handler failed on %s", topic)
                     t = self.clock.time_ms()

@@ -24,7 +24,7 @@ import aiosqlite
 import msgspec
 import structlog
 
-from agent.buffer import evict, schema
+from agent.buffer import evict, gaps, schema
 from agent.buffer.config import BufferConfig
 from agent.buffer.ledger import Effects, Key, Ledger, Removed
 from agent.buffer.plan import Append, OpenChunk, Plan, build_plan, write_plan
@@ -32,7 +32,7 @@ from agent.buffer.types import BufferStats, StoredChunk
 from agent.codec import codec_by_id, codec_by_name, seal_chunk
 from pymigrate.clock import Clock
 from pymigrate.errors import BufferFull, PyMigrateError
-from pymigrate.types import Priority, Reading
+from pymigrate.types import Gap, Priority, Reading
 
 log = structlog.get_logger("agent.buffer")
 
@@ -73,11 +73,14 @@ class DurableBuffer:
     ``degrader`` (optional) compacts old LOW chunks (e.g. into aggregates) before they are
     evicted, when ``config.degrade_low_priority`` is set; it must keep device and priority.
     ``on_event(name, data)`` is told about evictions, quarantines and salvages.
+    ``new_instance`` makes the instance id of a new buffer (default: random; a seeded
+    simulation passes a reproducible one).
     """
 
     def __init__(self, config: BufferConfig, *, clock: Clock,
                  on_event: EventSink | None = None,
-                 degrader: evict.Degrader | None = None) -> None:
+                 degrader: evict.Degrader | None = None,
+                 new_instance: Callable[[], str] | None = None) -> None:
         self._cfg = config
         self._clock = clock
         self._on_event = on_event
@@ -105,6 +108,10 @@ class DurableBuffer:
         self._stats = BufferStats()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._instance = ""
+        self._base: dict[str, int] = {}
+        self._salvage: schema.SalvageResult | None = None
+        self._new_instance = new_instance or schema.new_instance_id
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -148,14 +155,17 @@ class DurableBuffer:
 
     async def _recover(self, exc: BaseException) -> None:
         aside = schema.move_aside(self._path, self._clock.time_ms())
-        res = await asyncio.to_thread(schema.salvage, aside, self._path, self._cfg.cache_kib)
+        res = await asyncio.to_thread(schema.salvage, aside, self._path, self._cfg.cache_kib,
+                                      self._clock.time_ms())
+        self._salvage = res
         self._stats.moved_aside += 1
         self._stats.salvaged += res.salvaged
         self._stats.unreadable += res.unreadable
         log.error("buffer.moved_aside", path=str(self._path), moved_to=str(aside),
-                  error=str(exc), salvaged=res.salvaged, unreadable=res.unreadable)
+                  error=str(exc), salvaged=res.salvaged, staged=res.staged,
+                  unreadable=res.unreadable, gaps=res.gaps)
         self._emit("salvaged", {"moved_to": str(aside), "salvaged": res.salvaged,
-                                "unreadable": res.unreadable})
+                                "staged": res.staged, "unreadable": res.unreadable})
 
     async def _load(self, fresh: bool) -> None:
         db = self._require_db()
@@ -170,10 +180,90 @@ class DurableBuffer:
         self._next_seq = {str(d): int(n) for d, n in
                           await db.execute_fetchall("SELECT device_id, next_seq FROM seqs")}
         self._reserved = self._sidecar.read()
+        lost: list[tuple[str, Gap]] = []
         if fresh:  # a new or moved-aside database continues above the recorded high water
-            for dev, mark in self._reserved.items():
-                self._next_seq[dev] = max(self._next_seq.get(dev, 1), mark)
+            lost = self._account_fresh_start()
         await self._recover_staging()
+        if lost:
+            async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+                await gaps.insert_gaps(db, lost, fx)
+
+            await self._txn(body)
+            log.error("buffer.gaps_recorded_at_start", gaps=[
+                {"device": d, "seq_first": g.seq_first, "seq_last": g.seq_last,
+                 "reason": g.reason, "detail": g.detail} for d, g in lost])
+        rows = list(await db.execute_fetchall("SELECT count(*) FROM gaps"))
+        led.gaps = int(rows[0][0]) if rows else 0
+        await self._load_identity()
+
+    def _account_fresh_start(self) -> list[tuple[str, Gap]]:
+        """A database that is new although numbering had begun (moved aside, deleted):
+        continue above the recorded high water and say, as gap records, what the numbers
+        in between are: never issued (``skipped``), or lost with an unreadable or
+        missing database (``corrupt``/``lost``: every number not stored in the cloud)."""
+        res = self._salvage
+        now = self._clock.time_ms()
+        out: list[tuple[str, Gap]] = []
+        devices = set(self._reserved) | (set(self._next_seq) if res is not None else set())
+        for dev in sorted(devices):
+            have = self._next_seq.get(dev, 1)
+            mark = max(have, self._reserved.get(dev, 0))
+            self._next_seq[dev] = mark
+            if res is None:  # no database at all: whatever it held is gone
+                if mark > 1:
+                    out.append((dev, Gap(1, mark - 1, mark - 1, "lost", now, [],
+                                         "buffer database missing or empty at start")))
+            elif res.unknown:
+                if mark > 1:
+                    out.append((dev, Gap(1, mark - 1, mark - 1, "corrupt", now, [],
+                                         "unreadable rows in a database moved aside")))
+            elif mark > have:
+                out.append((dev, Gap(have, mark - 1, mark - have, "skipped", now,
+                                     [(have, mark - 1)], "reserved, never issued")))
+        return out
+
+    async def _load_identity(self) -> None:
+        """The stream identity: an instance id generated once per buffer (kept in ``meta``
+        and in ``<db>.instance``, which survives a database moved aside) and, per device,
+        the first sequence number of the stream (1 unless the instance began later)."""
+        db = self._require_db()
+        meta = {str(k): v for k, v in await db.execute_fetchall(
+            "SELECT key, value FROM meta WHERE key = 'instance' OR key LIKE 'base:%'")}
+        inst = meta.get("instance")
+        self._base = {k[5:]: int(v) for k, v in meta.items() if k.startswith("base:")}
+        if isinstance(inst, bytes | str) and inst:
+            self._instance = inst.decode() if isinstance(inst, bytes) else inst
+            self._write_instance_file()
+            return
+        kept = await asyncio.to_thread(schema.read_instance_file, self._path)
+        self._instance = kept or self._new_instance()
+        if not kept:  # a new stream: it starts where numbering stands now
+            self._base = {d: n for d, n in self._next_seq.items() if n > 1}
+
+        async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('instance', ?)",
+                             (self._instance,))
+            await db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 [(f"base:{d}", n) for d, n in self._base.items()])
+
+        await self._txn(body)
+        self._write_instance_file()
+
+    def _write_instance_file(self) -> None:
+        try:
+            schema.write_instance_file(self._path, self._instance)
+        except OSError as exc:  # a full disk: the copy in the database is what counts
+            log.warning("buffer.instance_file_failed", error=str(exc))
+
+    @property
+    def instance(self) -> str:
+        """This buffer's stream identity (see :meth:`_load_identity`)."""
+        return self._instance
+
+    def stream_of(self, device_id: str) -> tuple[str, int, int]:
+        """(instance, first sequence number, highest sequence number issued) of a device."""
+        return (self._instance, self._base.get(device_id, 1),
+                max(0, self._next_seq.get(device_id, 1) - 1))
 
     async def _recover_staging(self) -> None:
         """Seal what earlier runs staged but never sealed (their open chunks)."""
@@ -425,14 +515,15 @@ class DurableBuffer:
                 floor = plan.floor if plan.floor < len(Priority) else Priority.HIGH
                 await evict.make_room(db, excess, floor=floor, reason="budget",
                                       fx=fx, codec=self._codec, degrader=self._degrader,
-                                      busy=set(self._ledger.inflight))
+                                      busy=set(self._ledger.inflight), now_ms=now_ms)
 
         await self._txn(body)
 
     async def _free_disk(self, need: int, floor: int) -> bool:
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
             await evict.make_room(db, need, floor=floor, reason="disk_full",
-                                  fx=fx, codec=self._codec, busy=set(self._ledger.inflight))
+                                  fx=fx, codec=self._codec, busy=set(self._ledger.inflight),
+                                  now_ms=self._clock.time_ms())
 
         fx = await self._txn(body)
         return bool(fx.removed)
@@ -477,9 +568,10 @@ class DurableBuffer:
                     "bytes": sum(r.nbytes for r in rs)}
             log.warning("buffer.evicted", **data)
             self._emit("evicted", data)
-        if fx.inserted:
-            self._data_evt.set()
-            self._data_evt = asyncio.Event()
+        self._stats.gaps_recorded += fx.gaps
+        self._stats.gap_readings += fx.gap_readings
+        if fx.inserted or fx.gaps:
+            self._wake_data()
 
     async def _refresh_heads(self, prios: set[int]) -> None:
         db = self._require_db()
@@ -606,28 +698,84 @@ class DurableBuffer:
 
             await self._txn(body)
 
-    async def ack(self, ids: Sequence[int]) -> None:
-        """Delivered: delete these chunks for good."""
-        if not ids:
+    async def take_gaps(self, device_id: str | None, limit: int = 256) -> list[gaps.GapRow]:
+        """Pending gap records of ``device_id`` (None: of the device of the oldest one),
+        oldest first, in flight until :meth:`ack` or :meth:`release` names them in
+        ``gap_ids``."""
+        led = self._ledger
+        if led.gaps <= len(led.gaps_inflight):
+            return []
+        db = self._require_db()
+        async with self._lock:
+            if device_id is None:
+                first = await gaps.read_gaps(db, exclude=led.gaps_inflight, limit=1)
+                device_id = first[0].device_id if first else ""
+            out = await gaps.read_gaps(db, exclude=led.gaps_inflight, limit=limit,
+                                       device_id=device_id)
+        led.gaps_inflight.update(g.id for g in out)
+        return out
+
+    async def ack(self, ids: Sequence[int], gap_ids: Sequence[int] = ()) -> None:
+        """Delivered: delete these chunks (and gap records the cloud stored) for good."""
+        if not ids and not gap_ids:
             return
         marks = ",".join("?" * len(ids))
+        gmarks = ",".join("?" * len(gap_ids))
 
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
-            rows = await db.execute_fetchall(
-                f"DELETE FROM chunks WHERE id IN ({marks}) RETURNING id, priority, nbytes, count",
-                list(ids))
-            fx.removed.extend(Removed(int(i), int(p), int(nb), int(c), None)
-                              for i, p, nb, c in rows)
+            if ids:
+                rows = await db.execute_fetchall(
+                    f"DELETE FROM chunks WHERE id IN ({marks}) "
+                    "RETURNING id, priority, nbytes, count", list(ids))
+                fx.removed.extend(Removed(int(i), int(p), int(nb), int(c), None)
+                                  for i, p, nb, c in rows)
+            if gap_ids:
+                gone = await db.execute_fetchall(
+                    f"DELETE FROM gaps WHERE id IN ({gmarks}) RETURNING id", list(gap_ids))
+                fx.gaps_acked += len(list(gone))
 
         async with self._lock:
             await self._txn(body)
         for i in ids:
             self._ledger.inflight.pop(i, None)
+        self._ledger.gaps_inflight.difference_update(gap_ids)
 
-    async def release(self, ids: Sequence[int], *, failed: bool = True) -> None:
+    async def give_up(self, ids: Sequence[int], reason: str, detail: str = "") -> int:
+        """The uploader gives up on these chunks (e.g. larger than any uplink can carry):
+        delete them and write their gap records in one transaction; returns readings."""
+        if not ids:
+            return 0
+        now_ms = self._clock.time_ms()
+        marks = ",".join("?" * len(ids))
+
+        async def body(db: aiosqlite.Connection, fx: Effects) -> None:
+            found = await gaps.gaps_for_chunk_ids(db, list(ids), reason, now_ms, detail)
+            rows = await db.execute_fetchall(
+                f"DELETE FROM chunks WHERE id IN ({marks}) "
+                "RETURNING id, priority, nbytes, count", list(ids))
+            await gaps.insert_gaps(db, found, fx)
+            fx.removed.extend(Removed(int(i), int(p), int(nb), int(c), reason)
+                              for i, p, nb, c in rows)
+
+        async with self._lock:
+            fx = await self._txn(body)
+        for i in ids:
+            self._ledger.inflight.pop(i, None)
+        self._wake_data()
+        return fx.gap_readings
+
+    def _wake_data(self) -> None:
+        self._data_evt.set()
+        self._data_evt = asyncio.Event()
+
+    async def release(self, ids: Sequence[int], *, failed: bool = True,
+                      gap_ids: Sequence[int] = ()) -> None:
         """Not delivered: put these chunks back at the head of their priority.
 
         ``failed=False`` gives back chunks that were never sent (no attempt counted)."""
+        if gap_ids:
+            self._ledger.gaps_inflight.difference_update(gap_ids)
+            self._wake_data()
         ids = [i for i in ids if i in self._ledger.inflight]
         if not ids:
             return
@@ -670,4 +818,5 @@ class DurableBuffer:
         s.readings_pending = {p.name.lower(): pending[p] for p in Priority}
         s.oldest_ts_ms = min(oldest) if oldest else None
         s.open_chunks = len(self._open)
+        s.gaps_pending = led.gaps
         return s

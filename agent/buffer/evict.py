@@ -4,7 +4,10 @@ quarantine.
 Order: lowest priority first, oldest first. The data that needs the room only pushes out
 data of its own priority or less important (its ``floor``): LOW data never evicts NORMAL,
 and CRITICAL data is only ever evicted by newer critical data. Every removal is recorded
-in the transaction's :class:`Effects` with its reason.
+in the transaction's :class:`Effects` with its reason, and leaves a gap record
+(:mod:`agent.buffer.gaps`) in the same transaction: ``evicted`` (detail: budget or
+disk_full), ``expired``, ``corrupt`` (quarantine) or ``degraded`` (the raw readings a
+degrade-before-drop compaction replaced by aggregates).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from typing import Any
 
 import aiosqlite
 
+from agent.buffer.gaps import gaps_for_chunk_ids, insert_gaps
 from agent.buffer.ledger import Effects, Ledger, Removed
 from agent.buffer.schema import QUARANTINE_KEEP
 from agent.codec import ChunkCodec, open_chunk, seal_chunk
-from pymigrate.types import Chunk, Priority, Reading
+from pymigrate.types import Chunk, Gap, Priority, Reading, seq_runs_of
 
 Degrader = Callable[[list[Reading]], list[Reading]]
 _BATCH = 32
@@ -41,16 +45,23 @@ async def expire(db: aiosqlite.Connection, ledger: Ledger, ttl_ms: list[int | No
         ttl, head = ttl_ms[p], ledger.head[p]
         if ttl is None or head is None or head[2] > now_ms - ttl:
             continue
+        due = [int(r[0]) for r in await db.execute_fetchall(
+            "SELECT id FROM chunks WHERE priority = ? AND created_ms <= ?",
+            (int(p), now_ms - ttl))]
+        gaps = await gaps_for_chunk_ids(db, due, "expired", now_ms,
+                                        f"retention {ttl // 1000} s")
         rows = await db.execute_fetchall(
             "DELETE FROM chunks WHERE priority = ? AND created_ms <= ? "
             "RETURNING id, nbytes, count", (int(p), now_ms - ttl))
+        await insert_gaps(db, gaps, fx)
         fx.removed.extend(Removed(int(i), int(p), int(nb), int(c), "retention")
                           for i, nb, c in rows)
 
 
 async def make_room(db: aiosqlite.Connection, excess: int, *, floor: int,
                     reason: str, fx: Effects, codec: ChunkCodec,
-                    degrader: Degrader | None = None, busy: Collection[int] = ()) -> int:
+                    degrader: Degrader | None = None, busy: Collection[int] = (),
+                    now_ms: int = 0) -> int:
     """Free at least ``excess`` bytes from priorities >= ``floor``, lowest first, oldest
     first; returns how many bytes could not be freed (>= 0).
 
@@ -77,15 +88,19 @@ async def make_room(db: aiosqlite.Connection, excess: int, *, floor: int,
                     if (int(cid) in busy) != in_flight:
                         continue
                     if degrader is not None and p == Priority.LOW and not degraded:
-                        saved = await _degrade(db, int(cid), fx, codec, degrader)
+                        saved = await _degrade(db, int(cid), fx, codec, degrader, now_ms)
                         if saved > 0:
                             excess -= saved
                             continue
                     victims.append(Removed(int(cid), int(p), int(nbytes), int(count), reason))
                     excess -= int(nbytes)
                 if victims:
+                    gaps = await gaps_for_chunk_ids(db, [v.id for v in victims], "evicted",
+                                                    now_ms, reason)
+                    # delete first: on a full disk the gap rows reuse the freed pages
                     await db.executemany("DELETE FROM chunks WHERE id = ?",
                                          [(v.id,) for v in victims])
+                    await insert_gaps(db, gaps, fx)
                     fx.removed.extend(victims)
             if excess <= 0:
                 break
@@ -95,7 +110,7 @@ async def make_room(db: aiosqlite.Connection, excess: int, *, floor: int,
 
 
 async def _degrade(db: aiosqlite.Connection, cid: int, fx: Effects, codec: ChunkCodec,
-                   degrader: Degrader) -> int:
+                   degrader: Degrader, now_ms: int = 0) -> int:
     """Replace a LOW chunk's readings by the degrader's compaction; returns bytes saved."""
     rows = list(await db.execute_fetchall(
         "SELECT device_id, priority, seq_first, seq_last, count, ts_first, ts_last, codec, "
@@ -103,7 +118,8 @@ async def _degrade(db: aiosqlite.Connection, cid: int, fx: Effects, codec: Chunk
     await db.execute("UPDATE chunks SET degraded = 1 WHERE id = ?", (cid,))
     try:
         old = chunk_of(tuple(rows[0]))
-        compact = degrader(open_chunk(old))
+        raw = open_chunk(old)
+        compact = degrader(raw)
         if not compact:
             return 0
         new = seal_chunk(compact, codec)
@@ -112,6 +128,12 @@ async def _degrade(db: aiosqlite.Connection, cid: int, fx: Effects, codec: Chunk
     saved = len(old.payload) - len(new.payload)
     if saved <= 0:
         return 0
+    dropped = seq_runs_of(sorted({r.seq for r in raw} - {r.seq for r in compact}))
+    if dropped:
+        n = sum(b - a + 1 for a, b in dropped)
+        await insert_gaps(db, [(old.device_id, Gap(dropped[0][0], dropped[-1][1], n, "degraded",
+                                                   now_ms, dropped, "replaced by aggregates"))],
+                          fx)
     await db.execute(
         "UPDATE chunks SET seq_first=?, seq_last=?, count=?, ts_first=?, ts_last=?, codec=?, "
         "payload=?, checksum=?, nbytes=? WHERE id = ?",
@@ -126,6 +148,7 @@ async def quarantine(db: aiosqlite.Connection, bad: list[tuple[int, str]], now_m
                      fx: Effects) -> None:
     """Move chunks that failed verification to ``quarantine`` (newest few kept)."""
     for cid, why in bad:
+        await insert_gaps(db, await gaps_for_chunk_ids(db, [cid], "corrupt", now_ms, why), fx)
         rows = list(await db.execute_fetchall(
             "SELECT priority, nbytes, count FROM chunks WHERE id = ?", (cid,)))
         await db.execute(

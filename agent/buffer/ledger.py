@@ -35,6 +35,9 @@ class Effects:
     staging: dict[Key, int] = field(default_factory=dict)  # key -> new staged bytes
     degraded: int = 0
     quarantined: int = 0
+    gaps: int = 0  # gap records written
+    gap_readings: int = 0  # sequence numbers they account for
+    gaps_acked: int = 0  # gap records the cloud acknowledged (deleted)
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Ledger:
     # per priority: (id, ts_first, created_ms) of the oldest chunk, or None
     head: list[tuple[int, int, int] | None] = field(default_factory=lambda: [None] * 4)
     inflight: dict[int, int] = field(default_factory=dict)  # id -> priority
+    gaps: int = 0  # gap records pending (not yet acked by the cloud)
+    gaps_inflight: set[int] = field(default_factory=set)
 
     @property
     def staged_bytes(self) -> int:
@@ -59,12 +64,15 @@ class Ledger:
 
     def available(self, min_priority: int) -> bool:
         """Is there a stored chunk of priority <= ``min_priority`` not in flight?"""
+        if self.gaps > len(self.gaps_inflight):
+            return True
         busy = [0] * len(Priority)
         for p in self.inflight.values():
             busy[p] += 1
         return any(self.chunks[p] > busy[p] for p in range(min_priority + 1))
 
     def apply(self, fx: Effects) -> None:
+        self.gaps += fx.gaps - fx.gaps_acked
         for p, nbytes, count in fx.inserted:
             self.chunks[p] += 1
             self.readings[p] += count

@@ -9,12 +9,13 @@ import contextlib
 import json
 import os
 import sqlite3
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -38,6 +39,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
     seq_last INTEGER, count INTEGER, codec INTEGER, checksum INTEGER,
     reason TEXT NOT NULL, quarantined_ms INTEGER NOT NULL, payload BLOB);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS gaps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL, seq_first INTEGER NOT NULL, seq_last INTEGER NOT NULL,
+    count INTEGER NOT NULL, reason TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+    runs BLOB, detail TEXT NOT NULL DEFAULT '');
 """
 
 CHUNK_COLS = ("id, device_id, priority, seq_first, seq_last, count, ts_first, ts_last, "
@@ -86,14 +92,29 @@ class SalvageResult:
     salvaged: int = 0
     unreadable: int = 0
     max_seq: dict[str, int] | None = None
+    staged: int = 0  # staging rows (accepted, unsealed readings) carried over
+    gaps: int = 0  # gap records written for what could not be read
+    unknown: int = 0  # rows whose sequence numbers could not even be read
 
 
-def salvage(src: Path, dst: Path, cache_kib: int) -> SalvageResult:
-    """Copy every chunk of ``src`` that can still be read and verified into a fresh ``dst``.
+_SALVAGE_GAP = ("INSERT INTO gaps (device_id, seq_first, seq_last, count, reason, ts_ms, runs,"
+                " detail) VALUES (?,?,?,?,'corrupt',?,NULL,?)")
+_COPY_TABLES = {  # table -> columns copied verbatim (row by row, bad rows skipped)
+    "meta": "key, value",
+    "state": "key, value",
+    "gaps": "id, device_id, seq_first, seq_last, count, reason, ts_ms, runs, detail",
+}
 
-    Best effort: a file that is not a database at all salvages nothing. Chunks whose
-    checksum does not match count as unreadable. Per-device sequence counters that can be
-    read are carried over so numbering never goes backwards.
+
+def salvage(src: Path, dst: Path, cache_kib: int, now_ms: int = 0) -> SalvageResult:
+    """Copy everything of ``src`` that can still be read and verified into a fresh ``dst``:
+    sealed chunks, staging (accepted readings of open chunks), the state blobs (edge
+    dedup and aggregation windows), meta (the stream identity) and pending gap records.
+
+    Best effort: a file that is not a database at all salvages nothing. A chunk whose
+    checksum does not match counts as unreadable and, when its header can be read, becomes
+    a ``corrupt`` gap record for its sequence range. Per-device sequence counters that can
+    be read are carried over so numbering never goes backwards.
     """
     res = SalvageResult(max_seq={})
     assert res.max_seq is not None
@@ -110,10 +131,32 @@ def salvage(src: Path, dst: Path, cache_kib: int) -> SalvageResult:
             return res
         try:
             _salvage_seqs(src_db, res.max_seq)
+            for table, cols in _COPY_TABLES.items():
+                for row in _rows(src_db, table, cols):
+                    with contextlib.suppress(sqlite3.Error):
+                        out.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES "
+                                    f"({','.join('?' * len(row))})", row)
+            for row in _rows(src_db, "staging",
+                             "id, device_id, priority, codec, checksum, payload"):
+                payload = row[-1]
+                if not isinstance(payload, bytes) or zlib.crc32(payload) != row[4]:
+                    res.unreadable += 1
+                    res.unknown += 1  # a staged blob has no header: its seqs are unknown
+                    continue
+                out.execute("INSERT INTO staging (id, device_id, priority, codec, checksum, "
+                            "payload) VALUES (?,?,?,?,?,?)", row)
+                res.staged += 1
             for row in _readable_chunk_rows(src_db, res):
                 payload = row[-1]
                 if not isinstance(payload, bytes) or zlib.crc32(payload) != row[9]:
                     res.unreadable += 1
+                    dev, first, last, count = row[1], row[3], row[4], row[5]
+                    if isinstance(first, int) and isinstance(last, int) and 1 <= first <= last:
+                        out.execute(_SALVAGE_GAP, (str(dev), first, last, int(count or 0),
+                                                   now_ms, "chunk unreadable in salvage"))
+                        res.gaps += 1
+                    else:
+                        res.unknown += 1
                     continue
                 out.execute(f"INSERT INTO chunks ({CHUNK_COLS}) VALUES "
                             "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -138,6 +181,21 @@ def _salvage_seqs(src: sqlite3.Connection, into: dict[str, int]) -> None:
             into[str(dev)] = max(into.get(str(dev), 0), int(nxt))
 
 
+def _rows(src: sqlite3.Connection, table: str, cols: str) -> list[tuple[Any, ...]]:
+    """Rows of a small table read one by one by rowid, so one bad page costs only its rows."""
+    try:
+        ids = [int(r[0]) for r in src.execute(f"SELECT rowid FROM {table} ORDER BY rowid")]
+    except sqlite3.Error:
+        return []
+    out: list[tuple[Any, ...]] = []
+    for i in ids:
+        with contextlib.suppress(sqlite3.Error):
+            row = src.execute(f"SELECT {cols} FROM {table} WHERE rowid = ?", (i,)).fetchone()
+            if row is not None:
+                out.append(tuple(row))
+    return out
+
+
 def _readable_chunk_rows(src: sqlite3.Connection, res: SalvageResult) -> list[tuple[Any, ...]]:
     """Rows of ``chunks`` read one by one, so one bad page costs only its rows."""
     try:
@@ -147,6 +205,7 @@ def _readable_chunk_rows(src: sqlite3.Connection, res: SalvageResult) -> list[tu
             hi = src.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0
             ids = list(range(1, int(hi) + 1))
         except sqlite3.Error:
+            res.unknown += 1
             return []
     rows: list[tuple[Any, ...]] = []
     for i in ids:
@@ -154,10 +213,40 @@ def _readable_chunk_rows(src: sqlite3.Connection, res: SalvageResult) -> list[tu
             row = src.execute(f"SELECT {CHUNK_COLS} FROM chunks WHERE id = ?", (i,)).fetchone()
         except sqlite3.Error:
             res.unreadable += 1
+            res.unknown += 1
             continue
         if row is not None:
             rows.append(tuple(row))
     return rows
+
+
+def instance_file(db_path: Path) -> Path:
+    return Path(f"{db_path}.instance")
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def read_instance_file(db_path: Path) -> str | None:
+    """The instance id kept beside the database, or None when absent or unreadable."""
+    try:
+        text = instance_file(db_path).read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return None
+    return text if 8 <= len(text) <= 64 and text.isalnum() else None
+
+
+def write_instance_file(db_path: Path, instance: str) -> None:
+    path = instance_file(db_path)
+    if read_instance_file(db_path) == instance:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(instance + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class SeqSidecar:

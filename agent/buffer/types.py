@@ -40,3 +40,6 @@ class BufferStats(msgspec.Struct):
     in_flight: int = 0
     commits: int = 0
     open_chunks: int = 0
+    gaps_recorded: int = 0  # gap records written since open (evicted, expired, corrupt...)
+    gap_readings: int = 0  # sequence numbers those records account for
+    gaps_pending: int = 0  # gap records not yet acknowledged by the cloud

@@ -120,6 +120,15 @@ class CircuitBreaker:
         if self._consecutive >= self._threshold or (n >= self._min_calls and rate >= self._rate):
             self._trip(now)
 
+    def trip(self, now: float, *, probe: bool = False) -> None:
+        """Open now, whatever the counts say (the cloud refused us for a reason a
+        resend cannot fix, e.g. our identity): the next attempt is a probe after the
+        open period, with the usual growth of that period."""
+        self._outcomes.append(False)
+        if probe:
+            self._probe_in_flight = False
+        self._trip(now)
+
     # -- internals --------------------------------------------------------------------
     def _trip(self, now: float) -> None:
         ceiling = min(self._open_cap, self._open_base * (2.0 ** min(self._opens_in_row, 62)))

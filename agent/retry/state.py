@@ -38,9 +38,10 @@ class UploadBuffer(Protocol):
     async def take(self, max_bytes: int, max_chunks: int = 64,
                    min_priority: Priority = Priority.LOW) -> Sequence[StoredChunkLike]: ...
 
-    async def ack(self, ids: Sequence[int]) -> Any: ...
+    async def ack(self, ids: Sequence[int], gap_ids: Sequence[int] = ()) -> Any: ...
 
-    async def release(self, ids: Sequence[int], *, failed: bool = True) -> Any: ...
+    async def release(self, ids: Sequence[int], *, failed: bool = True,
+                      gap_ids: Sequence[int] = ()) -> Any: ...
 
     async def wait_for_data(self, min_priority: Priority = Priority.LOW) -> Any: ...
 
@@ -74,15 +75,16 @@ class Destination:
 class PendingBatch:
     """A batch being sent: its stored chunks, attempt number and encoded payload."""
 
-    __slots__ = ("attempt", "batch_id", "items", "payload", "probe")
+    __slots__ = ("attempt", "batch_id", "gap_ids", "items", "payload", "probe")
 
     def __init__(self, items: list[StoredChunkLike], attempt: int, batch_id: str,
-                 payload: bytes, probe: bool) -> None:
+                 payload: bytes, probe: bool, gap_ids: Sequence[int] = ()) -> None:
         self.items = items
         self.attempt = attempt
         self.batch_id = batch_id
         self.payload = payload
         self.probe = probe
+        self.gap_ids = list(gap_ids)  # gap records the batch carries (ack/release with it)
 
     @property
     def ids(self) -> list[int]:

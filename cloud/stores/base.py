@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -30,6 +30,9 @@ class WriteResult(msgspec.Struct, frozen=True):
     duplicates: int  # readings already stored (by device + seq), not written again
     gateway_dropped: int = 0  # copies of another gateway's reading, acked but not stored
     replaced: int = 0  # stored copies replaced by a better/averaged one (gateway policy)
+    conflicts: int = 0  # readings whose seqs were stored with other content: kept apart
+    gaps: int = 0  # gap records kept (device's and the cloud's own)
+    late: int = 0  # readings written after the device had recorded them as a gap
 
 
 class SeqRange(msgspec.Struct, frozen=True):
@@ -74,11 +77,13 @@ class WritePlan(msgspec.Struct):
     duplicates: int
     skipped: int
     state: IdempotencyState | None  # None: nothing new, leave the stored state as it is
+    skip: list[Reading] = msgspec.field(default_factory=list)
 
 
 def validate(device_id: str, readings: Sequence[Reading]) -> None:
     """Checks every store shares; raises :class:`StoreRejected` naming the reason."""
-    if not device_id or len(device_id) > MAX_NAME or "\x00" in device_id:
+    if (not device_id or len(device_id) > MAX_NAME
+            or any(ord(ch) < 32 or ord(ch) == 127 for ch in device_id)):
         raise StoreRejected(f"bad device id {device_id[:40]!r}", reason="bad_device_id")
     for r in readings:
         if r.device_id != device_id:
@@ -155,7 +160,7 @@ def plan_write(state: IdempotencyState, readings: Sequence[Reading],
         write, skip, delete = adm.write, adm.skip, adm.delete
     for a, b in new_runs:
         state.add_range(a, b)
-    return WritePlan(write, delete, dups, len(skip), state)
+    return WritePlan(write, delete, dups, len(skip), state, list(skip))
 
 
 @runtime_checkable
@@ -178,10 +183,13 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
-                    *, admit: Admit | None = None) -> WriteResult:
+                    *, admit: Admit | None = None, meta: Any = None) -> WriteResult:
+        """``meta`` (:class:`~cloud.stores.completeness.BatchMeta`): the stream identity,
+        chunk digests and gap records of the envelope, kept in the same transaction."""
         ...
 
-    async def dead_letter(self, device_id: str, batch_id: str, reason: str, payload: bytes) -> None:
+    async def dead_letter(self, device_id: str, batch_id: str, reason: str, payload: bytes,
+                          *, peer: str = "") -> None:
         ...
 
     async def query(self, device_id: str, sensor: str | None = None,

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   batch_id TEXT,
   reason TEXT NOT NULL,
   payload BLOB,
-  received_ms INTEGER NOT NULL
+  received_ms INTEGER NOT NULL,
+  peer TEXT
 );
 """
 
@@ -74,6 +76,7 @@ class SqliteLedger(SqliteStateFile):
     async def open(self) -> None:
         self._db = await open_sqlite(self.path, busy_timeout_ms=self.busy_timeout_ms,
                                      schema=_SCHEMA)
+        await self._migrate_ledger()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -119,7 +122,7 @@ class LedgerBacked:
         raise NotImplementedError
 
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
-                    *, admit: Admit | None = None) -> WriteResult:
+                    *, admit: Admit | None = None, meta: Any = None) -> WriteResult:
         validate(device_id, readings)
         require_finite(readings)
         async with self.ledger.transaction(device_id) as txn:
@@ -132,8 +135,8 @@ class LedgerBacked:
                            gateway_dropped=plan.skipped)
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
-                          payload: bytes) -> None:
-        await self.ledger.dead_letter(device_id, batch_id, reason, payload)
+                          payload: bytes, *, peer: str = "") -> None:
+        await self.ledger.dead_letter(device_id, batch_id, reason, payload, peer=peer)
 
     async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
         return await self.ledger.dead_letters(limit)

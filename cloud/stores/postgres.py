@@ -243,7 +243,7 @@ class PostgresStore:
         return self._pool
 
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
-                    *, admit: Admit | None = None) -> WriteResult:
+                    *, admit: Admit | None = None, meta: Any = None) -> WriteResult:
         validate(device_id, readings)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -319,7 +319,7 @@ class PostgresStore:
         return written + int(status.rsplit(" ", 1)[1])
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
-                          payload: bytes) -> None:
+                          payload: bytes, *, peer: str = "") -> None:
         try:
             await self.pool.execute(
                 "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"

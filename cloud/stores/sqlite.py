@@ -5,6 +5,7 @@ Table ``readings`` (documented in the README):
 | column | type | meaning |
 | --- | --- | --- |
 | device_id | TEXT | device that produced the reading |
+| instance | TEXT | the agent instance that numbered it ('' before envelope v4) |
 | sensor | TEXT | sensor id |
 | ts_ms | INTEGER | corrected timestamp, ms since epoch UTC |
 | value | REAL | the value (booleans 0/1); for aggregates the function's result |
@@ -16,11 +17,14 @@ Table ``readings`` (documented in the README):
 | agg_rule, agg_fn, agg_window_end_ms, agg_count | | aggregate metadata (NULL for raw) |
 | received_ms | INTEGER | ingest receive time |
 
-Table ``idempotency`` holds one :class:`~cloud.dedup.IdempotencyState` blob per device,
+Table ``idempotency`` holds one :class:`~cloud.dedup.IdempotencyState` blob per stream
+(device and agent instance),
 read and saved inside the write transaction (``BEGIN IMMEDIATE``: writers, including
 other processes on the same file, serialize), so a resend is written zero times across
 restarts and replicas sharing the file. ``dead_letters`` keeps rejected batches with
-their reason.
+their reason and the peer that sent them. ``streams``, ``chunk_digests``, ``gaps`` and
+``conflicts`` are the completeness ledger (:mod:`cloud.stores.completeness`), written in
+the same transaction as the readings.
 """
 
 from __future__ import annotations
@@ -33,20 +37,21 @@ from typing import Any
 
 import aiosqlite
 
-from cloud.stores._sqlite import SqliteStateFile, now_ms, open_sqlite
+from cloud.stores._sqlite import LEDGER_SCHEMA, SqliteStateFile, now_ms, open_sqlite
 from cloud.stores.base import (
     Admit,
     StoreRejected,
     StoreUnavailable,
     WriteResult,
-    plan_write,
     validate,
 )
+from cloud.stores.completeness import BatchMeta, plan_batch
 from pymigrate.types import AggInfo, Priority, Reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
   device_id TEXT NOT NULL,
+  instance TEXT NOT NULL DEFAULT '',
   seq INTEGER NOT NULL,
   sensor TEXT NOT NULL,
   ts_ms INTEGER NOT NULL,
@@ -60,7 +65,7 @@ CREATE TABLE IF NOT EXISTS readings (
   agg_window_end_ms INTEGER,
   agg_count INTEGER,
   received_ms INTEGER NOT NULL,
-  PRIMARY KEY (device_id, seq)
+  PRIMARY KEY (device_id, instance, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_series ON readings (device_id, sensor, ts_ms);
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -74,15 +79,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   batch_id TEXT,
   reason TEXT NOT NULL,
   payload BLOB,
-  received_ms INTEGER NOT NULL
+  received_ms INTEGER NOT NULL,
+  peer TEXT
 );
 """
 
 _INSERT = (
     "INSERT OR IGNORE INTO readings (device_id, seq, sensor, ts_ms, value, priority, quality,"
-    " uncert_ms, raw_ts_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count, received_ms)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " uncert_ms, raw_ts_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count, received_ms,"
+    " instance) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+_COLS_V1 = ("device_id, seq, sensor, ts_ms, value, priority, quality, uncert_ms, raw_ts_ms,"
+            " agg_rule, agg_fn, agg_window_end_ms, agg_count, received_ms")
 _SELECT = ("SELECT device_id, sensor, ts_ms, value, priority, seq, raw_ts_ms, quality,"
            " uncert_ms, agg_rule, agg_fn, agg_window_end_ms, agg_count FROM readings")
 
@@ -118,7 +126,34 @@ class SqliteStore(SqliteStateFile):
 
     async def open(self) -> None:
         self._db = await open_sqlite(self.path, busy_timeout_ms=self.busy_timeout_ms,
-                                     schema=SCHEMA)
+                                     schema=LEDGER_SCHEMA)
+        try:
+            await self._migrate()
+            await self.db.executescript(SCHEMA)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> None:
+        """Files written before agent instances: readings keyed (device, seq) get the
+        ``instance`` column ('' for what they hold) in one transaction."""
+        cols = [str(r[1]) for r in await self.db.execute_fetchall("PRAGMA table_info(readings)")]
+        if cols and "instance" not in cols:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute("ALTER TABLE readings RENAME TO readings_v1")
+                await db.execute("DROP INDEX IF EXISTS readings_series")
+                await db.executescript(SCHEMA.split("CREATE INDEX")[0])
+                await db.execute(f"INSERT INTO readings ({_COLS_V1}) SELECT {_COLS_V1} "
+                                 "FROM readings_v1")
+                await db.execute("DROP TABLE readings_v1")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        if cols:
+            await self._migrate_ledger()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -126,8 +161,10 @@ class SqliteStore(SqliteStateFile):
             await db.close()
 
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
-                    *, admit: Admit | None = None) -> WriteResult:
+                    *, admit: Admit | None = None, meta: BatchMeta | None = None) -> WriteResult:
         validate(device_id, readings)
+        meta = meta or BatchMeta()
+        inst = meta.instance
         async with self._lock:
             db = self.db
             try:
@@ -135,10 +172,13 @@ class SqliteStore(SqliteStateFile):
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"sqlite busy: {exc}", batch_id=batch_id) from exc
             try:
-                state = await self._load_state(device_id)
-                plan = plan_write(state, readings, admit)
-                written = 0
+                state = await self._load_state(device_id, inst)
                 now = now_ms()
+                plan = await plan_batch(
+                    state, readings, meta, admit, now_ms=now,
+                    digests=lambda f: self._digests(device_id, inst, f),
+                    gap_runs=lambda lo, hi: self._gap_runs(device_id, inst, lo, hi))
+                written = 0
                 if plan.delete:
                     await db.executemany("DELETE FROM readings WHERE device_id = ? AND seq = ?",
                                          plan.delete)
@@ -149,15 +189,12 @@ class SqliteStore(SqliteStateFile):
                          r.quality, r.uncert_ms, r.raw_ts_ms,
                          r.agg.rule if r.agg else None, r.agg.fn if r.agg else None,
                          r.agg.window_end_ms if r.agg else None,
-                         r.agg.count if r.agg else None, now)
+                         r.agg.count if r.agg else None, now, inst)
                         for r in plan.write])
                     written = db.total_changes - before
                 if plan.state is not None:
-                    await db.execute(
-                        "INSERT INTO idempotency (device_id, state, updated_ms) VALUES (?,?,?)"
-                        " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state,"
-                        " updated_ms = excluded.updated_ms",
-                        (device_id, plan.state.to_bytes(), now))
+                    await self._save_state(device_id, inst, plan.state, now)
+                await self._save_ledger(device_id, batch_id, meta, plan, now)
                 await db.execute("COMMIT")
             except BaseException as exc:
                 try:
@@ -172,7 +209,25 @@ class SqliteStore(SqliteStateFile):
         # a write the natural key swallowed (state lost or edited by hand) is a duplicate
         return WriteResult(written=written,
                            duplicates=plan.duplicates + len(plan.write) - written,
-                           gateway_dropped=plan.skipped, replaced=len(plan.delete))
+                           gateway_dropped=len(plan.skipped), replaced=len(plan.delete),
+                           conflicts=plan.conflicted, gaps=len(plan.gaps), late=plan.late)
+
+    async def _stored_runs(self, device_id: str, instance: str) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        async with self.db.execute(
+                "SELECT seq FROM readings WHERE device_id = ? AND instance = ? ORDER BY seq",
+                (device_id, instance)) as cur:
+            async for (seq,) in cur:
+                if runs and seq == runs[-1][1] + 1:
+                    runs[-1] = (runs[-1][0], seq)
+                else:
+                    runs.append((seq, seq))
+        return runs
+
+    async def _legacy_streams(self, device_id: str | None) -> list[tuple[str, str]]:
+        where, args = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
+        return [(str(d), str(i)) for d, i in await self.db.execute_fetchall(
+            f"SELECT DISTINCT device_id, instance FROM readings {where}", args)]
 
     async def query(self, device_id: str, sensor: str | None = None,
                     start_ms: int | None = None, end_ms: int | None = None) -> list[Reading]:

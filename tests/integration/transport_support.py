@@ -44,7 +44,7 @@ class RecordingStore(SqliteStore):
 
     async def write(self, device_id: str, batch_id: str,
                     readings: Sequence[Reading], **kw: object) -> WriteResult:
-        res = await super().write(device_id, batch_id, readings)
+        res = await super().write(device_id, batch_id, readings, **kw)  # type: ignore[arg-type]
         if res.written:
             self.writes.setdefault(device_id, []).append([r.seq for r in readings])
         return res

@@ -51,17 +51,18 @@ class FlakyStore:
         await self.inner.close()
 
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
-                    *, admit: Admit | None = None) -> WriteResult:
+                    *, admit: Admit | None = None, meta: Any = None) -> WriteResult:
         if self.down:
             raise self.exc
-        result: WriteResult = await self.inner.write(device_id, batch_id, readings, admit=admit)
+        result: WriteResult = await self.inner.write(device_id, batch_id, readings, admit=admit,
+                                                     meta=meta)
         return result
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
-                          payload: bytes) -> None:
+                          payload: bytes, *, peer: str = "") -> None:
         if self.down:
             raise self.exc
-        await self.inner.dead_letter(device_id, batch_id, reason, payload)
+        await self.inner.dead_letter(device_id, batch_id, reason, payload, peer=peer)
 
     async def query(self, device_id: str, sensor: str | None = None,
                     start_ms: int | None = None, end_ms: int | None = None) -> list[Reading]:

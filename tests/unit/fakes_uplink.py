@@ -34,6 +34,9 @@ class FakeUplink:
         self.closes = 0
         self.connect_fails = 0
         self.reject_seqs: set[int] = set()
+        # like the real ingest, a rejection says the cloud kept the payload (False: a
+        # cloud that refuses without keeping it; the device must keep the data)
+        self.dead_letter_rejections = True
         self.sent_event = asyncio.Event()  # set on every send() call
 
     def script(self, *actions: str) -> None:
@@ -63,7 +66,8 @@ class FakeUplink:
         now = self.clock.time_ms()
         kind, _, arg = action.partition(":")
         if any(c.seq_first <= s <= c.seq_last for c in batch.chunks for s in self.reject_seqs):
-            raise PayloadRejected("bad chunk", reason="decode")
+            raise PayloadRejected("bad chunk", reason="decode",
+                                  dead_lettered=self.dead_letter_rejections)
         if kind == "fail":
             raise TransportError("link down")
         if kind == "oserror":
@@ -73,14 +77,17 @@ class FakeUplink:
         if kind == "throttle_ack":
             return Ack(batch_id, "throttled", now, now, retry_after_s=float(arg or 1))
         if kind == "reject":
-            raise PayloadRejected("refused", reason="schema")
+            raise PayloadRejected("refused", reason="schema",
+                                  dead_lettered=self.dead_letter_rejections)
         if kind == "reject_ack":
-            return Ack(batch_id, "rejected", now, now, reason="schema")
+            return Ack(batch_id, "rejected", now, now, reason="schema",
+                       dead_lettered=self.dead_letter_rejections)
         if kind == "weird":
             return Ack(batch_id, "what", now, now)
         self.delivered.append(batch)
         status = "duplicate" if kind == "dup" else "ok"
-        return Ack(batch_id, status, now - 5, now - 1, accepted=batch.count)
+        return Ack(batch_id, status, now - 5, now - 1, accepted=batch.count, count=batch.count,
+                   gaps=len(batch.gaps))
 
     @property
     def seqs(self) -> list[int]:

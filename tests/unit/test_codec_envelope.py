@@ -42,21 +42,22 @@ def wrap(body: bytes, version: int) -> bytes:
     return head + body + TRAILER.pack(zlib.crc32(body, zlib.crc32(head)))
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 def test_versions_roundtrip(version: int) -> None:
     b = batch()
     assert decode_batch(encode_batch(b, version=version)) == b
     assert b.count == 8 * 60
 
 
-def test_default_v3_is_smallest_and_falls_back_to_v2_when_incompressible() -> None:
+def test_default_v4_is_compressed_and_falls_back_to_v5_when_incompressible() -> None:
     b = batch()
-    sizes = {v: len(encode_batch(b, version=v)) for v in (1, 2, 3)}
-    assert VERSION == 3
+    sizes = {v: len(encode_batch(b, version=v)) for v in (1, 2, 3, 4)}
+    assert VERSION == 4
     assert sizes[3] < sizes[2] < sizes[1]
+    assert sizes[4] <= sizes[3] + 8  # the stream identity costs a few bytes
     tiny = Batch("d", "x", [seal_chunk([Reading("d", "s", 1, 1.0, seq=1)])])
     data = encode_batch(tiny)
-    assert data[4] in {2, 3}
+    assert data[4] in {4, 5}
     assert decode_batch(data) == tiny
     with pytest.raises(ValueError):
         encode_batch(b, version=7)
@@ -146,3 +147,22 @@ def test_batch_point_cap() -> None:
     with pytest.raises(DecodeError) as e:
         decode_batch(encode_batch(b), max_points=239)
     assert e.value.reason == "oversized"
+
+
+def test_v4_carries_stream_identity_and_gaps_and_checks_them() -> None:
+    from pymigrate.types import Gap
+    g = Gap(3, 9, 5, "evicted", 1000, [(3, 4), (7, 9)], "budget")
+    b = Batch("d", "x", [], 5, "0123456789abcdef", 1, 12, [g])
+    out = decode_batch(encode_batch(b))
+    assert out == b and out.gaps[0].exact
+    with pytest.raises(ValueError):
+        encode_batch(b, version=3)  # an old version cannot carry them: refuse, never drop
+    bad = [Gap(3, 9, 6, "evicted", 0, [(3, 4), (7, 9)]),  # count disagrees with runs
+           Gap(3, 9, 5, "evicted", 0, [(4, 4), (7, 9)]),  # runs do not start the range
+           Gap(9, 3, 1, "evicted", 0),  # reversed
+           Gap(0, 3, 1, "evicted", 0),  # seq 0 is never issued
+           Gap(3, 9, 3, "", 0)]  # no reason
+    for g in bad:
+        with pytest.raises(DecodeError) as e:
+            decode_batch(encode_batch(Batch("d", "x", [], 5, "i" * 16, 1, 12, [g])))
+        assert e.value.reason == "malformed"

@@ -1,0 +1,123 @@
+"""The device side of the completeness ledger: gap records, written in the transaction
+that gives the data up.
+
+Whatever the buffer removes without a delivery (eviction by the byte budget or a full
+disk, retention, quarantine, degrade-before-drop, a salvage that could not read
+everything, a chunk the uploader gives up on) leaves a row in ``gaps`` in the same
+transaction as the removal. The row names the exact sequence numbers when the chunk can
+still be decoded (``runs``), else the chunk's range and count. Gap rows ride to the cloud
+in batches like chunks and are deleted only when the cloud acks them, so "stored + gaps =
+every sequence number issued" holds even through ``kill -9`` and full disks.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from agent.buffer.ledger import Effects
+from agent.codec import open_chunk
+from pymigrate.types import Chunk, Gap, Priority, seq_runs_of
+
+__all__ = ["GAP_COLS", "GapRow", "chunk_gap", "insert_gaps", "read_gaps", "runs_blob"]
+
+GAP_COLS = "device_id, seq_first, seq_last, count, reason, ts_ms, runs, detail"
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(list[tuple[int, int]])
+
+
+class GapRow(msgspec.Struct, frozen=True):
+    """A pending gap record as stored on the device (``id`` for ack/release)."""
+
+    id: int
+    device_id: str
+    gap: Gap
+
+
+def runs_blob(runs: Sequence[tuple[int, int]]) -> bytes | None:
+    return _enc.encode(list(runs)) if runs else None
+
+
+def chunk_gap(chunk: Chunk, reason: str, ts_ms: int, detail: str = "") -> Gap:
+    """The gap record of a chunk given up: exact sequence numbers when it decodes."""
+    runs: list[tuple[int, int]] = []
+    try:
+        if zlib.crc32(chunk.payload) == chunk.checksum:
+            runs = seq_runs_of([r.seq for r in open_chunk(chunk)])
+    except Exception:  # undecodable: the range and count say what is known
+        runs = []
+    if runs and (runs[0][0] < chunk.seq_first or runs[-1][1] > chunk.seq_last
+                 or sum(b - a + 1 for a, b in runs) != chunk.count):
+        runs = []  # the payload disagrees with its header: trust neither, give the range
+    return Gap(chunk.seq_first, chunk.seq_last, chunk.count, reason, ts_ms, runs, detail)
+
+
+def chunk_from_row(row: Sequence[Any]) -> Chunk:
+    """(device_id, priority, seq_first, seq_last, count, ts_first, ts_last, codec, payload,
+    checksum) -> Chunk, tolerant of damaged values (used only to describe a gap)."""
+    dev, prio, sf, sl, cnt, tf, tl, codec, payload, crc = row
+    p = int(prio) if int(prio) in range(len(Priority)) else int(Priority.LOW)
+    return Chunk(str(dev), Priority(p), int(sf), int(sl), int(cnt), int(tf or 0),
+                 int(tl or 0), int(codec), bytes(payload or b""), int(crc))
+
+
+async def insert_gaps(db: aiosqlite.Connection, items: Iterable[tuple[str, Gap]],
+                      fx: Effects | None = None) -> int:
+    """Write gap records inside the caller's transaction; returns how many."""
+    rows = [(dev, g.seq_first, g.seq_last, g.count, g.reason, g.ts_ms, runs_blob(g.runs),
+             g.detail) for dev, g in items]
+    if not rows:
+        return 0
+    await db.executemany(f"INSERT INTO gaps ({GAP_COLS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+    if fx is not None:
+        fx.gaps += len(rows)
+        fx.gap_readings += sum(r[3] for r in rows)
+    return len(rows)
+
+
+async def gaps_for_chunk_ids(db: aiosqlite.Connection, ids: Sequence[int], reason: str,
+                             ts_ms: int, detail: str = "") -> list[tuple[str, Gap]]:
+    """Gap records for chunk rows about to be deleted (read before the DELETE)."""
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = await db.execute_fetchall(
+        "SELECT device_id, priority, seq_first, seq_last, count, ts_first, ts_last, codec, "
+        f"payload, checksum FROM chunks WHERE id IN ({marks}) ORDER BY id", list(ids))
+    out: list[tuple[str, Gap]] = []
+    for row in rows:
+        c = chunk_from_row(tuple(row))
+        out.append((c.device_id, chunk_gap(c, reason, ts_ms, detail)))
+    return out
+
+
+async def read_gaps(db: aiosqlite.Connection, *, exclude: Iterable[int] = (),
+                    limit: int = 256, device_id: str | None = None) -> list[GapRow]:
+    """Pending gap records, oldest first, not in ``exclude`` (those in flight)."""
+    busy = list(exclude)
+    where = []
+    args: list[Any] = []
+    if busy:
+        where.append(f"id NOT IN ({','.join('?' * len(busy))})")
+        args.extend(busy)
+    if device_id is not None:
+        where.append("device_id = ?")
+        args.append(device_id)
+    sql = f"SELECT id, {GAP_COLS} FROM gaps"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id LIMIT ?"
+    args.append(limit)
+    out: list[GapRow] = []
+    for gid, dev, sf, sl, cnt, reason, ts, runs, detail in await db.execute_fetchall(sql, args):
+        try:
+            rr = [tuple(x) for x in _dec.decode(runs)] if runs else []
+        except msgspec.DecodeError:
+            rr = []  # a damaged runs blob: the range still accounts for the readings
+        out.append(GapRow(int(gid), str(dev), Gap(int(sf), int(sl), int(cnt), str(reason),
+                                                  int(ts), rr, str(detail or ""))))  # type: ignore[arg-type]
+    return out
