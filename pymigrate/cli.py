@@ -3,6 +3,7 @@
   pymigrate agent --config FILE [--check-config]   the edge daemon
   pymigrate cloud --config FILE                    the cloud ingest
   pymigrate cloud query ...                        print a device's series
+  pymigrate cloud completeness [DEVICE] ...        every sequence number stored or accounted for
   pymigrate run --config FILE                      agent + cloud ingest in one process
   pymigrate fleet ...                              fleet coordinator (rollouts in waves)
   pymigrate simulate NAME ...                      field scenarios on virtual time
@@ -111,10 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--check-config", nargs="?", const="", default=None, metavar="FILE",
                    help="validate the config (FILE or --config) and exit: 0 valid, 2 invalid")
 
-    c = sub.add_parser("cloud", help="run the cloud ingest (or 'cloud query')",
+    c = sub.add_parser("cloud", help="run the cloud ingest (or 'cloud query', "
+                       "'cloud completeness')",
                        formatter_class=raw,
                        description="Run the cloud ingest from the [cloud] table of FILE. "
-                       "'pymigrate cloud query --help' prints a device's stored series.",
+                       "'pymigrate cloud query --help' prints a device's stored series; "
+                       "'pymigrate cloud completeness --help' accounts for every sequence "
+                       "number (stored, in a gap with its reason, or unexplained).",
                        epilog=_CLOUD_HELP)
     c.add_argument("--config", help="TOML config with a [cloud] table")
     c.add_argument("--check-config", action="store_true", help="validate and exit")
@@ -266,8 +270,9 @@ async def _run_main(path: str, duration: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "cloud" and len(argv) > 1 and argv[1] == "query":
-        return int(importlib.import_module("cloud.query").main(argv[2:]) or 0)
+    if argv and argv[0] == "cloud" and len(argv) > 1 and argv[1] in ("query", "completeness"):
+        mod = {"query": "cloud.query", "completeness": "cloud.audit"}[argv[1]]
+        return int(importlib.import_module(mod).main(argv[2:]) or 0)
     if argv and argv[0] in DELEGATES:
         mod = importlib.import_module(DELEGATES[argv[0]][0])
         return int(mod.main(argv[1:]) or 0)

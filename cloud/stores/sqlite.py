@@ -144,7 +144,7 @@ class SqliteStore(SqliteStateFile):
             try:
                 await db.execute("ALTER TABLE readings RENAME TO readings_v1")
                 await db.execute("DROP INDEX IF EXISTS readings_series")
-                await db.executescript(SCHEMA.split("CREATE INDEX")[0])
+                await db.execute(SCHEMA.split(";")[0])  # CREATE TABLE readings
                 await db.execute(f"INSERT INTO readings ({_COLS_V1}) SELECT {_COLS_V1} "
                                  "FROM readings_v1")
                 await db.execute("DROP TABLE readings_v1")
