@@ -271,8 +271,8 @@ async def _run_main(path: str, duration: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "cloud" and len(argv) > 1 and argv[1] in ("query", "completeness"):
-        mod = {"query": "cloud.query", "completeness": "cloud.audit"}[argv[1]]
-        return int(importlib.import_module(mod).main(argv[2:]) or 0)
+        name = {"query": "cloud.query", "completeness": "cloud.audit"}[argv[1]]
+        return int(importlib.import_module(name).main(argv[2:]) or 0)
     if argv and argv[0] in DELEGATES:
         mod = importlib.import_module(DELEGATES[argv[0]][0])
         return int(mod.main(argv[1:]) or 0)
