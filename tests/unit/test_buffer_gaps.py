@@ -93,7 +93,7 @@ async def test_instance_id_is_stable_and_survives_a_lost_database(tmp_path: Path
     async with opened(path) as buf:
         assert buf.instance == inst
     for name in ("b.db", "b.db-wal", "b.db-shm"):  # wiped, but the instance file kept
-        (tmp_path / name).unlink(missing_ok=True)  # noqa: ASYNC240
+        (tmp_path / name).unlink(missing_ok=True)
     async with opened(path) as buf:
         assert buf.instance == inst
         _, base, hwm = buf.stream_of("d")
