@@ -21,8 +21,12 @@ Window
     inside the window: probability about ``max_entries / 2**64`` per reading (< 1e-14
     at the default capacity).
 
-A restart loses the window on purpose (it is a cache); the end-to-end sequence
-idempotency in the cloud catches what it then lets through.
+Across restarts: the fingerprints of readings a source can deliver again (a QoS 1
+message not yet acknowledged when the agent died, a replayed file) are committed in the
+durable buffer in the same transaction as the readings they admitted (``filter(...,
+admitted=...)`` collects them; :meth:`restore` puts them back at start), so a redelivery
+after ``kill -9`` gets no new sequence number. Readings sampled from the gateway's own
+clock cannot be redelivered and are not persisted.
 """
 
 from __future__ import annotations
@@ -108,12 +112,15 @@ class Deduplicator:
         self._dropped = 0
         self._expired = 0
         self._evicted = 0
+        self._restored = 0
 
     # -- public API ---------------------------------------------------------------
-    def filter(self, readings: Sequence[Reading]) -> list[Reading]:
+    def filter(self, readings: Sequence[Reading],
+               admitted: list[int] | None = None) -> list[Reading]:
         """Return the readings not seen within the window, in their original order.
 
         Each kept reading is remembered; a duplicate inside the same call is dropped too.
+        ``admitted`` (optional) collects the fingerprints of the kept readings.
         """
         if not self._cap:
             self._seen += len(readings)
@@ -122,8 +129,11 @@ class Deduplicator:
         self._expire(now - self.config.window_s)
         out: list[Reading] = []
         for r in readings:
-            if self._add(self._fingerprint(r), now):
+            fp = self._fingerprint(r)
+            if self._add(fp, now):
                 out.append(r)
+                if admitted is not None:
+                    admitted.append(fp)
         self._seen += len(readings)
         self._dropped += len(readings) - len(out)
         return out
@@ -136,6 +146,21 @@ class Deduplicator:
         self._expire(now - self.config.window_s)
         for r in readings:
             self._add(self._fingerprint(r), now)
+
+    def restore(self, entries: Iterable[tuple[int, float]]) -> int:
+        """Put back persisted fingerprints as (fingerprint, age in seconds), oldest first;
+        entries older than the window are skipped. Returns how many were restored."""
+        if not self._cap:
+            return 0
+        now = self._clock.monotonic()
+        n = 0
+        for fp, age in entries:
+            if 0 <= age < self.config.window_s:
+                n += self._add(fp, now - age)
+            elif age < 0:  # the wall clock went back: keep it for a full window
+                n += self._add(fp, now)
+        self._restored += n
+        return n
 
     def clear(self) -> None:
         """Forget every entry (what a restart does)."""
@@ -158,6 +183,7 @@ class Deduplicator:
             "capacity": self._cap,
             "expired": self._expired,
             "evicted": self._evicted,
+            "restored": self._restored,
             "bytes": nbytes,
             "bytes_per_entry": round(nbytes / self._cap, 2) if self._cap else 0.0,
         }

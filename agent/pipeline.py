@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import fnmatch
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,7 +83,16 @@ class IngestStage:
         self._slots = asyncio.Semaphore(max_pending)
 
     async def restore(self) -> None:
-        """Restore persisted window state; forward what the restore hands back."""
+        """Restore persisted state: the edge-dedup fingerprints of what sources may
+        deliver again, the aggregation windows (forwarding what they hand back)."""
+        self.buffer.dedup_keep_ms = int(self.dedup.config.window_s * 1000)
+        now = self.clock.time_ms()
+        restored = self.dedup.restore(
+            (fp, (now - seen) / 1000.0)
+            for seen, blob in await self.buffer.recent_dedup()
+            for fp in array("Q", blob[: len(blob) - len(blob) % 8]))
+        if restored:
+            log.info("dedup window restored", fingerprints=restored)
         if not self._has_rules:
             return
         blob = await self.buffer.get_state(AGG_STATE_KEY)
@@ -140,33 +150,39 @@ class IngestStage:
         readings = batch.readings
         self.counts["received"] += len(readings)
         out: list[Reading] = []
+        # what a source can deliver again (un-acked QoS 1, a replayed file) keeps its
+        # dedup fingerprints in the buffer, in the transaction of its readings
+        admitted: list[int] | None = (
+            [] if batch.ack is not None or not batch.local_clock else None)
         if readings:
-            fresh = self.dedup.filter(readings)
+            fresh = self.dedup.filter(readings, admitted)
             self.counts["duplicates_dropped"] += len(readings) - len(fresh)
             corrected = self.timesync.correct(fresh) if batch.local_clock else fresh
             valid = self.validator.filter(corrected)
             prioritized = self.priorities.apply(valid)
             out = self.aggregator.process(prioritized) if self._has_rules else prioritized
-        await self._spawn(out, batch.ack)
+        await self._spawn(out, batch.ack, array("Q", admitted).tobytes() if admitted else b"")
 
-    async def _spawn(self, readings: list[Reading], ack: Any) -> None:
+    async def _spawn(self, readings: list[Reading], ack: Any, dedup: bytes = b"") -> None:
         # the window state is snapshotted now, in processing order, so the blob written
         # with this batch reflects exactly the readings processed up to it
         snap = self.aggregator.snapshot() if self._has_rules else None
         if self._tg is None:  # called outside run(): do it inline
-            await self._accept(readings, ack, snap)
+            await self._accept(readings, ack, snap, dedup)
             return
         await self._slots.acquire()
-        self._tg.create_task(self._accept(readings, ack, snap), name="agent[ingest-append]")
+        self._tg.create_task(self._accept(readings, ack, snap, dedup),
+                             name="agent[ingest-append]")
 
-    async def _accept(self, readings: list[Reading], ack: Any, snap: bytes | None) -> None:
+    async def _accept(self, readings: list[Reading], ack: Any, snap: bytes | None,
+                      dedup: bytes = b"") -> None:
         try:
             state = None if snap is None else (AGG_STATE_KEY, snap)
             if readings:
                 # the window state goes into the same transaction as the readings
-                await self._store(readings, state)
-            elif state is not None:
-                await self.buffer.put_state(*state)
+                await self._store(readings, state, dedup)
+            elif state is not None or dedup:
+                await self.buffer.append([], state=state, dedup=dedup)
             if ack is not None:
                 await ack()  # only now: the readings are committed (or were invalid)
         finally:
@@ -174,11 +190,11 @@ class IngestStage:
                 self._slots.release()
 
     async def _store(self, readings: list[Reading],
-                     state: tuple[str, bytes] | None = None) -> None:
+                     state: tuple[str, bytes] | None = None, dedup: bytes = b"") -> None:
         delay = 0.5
         while True:
             try:
-                accepted = await self.buffer.append(readings, state=state)
+                accepted = await self.buffer.append(readings, state=state, dedup=dedup)
                 break
             except BufferFull as exc:
                 # nothing accepted yet: hold the batch (the source stays un-acked and

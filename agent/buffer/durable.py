@@ -112,6 +112,8 @@ class DurableBuffer:
         self._base: dict[str, int] = {}
         self._salvage: schema.SalvageResult | None = None
         self._new_instance = new_instance or schema.new_instance_id
+        self._dedup: list[bytes] = []
+        self.dedup_keep_ms = 600_000  # the agent sets its dedup window here
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -328,11 +330,13 @@ class DurableBuffer:
     # ---------------------------------------------------------------- ingest side
 
     async def append(self, readings: Sequence[Reading], *,
-                     state: tuple[str, bytes] | None = None) -> list[Reading]:
+                     state: tuple[str, bytes] | None = None,
+                     dedup: bytes = b"") -> list[Reading]:
         """Accept ``readings``: returns them with ``seq`` set once they are durable.
 
         ``state`` (key, blob) is stored in the same transaction as the readings (e.g. the
-        aggregation windows that include them), so a crash keeps both or neither.
+        aggregation windows that include them), so a crash keeps both or neither; so are
+        ``dedup`` (packed edge-dedup fingerprints of what the readings came from).
         Raises BufferFull when they cannot be stored even after eviction; then none of
         them was accepted.
         """
@@ -340,14 +344,19 @@ class DurableBuffer:
         if self._closing:
             raise BufferFull("buffer closed", reason="closed")
         if not readings:
+            if dedup:
+                self._dedup.append(bytes(dedup))
             if state is not None:
                 await self.put_state(*state)
+            elif dedup:
+                await self._request(urgent=False)
             return []
         fut: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._first_pending = self._clock.monotonic()
         self._pending.append(Append(readings, fut, self._clock.monotonic(),
-                                    None if state is None else (state[0], bytes(state[1]))))
+                                    None if state is None else (state[0], bytes(state[1])),
+                                    bytes(dedup)))
         self._pending_n += len(readings)
         self._wake.set()
         if self._pending_n >= self._cfg.commit_max_readings:
@@ -373,6 +382,14 @@ class DurableBuffer:
             rows = list(await db.execute_fetchall("SELECT value FROM state WHERE key = ?",
                                                   (key,)))
         return bytes(rows[0][0]) if rows else None
+
+    async def recent_dedup(self) -> list[tuple[int, bytes]]:
+        """Persisted edge-dedup fingerprints as (wall ms when committed, packed uint64),
+        oldest first (see :meth:`append`)."""
+        db = self._require_db()
+        async with self._lock:
+            rows = await db.execute_fetchall("SELECT seen_ms, fps FROM dedup_log ORDER BY id")
+        return [(int(t), bytes(b)) for t, b in rows]
 
     async def _request(self, urgent: bool = True) -> None:
         self._require_db()
@@ -408,7 +425,8 @@ class DurableBuffer:
     async def _run_each(self, group: Plan, flush: bool) -> None:
         """Commit a group caller by caller, failing only the callers that cannot be built."""
         for a in group.callers:
-            plan = Plan(callers=[a], states=dict([a.state]) if a.state is not None else {})
+            plan = Plan(callers=[a], states=dict([a.state]) if a.state is not None else {},
+                        dedup=[a.dedup] if a.dedup else [])
             try:
                 self._build(plan, False)
             except Exception as exc:
@@ -416,7 +434,9 @@ class DurableBuffer:
                     a.fut.set_exception(exc)
                 continue
             await self._run(plan)
-        rest = Plan(callers=[], states=group.states, waiters=group.waiters)
+        rest = Plan(callers=[], states=group.states, waiters=group.waiters,
+                    dedup=[b for b in group.dedup if all(b is not a.dedup
+                                                         for a in group.callers)])
         self._build(rest, flush)
         await self._run(rest)
 
@@ -438,8 +458,9 @@ class DurableBuffer:
         for a in callers:  # in arrival order: the last state of a key wins
             if a.state is not None:
                 states[a.state[0]] = a.state[1]
-        plan = Plan(callers=callers, states=states, waiters=self._waiters)
-        self._states, self._waiters = {}, []
+        plan = Plan(callers=callers, states=states, waiters=self._waiters,
+                    dedup=[*self._dedup, *(a.dedup for a in callers if a.dedup)])
+        self._states, self._waiters, self._dedup = {}, [], []
         flush, self._flush_req = self._flush_req, False
         return plan, flush
 
@@ -505,7 +526,8 @@ class DurableBuffer:
 
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
             await write_plan(db, plan, self._ledger, fx, now_ms=now_ms,
-                             codec_id=self._codec.codec_id, clear_all_staging=clear_all_staging)
+                             codec_id=self._codec.codec_id, clear_all_staging=clear_all_staging,
+                             dedup_keep_ms=self.dedup_keep_ms)
             await evict.expire(db, self._ledger, self._ttl, now_ms, fx)
             total = self._ledger.payload + sum(n for _, n, _ in fx.inserted) \
                 - sum(r.nbytes for r in fx.removed)

@@ -33,6 +33,7 @@ class Append:
     fut: asyncio.Future[list[Reading]]
     since: float  # monotonic arrival time: its group commit is due at since + window
     state: tuple[str, bytes] | None = None  # committed in the same transaction
+    dedup: bytes = b""  # packed uint64 edge-dedup fingerprints, same transaction
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Plan:
     clear_staging: set[Key] = field(default_factory=set)
     stage: list[tuple[Key, bytes]] = field(default_factory=list)
     states: dict[str, bytes] = field(default_factory=dict)
+    dedup: list[bytes] = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     floor: int = len(Priority)  # most important priority among new data (4 = none)
 
@@ -103,8 +105,12 @@ def build_plan(plan: Plan, open_chunks: dict[Key, OpenChunk], next_seq: dict[str
             plan.new_open[key] = None
 
 
+DEDUP_ROWS = 4096
+
+
 async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: Effects, *,
-                     now_ms: int, codec_id: int, clear_all_staging: bool = False) -> None:
+                     now_ms: int, codec_id: int, clear_all_staging: bool = False,
+                     dedup_keep_ms: int = 600_000) -> None:
     """Write a plan's rows inside the caller's transaction, recording the effects."""
     if clear_all_staging:
         await db.execute("DELETE FROM staging")
@@ -137,6 +143,13 @@ async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: E
             "INSERT INTO seqs (device_id, next_seq) VALUES (?, ?) ON CONFLICT(device_id)"
             " DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
             list(plan.next_seq.items()))
+    if plan.dedup:
+        await db.executemany("INSERT INTO dedup_log (seen_ms, fps) VALUES (?, ?)",
+                             [(now_ms, b) for b in plan.dedup])
+        # bounded: rows of the last window (dedup_keep_ms), at most DEDUP_ROWS of them
+        await db.execute("DELETE FROM dedup_log WHERE seen_ms < ? OR id <= "
+                         "(SELECT max(id) FROM dedup_log) - ?",
+                         (now_ms - dedup_keep_ms, DEDUP_ROWS))
     if plan.states:
         await db.executemany(
             "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) "

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
     seq_last INTEGER, count INTEGER, codec INTEGER, checksum INTEGER,
     reason TEXT NOT NULL, quarantined_ms INTEGER NOT NULL, payload BLOB);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS dedup_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, seen_ms INTEGER NOT NULL, fps BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS gaps (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL, seq_first INTEGER NOT NULL, seq_last INTEGER NOT NULL,
@@ -102,6 +104,7 @@ _SALVAGE_GAP = ("INSERT INTO gaps (device_id, seq_first, seq_last, count, reason
 _COPY_TABLES = {  # table -> columns copied verbatim (row by row, bad rows skipped)
     "meta": "key, value",
     "state": "key, value",
+    "dedup_log": "id, seen_ms, fps",
     "gaps": "id, device_id, seq_first, seq_last, count, reason, ts_ms, runs, detail",
 }
 
