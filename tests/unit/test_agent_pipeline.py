@@ -278,7 +278,7 @@ class _FullOnceBuffer:
         self.stored: list[Reading] = []
 
     async def append(self, readings: list[Reading], *,
-                     state: tuple[str, bytes] | None = None) -> list[Reading]:
+                     state: tuple[str, bytes] | None = None, dedup: bytes = b"") -> list[Reading]:
         from pymigrate.errors import BufferFull
 
         self.calls += 1
