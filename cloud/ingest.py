@@ -10,11 +10,16 @@ cannot hold) is answered ``rejected`` (non-retriable) and written to the dead-le
 with its reason.
 
 Every rejection is written to the dead letters (device, batch, reason, peer, the whole
-payload) before it is answered; the ack says ``dead_lettered`` only when that write
-succeeded, and only then may the device let go of the data. A rejection caused by
-configuration or identity (:data:`~pymigrate.types.CONFIG_REJECTIONS`, e.g.
-``device_mismatch``) keeps the data on the device; those dead letters are rate-limited
-per device and reason, since the device keeps resending the same data.
+payload) before it is answered. The ack says ``dead_lettered`` -- the device may let go
+of the data -- only when the cloud could also name the rejected sequence numbers in the
+completeness ledger (a ``rejected`` gap record, detail = reason): that needs an envelope
+that decodes, and a refusal a resend cannot change (the store refuses a value, a codec
+cannot read a chunk that passed its checksum). An envelope that does not decode, or a
+chunk whose checksum fails, was damaged on the way: the device keeps it and sends it
+again. A rejection caused by configuration or identity
+(:data:`~pymigrate.types.CONFIG_REJECTIONS`, e.g. ``device_mismatch``) keeps the data on
+the device too; those dead letters are rate-limited per device and reason, since the
+device keeps resending the same data.
 
 Completeness (:mod:`cloud.stores.completeness`): the envelope's stream identity (agent
 instance), chunk digests and gap records go to the store with the readings; the same
@@ -55,7 +60,7 @@ from cloud.stores.completeness import BatchMeta, ChunkDigest
 from pymigrate.clock import Clock, WallClock
 from pymigrate.envelope import DEFAULT_MAX_BYTES, decode_batch
 from pymigrate.errors import DecodeError, ThrottledError
-from pymigrate.types import CONFIG_REJECTIONS, Ack, Reading
+from pymigrate.types import CONFIG_REJECTIONS, Ack, Gap, Reading, seq_runs_of
 from transports.base import Incoming
 
 log = structlog.get_logger("pymigrate.cloud.ingest")
@@ -81,11 +86,24 @@ class IngestService:
         self._config_dl_at: dict[tuple[str, str], int] = {}
 
     async def _reject(self, inc: Incoming, reason: str, t_recv: int, batch_id: str = "",
-                      device: str = "", **kw: Any) -> Ack:
-        """Dead-letter, count, log with device and peer, answer ``rejected``."""
+                      device: str = "", ledger: BatchMeta | None = None, **kw: Any) -> Ack:
+        """Dead-letter, count, log with device and peer, answer ``rejected``.
+
+        ``ledger``: the gap records that name the rejected sequence numbers; the device may
+        let go only when they are stored too."""
         self.counters[f"rejected:{reason}"] += 1
         kept = await self._dead_letter(device or inc.channel_device_id or "", batch_id, reason,
                                        inc.payload, peer=inc.peer)
+        if kept and ledger is not None and reason not in CONFIG_REJECTIONS:
+            try:
+                await self.store.write(device, batch_id, [], meta=ledger)
+            except Exception as exc:  # the device keeps the data and retries
+                self.counters["ledger_errors"] += 1
+                log.error("rejected readings could not be recorded", device=device[:80],
+                          batch_id=batch_id, error=str(exc)[:200])
+                kept = False
+        elif ledger is None:
+            kept = False  # nothing names what the device would give up: it keeps it
         log.warning("batch rejected", reason=reason, batch_id=batch_id,
                     device=(device or inc.channel_device_id or "?")[:80], peer=inc.peer[:120],
                     transport=inc.transport, size=len(inc.payload), dead_lettered=kept, **kw)
@@ -123,8 +141,14 @@ class IngestService:
                                            chunk.checksum, len(readings), len(rs)))
                 readings.extend(rs)
         except DecodeError as exc:
+            # a chunk failing its checksum was damaged on the way: no ledger, resend
+            ledger = None if exc.reason == "corrupt" or not batch.instance else BatchMeta(
+                batch.instance, batch.seq_base, batch.hwm, [],
+                [Gap(c.seq_first, c.seq_last, c.count, "rejected", t_recv, [], exc.reason)
+                 for c in batch.chunks], b"", inc.peer)
             return await self._reject(inc, exc.reason, t_recv, batch.batch_id,
-                                      device=batch.device_id, error=str(exc)[:200])
+                                      device=batch.device_id, ledger=ledger,
+                                      error=str(exc)[:200])
         admit = (self._admit if self.gateway is not None or self.conflicts is not None
                  else None)
         meta = BatchMeta(batch.instance, batch.seq_base, batch.hwm,
@@ -134,8 +158,14 @@ class IngestService:
             result = await self.store.write(batch.device_id, batch.batch_id, readings,
                                             admit=admit, meta=meta)
         except StoreRejected as exc:  # bad data: never retried, kept for inspection
+            runs = seq_runs_of([r.seq for r in readings if r.seq >= 1])
+            ledger = None if not batch.instance or not runs else BatchMeta(
+                batch.instance, batch.seq_base, batch.hwm, [],
+                [Gap(runs[0][0], runs[-1][1], sum(b - a + 1 for a, b in runs), "rejected",
+                     t_recv, runs, exc.reason)], b"", inc.peer)
             return await self._reject(inc, exc.reason, t_recv, batch.batch_id,
-                                      device=batch.device_id, error=str(exc)[:200])
+                                      device=batch.device_id, ledger=ledger,
+                                      error=str(exc)[:200])
         except Exception as exc:  # store outage: do not ack, the device keeps the data
             self.counters["store_errors"] += 1
             log.error("store write failed", batch_id=batch.batch_id, error=str(exc),

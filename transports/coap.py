@@ -28,13 +28,17 @@ log = logging.getLogger(__name__)
 
 # aiocoap does block-wise transfer itself; keep batches small enough for constrained peers.
 DEFAULT_MAX_PAYLOAD = 256 * 1024
+_SINGLE_BLOCK = 512  # bodies above this may go block-wise (aiocoap: 1024-byte blocks)
 
 
 class CoapUplink:
     """Device-side CoAP uplink: confirmable POST to ``<uri>/<device_id>``.
 
     Bodies above one block go block-wise (Block1, done by aiocoap); the 2.04 response
-    carries the ingest's Ack, so every Ack is end-to-end.
+    carries the ingest's Ack, so every Ack is end-to-end. Block-wise requests go one at a
+    time: CoAP cannot tell apart two Block1 transfers from one endpoint to one resource
+    (aiocoap does not send Request-Tag, aiocoap issue #58), so concurrent ones would be
+    reassembled into one truncated body.
     """
 
     name = "coap"
@@ -48,6 +52,7 @@ class CoapUplink:
         self._ctx: aiocoap.Context | None = None
         # RFC 7252 ACK_TIMEOUT (first retransmission; doubles each time): lower on LANs
         self._tuning = type("CoapTuning", (TransportTuning,), {"ACK_TIMEOUT": ack_timeout_s})()
+        self._blockwise = asyncio.Lock()
 
     async def connect(self) -> None:
         """Create the client context (binds a UDP socket; no handshake)."""
@@ -60,12 +65,14 @@ class CoapUplink:
     async def send(self, payload: bytes, *, batch_id: str, timeout: float) -> Ack:  # noqa: ASYNC109
         if self._ctx is None:
             await self.connect()
-        assert self._ctx is not None
         msg = Message(code=Code.POST, uri=f"{self._base}/{self._device_id}", payload=payload,
                       transport_tuning=self._tuning)
-        req = self._ctx.request(msg)
         try:
-            resp = await asyncio.wait_for(req.response, timeout)
+            if len(payload) > _SINGLE_BLOCK:
+                async with self._blockwise:  # the wait for the lock is not the timeout's
+                    resp = await asyncio.wait_for(self._request(msg), timeout)
+            else:
+                resp = await asyncio.wait_for(self._request(msg), timeout)
         except TimeoutError as exc:
             # wait_for cancelled the response future: aiocoap stops retransmitting
             raise TransportError(f"CoAP request timed out after {timeout:.1f}s",
@@ -75,6 +82,12 @@ class CoapUplink:
         except OSError as exc:
             raise TransportError(f"CoAP socket error: {exc}", batch_id=batch_id) from exc
         return _ack_from_response(resp, batch_id)
+
+    async def _request(self, msg: Message) -> Message:
+        if self._ctx is None:
+            raise TransportError("CoAP uplink closed")
+        resp: Message = await self._ctx.request(msg).response
+        return resp
 
     async def close(self) -> None:
         if self._ctx is not None:

@@ -141,6 +141,9 @@ class DurableBuffer:
         ]
 
     async def _connect(self) -> aiosqlite.Connection:
+        # open once synchronously first: a file that cannot be opened fails here, before
+        # aiosqlite starts a worker thread that would outlive the failure
+        await asyncio.to_thread(schema.probe, self._path)
         db = await aiosqlite.connect(self._path, isolation_level=None)
         try:
             for p in schema.pragmas(self._cfg.cache_kib):

@@ -69,6 +69,15 @@ def pragmas(cache_kib: int) -> list[str]:
     ]
 
 
+def probe(path: Path) -> None:
+    """Open ``path`` and read its header: raises the sqlite3 error a real open would."""
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA schema_version").fetchone()
+    finally:
+        con.close()
+
+
 def aside_name(path: Path, now_ms: int) -> Path:
     """Where an unopenable database is moved: ``<path>.corrupt-<ts>``."""
     return path.with_name(f"{path.name}.corrupt-{now_ms}")

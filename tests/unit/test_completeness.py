@@ -122,7 +122,8 @@ async def test_rejections_are_dead_lettered_with_peer_and_say_whether_kept(
     assert ack.status == "rejected" and ack.reason == "device_mismatch"
     assert not ack.dead_lettered  # identity: the device must keep its data
     ack = await svc.handle(inc(b"PMIG garbage", device="dev-a"))
-    assert ack.status == "rejected" and ack.dead_lettered
+    # kept for forensics, but nothing names its readings: the sender must keep them
+    assert ack.status == "rejected" and not ack.dead_lettered
     con = sqlite3.connect(store.path)
     rows = con.execute("SELECT device_id, reason, peer, length(payload) FROM dead_letters "
                        "ORDER BY id").fetchall()
@@ -160,6 +161,21 @@ async def test_an_old_store_file_gets_the_instance_column(tmp_path: Path) -> Non
         await s.dead_letter("d", "b", "x", b"p", peer="me")
     finally:
         await s.close()
+
+
+async def test_data_the_store_refuses_is_dead_lettered_and_named_in_the_ledger(
+        store: SqliteStore) -> None:
+    svc = IngestService(store)
+    rs = make_readings("d", 20)
+    bad = [*rs[:10], Reading("d", "x" * 300, rs[10].ts_ms, 1.0, seq=11), *rs[11:]]
+    ack = await svc.handle(inc(env("d", bad, "b1", chunk=10)))
+    assert ack.status == "rejected" and ack.reason == "bad_sensor" and ack.dead_lettered
+    (rep,) = await store.completeness("d")
+    assert rep.gaps == {"rejected": 20} and rep.unexplained == 0
+    # the device isolates the chunks: the good one is stored after all, once
+    assert (await svc.handle(inc(env("d", rs[:10], "b2", chunk=10)))).status == "ok"
+    (rep,) = await store.completeness("d")
+    assert rep.stored == 10 and rep.gaps == {"rejected": 10} and rep.unexplained == 0
 
 
 def test_account_counts_reading_by_reading() -> None:

@@ -1,0 +1,157 @@
+"""The completeness ledger through ``kill -9``: an offline agent that must evict is killed
+five times, then the cloud comes up and the agent drains. ``pymigrate cloud
+completeness --json`` must then account for every sequence number the agent issued:
+stored + gaps = max_seq, nothing unexplained, nothing stored twice, the evictions named
+as such, and its ``stored`` equal to what the store holds.
+
+Real processes: ``pymigrate agent`` (replaying 60,000 incompressible readings as fast
+as it can, a 64 KiB buffer budget) and ``pymigrate cloud`` (CoAP on loopback into SQLite).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.integration.test_agent_kill9 import _spawn, _wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _dataset(tmp: Path) -> Path:
+    """Incompressible values (so a small budget fills), timestamps in the last hour."""
+    rnd = random.Random(5)
+    t0 = int(time.time() * 1000) - 3_600_000
+    path = tmp / "noise.csv"
+    lines = ["ts," + ",".join(f"s{j}" for j in range(20))]
+    lines += [f"{t0 + i * 100}," + ",".join(f"{rnd.uniform(-1e6, 1e6):.6f}" for _ in range(20))
+              for i in range(3000)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(tmp: Path, port: int) -> Path:
+    csv = _dataset(tmp)
+    cfg = tmp / "agent.toml"
+    cfg.write_text(f"""
+[device]
+id = "ledger-dev"
+data_dir = "{tmp / 'var'}"
+
+[[sources]]
+type = "replay"
+path = "{csv}"
+speed = 0
+
+[buffer]
+commit_window_ms = 20
+chunk_max_age_s = 0.3
+budget_bytes = 65536
+
+[uplink]
+transports = ["coap"]
+
+[uplink.coap]
+host = "127.0.0.1"
+port = {port}
+
+[retry]
+backoff_base_s = 0.05
+backoff_cap_s = 0.3
+breaker_open_base_s = 0.2
+breaker_open_cap_s = 0.5
+
+[pipeline]
+drain_timeout_s = 20.0
+
+[log]
+level = "warning"
+
+[cloud]
+store = "sqlite"
+listeners = ["coap"]
+
+[cloud.sqlite]
+path = "{tmp / 'cloud.db'}"
+
+[cloud.coap]
+host = "127.0.0.1"
+port = {port}
+""")
+    return cfg
+
+
+def _high_water(db: Path) -> int:
+    con = sqlite3.connect(db)
+    try:
+        row = con.execute("SELECT next_seq FROM seqs WHERE device_id = 'ledger-dev'").fetchone()
+    finally:
+        con.close()
+    return int(row[0]) - 1 if row else 0
+
+
+def test_offline_evicting_agent_killed_five_times_is_fully_accounted(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, port)
+    buffer_db = tmp_path / "var" / "buffer.db"
+    rng = random.Random(16)
+    for _ in range(5):  # offline: no cloud is listening, the budget must evict
+        agent = _spawn("agent", "--config", str(cfg))
+        if not _wait_for(lambda: buffer_db.exists(), 20):
+            agent.kill()
+            raise AssertionError(agent.communicate()[0].decode(errors="replace")[-3000:])
+        time.sleep(rng.uniform(1.0, 2.0))
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+    offline_high = _high_water(buffer_db)
+    con = sqlite3.connect(buffer_db)
+    pending_gaps = con.execute("SELECT count(*) FROM gaps").fetchone()[0]
+    con.close()
+    assert pending_gaps > 0, "the budget should have forced evictions while offline"
+    cloud = _spawn("cloud", "--config", str(cfg))
+    try:
+        assert _wait_for(lambda: (tmp_path / "cloud.db").exists(), 20), "cloud did not start"
+        agent = _spawn("agent", "--config", str(cfg))
+        time.sleep(3.0)
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=60)
+        assert agent.returncode == 0, out.decode(errors="replace")[-2000:]
+    finally:
+        cloud.send_signal(signal.SIGTERM)
+        try:
+            cloud.wait(20)
+        except subprocess.TimeoutExpired:
+            cloud.kill()
+    high = _high_water(buffer_db)
+    assert high > offline_high
+    res = subprocess.run([*_spawn_args(), "cloud", "completeness", "ledger-dev", "--config",
+                          str(cfg), "--json"], capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+    doc = json.loads(res.stdout)
+    (dev,) = doc["devices"]
+    assert dev["instances"] == 1
+    assert dev["max_seq"] == high  # the agent's own count of what it issued
+    assert dev["unexplained"] == 0 and dev["duplicates"] == 0 and dev["conflicts"] == 0
+    assert dev["gaps"].get("evicted", 0) > 0
+    assert dev["stored"] + dev["gap_total"] == dev["max_seq"]
+    con = sqlite3.connect(tmp_path / "cloud.db")
+    try:
+        n, distinct = con.execute("SELECT count(*), count(DISTINCT seq) FROM readings "
+                                  "WHERE device_id = 'ledger-dev'").fetchone()
+    finally:
+        con.close()
+    assert n == distinct == dev["stored"]
+
+
+def _spawn_args() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "pymigrate.cli"]
