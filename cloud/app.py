@@ -19,8 +19,13 @@ class CloudApp:
     """Opens the store, starts every listener, serves until stopped."""
 
     def __init__(self, store: Store, servers: list[IngestServer], *,
-                 service: IngestService | None = None, clock: Clock | None = None) -> None:
+                 service: IngestService | None = None, clock: Clock | None = None,
+                 completeness_interval_s: float = 0.0) -> None:
         self.store = store
+        self.completeness_interval_s = completeness_interval_s
+        # device -> summary of the last accounting (cloud.audit.device_summary)
+        self.completeness: dict[str, dict[str, Any]] = {}
+        self.completeness_at_ms = 0
         self.servers = servers
         self.clock = clock or WallClock()
         self.service = service or IngestService(store, clock=self.clock)
@@ -56,10 +61,39 @@ class CloudApp:
 
     async def run(self) -> None:
         await self.start()
+        audit = None
+        if self.completeness_interval_s > 0 and hasattr(self.store, "completeness"):
+            audit = asyncio.create_task(self._account_forever(), name="cloud[completeness]")
         try:
             await self._stop.wait()
         finally:
+            if audit is not None:
+                audit.cancel()
+                await asyncio.gather(audit, return_exceptions=True)
             await self.stop()
+
+    async def account(self) -> None:
+        """Account every stream once (the completeness metrics read the result)."""
+        from cloud.audit import device_summary
+
+        streams = await self.store.completeness()  # type: ignore[attr-defined]
+        by_dev: dict[str, list[Any]] = {}
+        for s in streams:
+            by_dev.setdefault(s.device_id, []).append(s)
+        self.completeness = {d: device_summary(d, ss) for d, ss in by_dev.items()}
+        self.completeness_at_ms = self.clock.time_ms()
+        bad = {d: s["unexplained"] for d, s in self.completeness.items() if s["unexplained"]}
+        if bad:
+            log.warning("readings neither stored nor accounted for by a gap",
+                        devices=dict(list(bad.items())[:20]), total=sum(bad.values()))
+
+    async def _account_forever(self) -> None:
+        while True:
+            try:
+                await self.account()
+            except Exception as exc:  # an audit failure must not stop the ingest
+                log.error("completeness accounting failed", error=str(exc)[:300])
+            await self.clock.sleep(self.completeness_interval_s)
 
     def status(self) -> dict[str, Any]:
         return dict(self.service.counters)
@@ -88,4 +122,5 @@ def build_cloud_app(section: dict[str, Any], *, clock: Clock | None = None) -> C
     cfg = parse_cloud_config(section)
     store = build_store(cfg, clock=clock)
     return CloudApp(store, build_servers(cfg, clock=clock), clock=clock,
-                    service=build_ingest(cfg, store, clock=clock))
+                    service=build_ingest(cfg, store, clock=clock),
+                    completeness_interval_s=cfg.completeness_interval_s)

@@ -166,9 +166,17 @@ class CloudConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dedup: DedupSettings = msgspec.field(default_factory=DedupSettings)
     max_batch_bytes: int = DEFAULT_MAX_BYTES
     rate_limit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
+    # how often the running ingest accounts every stream for the completeness metrics
+    # (0 = never; `pymigrate cloud completeness` works either way)
+    completeness_interval_s: float = 300.0
 
     def __post_init__(self) -> None:
         from transports.config import parse_transport
+
+        if not 0 <= self.completeness_interval_s <= 86_400 * 7:
+            raise ConfigError("cloud.completeness_interval_s",
+                              f"must be 0 (off) .. 604800 seconds, got "
+                              f"{self.completeness_interval_s}")
 
         for name in ("mqtt", "amqp"):
             if name in self.listeners or getattr(self, name):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -38,6 +38,8 @@ _PLAIN = {
     "gateway_replaced": ("gateway_replaced", "Readings replaced by cross-gateway dedup"),
     "dead_letters": ("dead_letters", "Payloads dead-lettered"),
     "dead_letter_errors": ("dead_letter_errors", "Dead-letter writes that failed"),
+    "readings_conflict": ("readings_conflict", "Readings kept apart: same seqs, other content"),
+    "gaps_received": ("gaps_received", "Gap records received from agents"),
 }
 
 
@@ -68,9 +70,43 @@ class IngestCollector(Collector):
         yield other
 
 
-def cloud_registry(service: IngestService, *, process: bool = True) -> CollectorRegistry:
+class CompletenessCollector(Collector):
+    """The last completeness accounting of a :class:`CloudApp` (every
+    ``cloud.completeness_interval_s``): per device, readings unexplained, in gaps by
+    reason, in conflict, and the highest sequence number seen."""
+
+    def __init__(self, app: CloudApp) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        docs = {
+            "unexplained": "Sequence numbers neither stored nor named by a gap record",
+            "stored": "Sequence numbers stored",
+            "conflicts": "Readings whose sequence numbers arrived again with other content",
+            "max_seq": "Highest sequence number issued, as the agents report it",
+        }
+        fams = {k: GaugeMetricFamily(P + f"completeness_{k}", v, labels=["device"])
+                for k, v in docs.items()}
+        gaps = GaugeMetricFamily(P + "completeness_gaps", "Sequence numbers accounted for "
+                                 "by gap records, by reason", labels=["device", "reason"])
+        for dev, s in sorted(self.app.completeness.items()):
+            for k, fam in fams.items():
+                fam.add_metric([dev], s[k])
+            for reason, n in sorted(s["gaps"].items()):
+                gaps.add_metric([dev, reason], n)
+        yield from fams.values()
+        yield gaps
+        yield GaugeMetricFamily(P + "completeness_accounted_at_seconds",
+                                "When the completeness was last accounted (epoch s, 0 never)",
+                                value=self.app.completeness_at_ms / 1000.0)
+
+
+def cloud_registry(service: IngestService, *, process: bool = True,
+                   app: CloudApp | None = None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(IngestCollector(service))
+    if app is not None:
+        reg.register(CompletenessCollector(app))
     if process:
         ProcessCollector(namespace="pymigrate_cloud", registry=reg)
     return reg
@@ -86,7 +122,7 @@ def cloud_health(app: CloudApp) -> dict[str, Any]:
 
 def cloud_endpoint(app: CloudApp, host: str = "127.0.0.1", port: int = 9109) -> HttpEndpoint:
     """``/metrics`` + ``/health`` for a cloud ingest process."""
-    reg = cloud_registry(app.service)
+    reg = cloud_registry(app.service, app=app)
     return HttpEndpoint({"/metrics": metrics_route(reg),
                          "/health": json_route(lambda: cloud_health(app))}, host, port,
                         name="cloud metrics")

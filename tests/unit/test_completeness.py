@@ -189,3 +189,21 @@ def test_account_counts_reading_by_reading() -> None:
     # a reading both stored and in a gap (delivered while evicted) counts once, as stored
     rep = account("d", "i", seq_base=1, hwm=6, stored=[(1, 6)], gaps=[exact])
     assert rep.stored == 6 and rep.gaps == {"evicted": 0} and rep.unexplained == 0
+
+
+async def test_completeness_is_exported_as_metrics(store: SqliteStore) -> None:
+    from prometheus_client import generate_latest
+
+    from cloud.app import CloudApp
+    from cloud.metrics import cloud_registry
+
+    svc = IngestService(store)
+    app = CloudApp(store, [], service=svc, completeness_interval_s=60)
+    rs = make_readings("m", 10)
+    gap = Gap(11, 12, 2, "expired", 0, [(11, 12)])
+    await svc.handle(inc(env("m", rs, "b1", gaps=[gap], hwm=15)))
+    await app.account()
+    text = generate_latest(cloud_registry(svc, process=False, app=app)).decode()
+    assert 'pymigrate_cloud_completeness_unexplained{device="m"} 3.0' in text
+    assert 'pymigrate_cloud_completeness_gaps{device="m",reason="expired"} 2.0' in text
+    assert 'pymigrate_cloud_completeness_stored{device="m"} 10.0' in text
