@@ -50,6 +50,7 @@ TOML (every key optional; defaults shown)::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import msgspec
@@ -169,10 +170,16 @@ class CloudConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # how often the running ingest accounts every stream for the completeness metrics
     # (0 = never; `pymigrate cloud completeness` works either way)
     completeness_interval_s: float = 300.0
+    # refuse readings whose (corrected) timestamp is further ahead of the cloud's clock
+    max_future_s: float = 86_400.0
+    # keep NaN/inf values (the agent's validation.allow_nan); SQLite holds NaN as NULL
+    allow_non_finite: bool = False
 
     def __post_init__(self) -> None:
         from transports.config import parse_transport
 
+        if not (math.isfinite(self.max_future_s) and self.max_future_s > 0):
+            raise ConfigError("cloud.max_future_s", f"must be > 0, got {self.max_future_s}")
         if not 0 <= self.completeness_interval_s <= 86_400 * 7:
             raise ConfigError("cloud.completeness_interval_s",
                               f"must be 0 (off) .. 604800 seconds, got "
@@ -239,4 +246,5 @@ def build_ingest(cfg: CloudConfig, store: Store, *, clock: Clock | None = None) 
         limiter = DeviceRateLimiter(cfg.rate_limit.batches_per_s, cfg.rate_limit.burst,
                                     clock=clock)
     return IngestService(store, clock=clock, max_batch_bytes=cfg.max_batch_bytes,
+                         max_future_s=cfg.max_future_s, allow_non_finite=cfg.allow_non_finite,
                          limiter=limiter, gateway=gateway, conflict_policy=d.conflict_policy)

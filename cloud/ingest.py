@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from typing import Any
 
 import structlog
@@ -73,8 +74,13 @@ class IngestService:
                  max_batch_bytes: int = DEFAULT_MAX_BYTES,
                  limiter: Any | None = None,
                  gateway: GatewayDeduper | None = None,
-                 conflict_policy: ConflictPolicy | str | None = None) -> None:
+                 conflict_policy: ConflictPolicy | str | None = None,
+                 max_future_s: float = 86_400.0, allow_non_finite: bool = False) -> None:
         self.store = store
+        # plausibility at the door: a timestamp further ahead than this (after the
+        # agent's clock correction) or a NaN/inf value is refused with its reason
+        self.max_future_ms = int(max_future_s * 1000)
+        self.allow_non_finite = allow_non_finite
         self.gateway = gateway
         # None: no in-batch conflict resolution (every distinct seq is stored)
         self.conflicts = None if conflict_policy is None else ConflictResolver(conflict_policy)
@@ -155,6 +161,7 @@ class IngestService:
                          digests if batch.instance else [], batch.gaps, inc.payload,
                          inc.peer)
         try:
+            self._plausible(readings, t_recv)
             result = await self.store.write(batch.device_id, batch.batch_id, readings,
                                             admit=admit, meta=meta)
         except StoreRejected as exc:  # bad data: never retried, kept for inspection
@@ -192,6 +199,19 @@ class IngestService:
                    t_send_ms=self.clock.time_ms(), accepted=result.written,
                    duplicates=result.duplicates, count=len(readings), gaps=len(batch.gaps),
                    conflicts=result.conflicts)
+
+    def _plausible(self, readings: list[Reading], now_ms: int) -> None:
+        limit = now_ms + self.max_future_ms
+        for r in readings:
+            if r.ts_ms > limit:
+                raise StoreRejected(
+                    f"{r.sensor[:40]} seq {r.seq}: timestamp {r.ts_ms} is "
+                    f"{(r.ts_ms - now_ms) / 86_400_000:.1f} days ahead of the cloud's clock",
+                    reason="timestamp_future")
+            if not self.allow_non_finite and not math.isfinite(r.value):
+                raise StoreRejected(f"{r.sensor[:40]} seq {r.seq}: value {r.value} (set "
+                                    "cloud.allow_non_finite to keep NaN/inf)",
+                                    reason="non_finite_value")
 
     def _admit(self, fresh: list[Reading]) -> Admission:
         """Store-side filter over a batch's not-yet-stored readings (inside the write

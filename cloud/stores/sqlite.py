@@ -30,6 +30,7 @@ the same transaction as the readings.
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,7 +103,8 @@ def row_to_reading(row: Sequence[Any]) -> Reading:
     if row[9] is not None or row[10] is not None:
         agg = AggInfo(row[9] or "", row[10] or "", int(row[11] or 0), int(row[12] or 0))
     return Reading(
-        device_id=row[0], sensor=row[1], ts_ms=int(row[2]), value=float(row[3]),
+        device_id=row[0], sensor=row[1], ts_ms=int(row[2]),
+        value=math.nan if row[3] is None else float(row[3]),  # SQLite holds NaN as NULL
         priority=Priority(row[4]), seq=int(row[5]),
         raw_ts_ms=None if row[6] is None else int(row[6]),
         quality=int(row[7]), uncert_ms=int(row[8]), agg=agg)

@@ -207,3 +207,21 @@ async def test_completeness_is_exported_as_metrics(store: SqliteStore) -> None:
     assert 'pymigrate_cloud_completeness_unexplained{device="m"} 3.0' in text
     assert 'pymigrate_cloud_completeness_gaps{device="m",reason="expired"} 2.0' in text
     assert 'pymigrate_cloud_completeness_stored{device="m"} 10.0' in text
+
+
+async def test_implausible_readings_are_refused_with_their_reason(store: SqliteStore) -> None:
+    import math
+    import time
+
+    svc = IngestService(store)
+    now = time.time_ns() // 1_000_000
+    future = [Reading("p", "s", now + 10 * 365 * 86_400_000, 1.0, seq=1)]
+    ack = await svc.handle(inc(env("p", future, "b1")))
+    assert ack.status == "rejected" and ack.reason == "timestamp_future" and ack.dead_lettered
+    nan = [Reading("p", "s", now, math.nan, seq=2)]
+    ack = await svc.handle(inc(env("p", nan, "b2")))
+    assert ack.reason == "non_finite_value"
+    svc.allow_non_finite = True  # cloud.allow_non_finite: NaN kept (NULL in SQLite)
+    assert (await svc.handle(inc(env("p", nan, "b3")))).status == "ok"
+    (got,) = await store.query("p")
+    assert math.isnan(got.value)

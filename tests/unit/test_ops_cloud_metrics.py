@@ -56,6 +56,9 @@ async def test_cloud_endpoint_health() -> None:
         store = _Store()
         servers = [_Server()]
         ready = asyncio.Event()
+        completeness = {"d1": {"unexplained": 2, "stored": 5, "conflicts": 0, "max_seq": 9,
+                               "gaps": {"evicted": 2}}}
+        completeness_at_ms = 1_000
 
     app: Any = _App()
     ep = cloud_endpoint(app, port=0)
@@ -69,6 +72,7 @@ async def test_cloud_endpoint_health() -> None:
         assert code == 200 and doc["listeners"] == ["mqtt"] and doc["store"] == "sqlite"
         code, body = await _get(ep.port, "/metrics")
         assert code == 200 and b"pymigrate_cloud_readings_written_total 700.0" in body
+        assert b'pymigrate_cloud_completeness_unexplained{device="d1"} 2.0' in body
     finally:
         await ep.close()
 
