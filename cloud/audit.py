@@ -61,6 +61,8 @@ def device_summary(device_id: str, streams: list[StreamReport]) -> dict[str, Any
         "unexplained": sum(s.unexplained for s in streams),
         "duplicates": sum(s.duplicates for s in streams),
         "conflicts": sum(s.conflicts for s in streams),
+        "ranges_forgotten": sum(s.ranges_forgotten for s in streams),
+        "state_ranges": sum(s.state_ranges for s in streams),
         "instances": len(streams),
         "streams": [msgspec.to_builtins(s) for s in streams],
     }

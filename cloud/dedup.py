@@ -74,7 +74,7 @@ __all__ = [
     "resolve",
 ]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 adds ranges_forgotten; 1 is still read
 _DOUBLE = struct.Struct("<d")
 
 
@@ -204,9 +204,11 @@ class IdempotencyState:
         return f"IdempotencyState(watermark={self.watermark}, ranges={self.ranges()})"
 
     def to_bytes(self) -> bytes:
-        """Compact form: version, watermark, count, then (gap, length) varint deltas."""
+        """Compact form: version, watermark, ranges forgotten so far, count, then (gap,
+        length) varint deltas."""
         out = bytearray([_STATE_VERSION])
         _put_varint(out, self.watermark)
+        _put_varint(out, self.ranges_forgotten)
         _put_varint(out, len(self._starts))
         prev = self.watermark
         for s, e in zip(self._starts, self._ends):
@@ -218,11 +220,15 @@ class IdempotencyState:
     @classmethod
     def from_bytes(cls, data: bytes, *, max_ranges: int = 4096) -> IdempotencyState:
         """Inverse of :meth:`to_bytes`; raises DecodeError on malformed input."""
-        if not data or data[0] != _STATE_VERSION:
+        if not data or data[0] not in (1, _STATE_VERSION):
             raise DecodeError("unknown idempotency state version", reason="idempotency_state")
         w, pos = _get_varint(data, 1)
+        forgotten = 0
+        if data[0] >= 2:
+            forgotten, pos = _get_varint(data, pos)
         n, pos = _get_varint(data, pos)
         state = cls(w, max_ranges=max_ranges)
+        state.ranges_forgotten = forgotten
         prev = w
         for _ in range(n):
             gap, pos = _get_varint(data, pos)

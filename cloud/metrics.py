@@ -84,6 +84,9 @@ class CompletenessCollector(Collector):
             "stored": "Sequence numbers stored",
             "conflicts": "Readings whose sequence numbers arrived again with other content",
             "max_seq": "Highest sequence number issued, as the agents report it",
+            "ranges_forgotten": "Idempotency ranges dropped for size (a resend of them is "
+                                "caught by the store's key, not the state)",
+            "state_ranges": "Exception ranges the idempotency state holds (its size)",
         }
         fams = {k: GaugeMetricFamily(P + f"completeness_{k}", v, labels=["device"])
                 for k, v in docs.items()}

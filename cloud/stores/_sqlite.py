@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS streams (
   last_seen_ms INTEGER NOT NULL,
   peer TEXT NOT NULL DEFAULT '',
   duplicates INTEGER NOT NULL DEFAULT 0,
+  ranges_forgotten INTEGER NOT NULL DEFAULT 0,
+  state_ranges INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (device_id, instance)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunk_digests (
@@ -141,6 +143,11 @@ class SqliteStateFile:
             "PRAGMA table_info(dead_letters)")}
         if "peer" not in cols:
             await self.db.execute("ALTER TABLE dead_letters ADD COLUMN peer TEXT")
+        scols = {str(r[1]) for r in await self.db.execute_fetchall("PRAGMA table_info(streams)")}
+        for col in ("ranges_forgotten", "state_ranges"):
+            if scols and col not in scols:
+                await self.db.execute(
+                    f"ALTER TABLE streams ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0")
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
                           payload: bytes, *, peer: str = "") -> None:
@@ -197,15 +204,21 @@ class SqliteStateFile:
                 [(device_id, inst, batch_id, c.seq_first, c.seq_last, n, c.checksum,
                   stored[c.seq_first][2] if c.seq_first in stored else None, meta.payload,
                   now) for c, n in plan.conflicts])
+        st = plan.state
         await db.execute(
             "INSERT INTO streams (device_id, instance, seq_base, hwm, first_seen_ms,"
-            " last_seen_ms, peer, duplicates) VALUES (?,?,?,?,?,?,?,?)"
+            " last_seen_ms, peer, duplicates, ranges_forgotten, state_ranges)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (device_id, instance) DO UPDATE SET"
             " seq_base = min(seq_base, excluded.seq_base), hwm = max(hwm, excluded.hwm),"
             " last_seen_ms = excluded.last_seen_ms, peer = excluded.peer,"
-            " duplicates = duplicates + excluded.duplicates",
+            " duplicates = duplicates + excluded.duplicates,"
+            " ranges_forgotten = CASE WHEN ? THEN excluded.ranges_forgotten"
+            " ELSE ranges_forgotten END,"
+            " state_ranges = CASE WHEN ? THEN excluded.state_ranges ELSE state_ranges END",
             (device_id, inst, meta.seq_base, meta.hwm, now, now, meta.peer[:128],
-             plan.duplicates))
+             plan.duplicates, st.ranges_forgotten if st else 0,
+             len(st.ranges()) if st else 0, st is not None, st is not None))
 
     async def _stored_runs(self, device_id: str, instance: str) -> list[tuple[int, int]]:
         """Sequence numbers stored for a stream, as runs (stores override)."""
@@ -218,10 +231,13 @@ class SqliteStateFile:
         """The completeness report of every stream (of one device)."""
         db = self.db
         where, args = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
-        streams = {(str(d), str(i)): (int(b), int(h), int(t)) for d, i, b, h, t in
-                   await db.execute_fetchall(
-                       f"SELECT device_id, instance, seq_base, hwm, last_seen_ms FROM streams "
-                       f"{where}", args)}
+        extra: dict[tuple[str, str], tuple[int, int]] = {}
+        streams: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for d, i, b, h, t, rf, sr in await db.execute_fetchall(
+                "SELECT device_id, instance, seq_base, hwm, last_seen_ms, ranges_forgotten,"
+                f" state_ranges FROM streams {where}", args):
+            streams[(str(d), str(i))] = (int(b), int(h), int(t))
+            extra[(str(d), str(i))] = (int(rf), int(sr))
         for d, i in await db.execute_fetchall(
                 f"SELECT DISTINCT device_id, instance FROM gaps {where}", args):
             streams.setdefault((str(d), str(i)), (1, 0, 0))
@@ -239,7 +255,9 @@ class SqliteStateFile:
                 dev, inst, seq_base=base, hwm=hwm, stored=await self._stored_runs(dev, inst),
                 gaps=[gap_of_row(tuple(r)) for r in gap_rows],
                 duplicates=await self._stored_duplicates(dev, inst),
-                conflicts=int(crow[0][0]) if crow else 0, last_seen_ms=seen))
+                conflicts=int(crow[0][0]) if crow else 0, last_seen_ms=seen,
+                ranges_forgotten=extra.get((dev, inst), (0, 0))[0],
+                state_ranges=extra.get((dev, inst), (0, 0))[1]))
         return out
 
     async def _legacy_streams(self, device_id: str | None) -> list[tuple[str, str]]:

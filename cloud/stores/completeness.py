@@ -241,6 +241,8 @@ class StreamReport(msgspec.Struct):
     conflicts: int = 0
     unexplained_runs: list[tuple[int, int]] = msgspec.field(default_factory=list)
     last_seen_ms: int = 0
+    ranges_forgotten: int = 0  # idempotency ranges dropped for size (resends hit the key)
+    state_ranges: int = 0  # exception ranges the idempotency state holds now
 
     @property
     def complete(self) -> bool:
@@ -249,7 +251,8 @@ class StreamReport(msgspec.Struct):
 
 def account(device_id: str, instance: str, *, seq_base: int, hwm: int, stored: Runs,
             gaps: Iterable[Gap], duplicates: int = 0, conflicts: int = 0,
-            last_seen_ms: int = 0, max_runs: int = 20) -> StreamReport:
+            last_seen_ms: int = 0, max_runs: int = 20, ranges_forgotten: int = 0,
+            state_ranges: int = 0) -> StreamReport:
     """Account every sequence number of ``[seq_base, max_seq]``: stored, in a gap (by
     reason), or unexplained. ``stored`` are the stored sequence numbers as runs.
 
@@ -274,4 +277,4 @@ def account(device_id: str, instance: str, *, seq_base: int, hwm: int, stored: R
     missing = runs_subtract(universe, accounted)
     return StreamReport(device_id, instance, seq_base, top, runs_size(stored), by_reason,
                         runs_size(missing), duplicates, conflicts, missing[:max_runs],
-                        last_seen_ms)
+                        last_seen_ms, ranges_forgotten, state_ranges)

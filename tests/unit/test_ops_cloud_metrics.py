@@ -57,6 +57,7 @@ async def test_cloud_endpoint_health() -> None:
         servers = [_Server()]
         ready = asyncio.Event()
         completeness = {"d1": {"unexplained": 2, "stored": 5, "conflicts": 0, "max_seq": 9,
+                               "ranges_forgotten": 0, "state_ranges": 0,
                                "gaps": {"evicted": 2}}}
         completeness_at_ms = 1_000
 
