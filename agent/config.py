@@ -6,9 +6,11 @@ heavy objects. Unknown keys are errors (a typo must not silently fall back to a 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,18 @@ PRIORITIES = ("critical", "high", "normal", "low")
 
 
 class DeviceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """``[device]``: identity and where state lives (relative to the start directory)."""
+    """``[device]``: identity and where state lives (relative to the start directory).
 
-    id: str = "station-001"
+    ``id`` empty (the default) derives the identity from the machine
+    (:func:`resolve_device_id`): two gateways started from one config never share an id
+    by accident.
+    """
+
+    id: str = ""
     data_dir: str = "./var"
 
     def __post_init__(self) -> None:
-        if not _DEVICE_RE.match(self.id):
+        if self.id and not _DEVICE_RE.match(self.id):
             raise ConfigError("device.id",
                               f"{self.id!r} must be 1-128 chars of A-Z a-z 0-9 . _ : -")
 
@@ -234,3 +241,28 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("pipeline.queue_size", "must be >= 1")
     if cfg.pipeline.drain_timeout_s < 0:
         raise ConfigError("pipeline.drain_timeout_s", "must be >= 0")
+
+
+def resolve_device_id(cfg: AgentConfig, *, machine_id_file: str = "/etc/machine-id") -> AgentConfig:
+    """Phase two of ``device.id``: an empty id becomes ``gw-<12 hex>`` derived from the
+    machine id (systemd's ``/etc/machine-id``), or, where there is none, generated once
+    and kept in ``<data_dir>/device-id``. A configured id is returned unchanged."""
+    if cfg.device.id:
+        return cfg
+    try:
+        machine = Path(machine_id_file).read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        machine = ""
+    if machine:
+        dev = "gw-" + hashlib.sha256(f"pymigrate:{machine}".encode()).hexdigest()[:12]
+    else:
+        kept = cfg.data_path("device-id")
+        try:
+            dev = kept.read_text(encoding="ascii").strip()
+        except (OSError, ValueError):
+            dev = ""
+        if not _DEVICE_RE.match(dev):
+            dev = "gw-" + uuid.uuid4().hex[:12]
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(dev + "\n", encoding="ascii")
+    return msgspec.structs.replace(cfg, device=msgspec.structs.replace(cfg.device, id=dev))

@@ -21,7 +21,7 @@ import structlog
 
 from agent.aggregate import Aggregator, make_degrader
 from agent.buffer import DurableBuffer
-from agent.config import AgentConfig
+from agent.config import AgentConfig, resolve_device_id
 from agent.dedup import Deduplicator
 from agent.pipeline import IngestStage, PriorityMap
 from agent.retry.backoff import agent_rng
@@ -54,7 +54,7 @@ class Agent:
                  uplinks: Sequence[Uplink] | None = None,
                  sources: Sequence[Source] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-        self.config = cfg = config
+        self.config = cfg = resolve_device_id(config)
         self.clock = clock or WallClock()
         self.device_id = cfg.device.id
         self.on_event = on_event

@@ -167,7 +167,8 @@ def _check_agent(path: str) -> int:
     from agent.envconfig import load_config  # file + PYMIGRATE__* / framework env overrides
 
     cfg = load_config(path)
-    print(f"{path}: OK (device {cfg.device.id}, {len(cfg.sources)} source(s), "
+    dev = cfg.device.id or "derived from the machine at start"
+    print(f"{path}: OK (device {dev}, {len(cfg.sources)} source(s), "
           f"uplink {' -> '.join(cfg.uplink.transports)})")
     return 0
 

@@ -225,3 +225,25 @@ async def test_implausible_readings_are_refused_with_their_reason(store: SqliteS
     assert (await svc.handle(inc(env("p", nan, "b3")))).status == "ok"
     (got,) = await store.query("p")
     assert math.isnan(got.value)
+
+
+def test_an_unset_device_id_is_derived_not_a_shared_constant(tmp_path: Path) -> None:
+    from agent.config import parse_agent_config, resolve_device_id
+
+    cfg = parse_agent_config({"device": {"data_dir": str(tmp_path / "a")}})
+    assert cfg.device.id == ""
+    mid = tmp_path / "machine-id"
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    a = resolve_device_id(cfg, machine_id_file=str(mid))
+    mid.write_text("fedcba9876543210fedcba9876543210\n")
+    b = resolve_device_id(cfg, machine_id_file=str(mid))
+    assert a.device.id.startswith("gw-") and a.device.id != b.device.id
+    # no machine id: generated once, kept in the data directory
+    c1 = resolve_device_id(cfg, machine_id_file=str(tmp_path / "none"))
+    c2 = resolve_device_id(cfg, machine_id_file=str(tmp_path / "none"))
+    assert c1.device.id == c2.device.id == (tmp_path / "a" / "device-id").read_text().strip()
+    other = parse_agent_config({"device": {"data_dir": str(tmp_path / "b")}})
+    assert resolve_device_id(other, machine_id_file=str(tmp_path / "none")).device.id != \
+        c1.device.id
+    named = parse_agent_config({"device": {"id": "dock-7"}})
+    assert resolve_device_id(named) is named
