@@ -84,7 +84,8 @@ class ReplaySource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
     path: str = ""
     speed: float = 0.0  # 0 = as fast as the pipeline takes it; 1 = real time
     shift_to_now: bool = False
-    loop: bool = False
+    loop: bool = False  # start again at the end of the file (time-shifted to continue)
+    exit_when_done: bool = False  # stop the agent (gracefully) at the end of the file
 
 
 SourceConfig = WeatherSource | MqttSource | ReplaySource
@@ -229,8 +230,11 @@ def _check(cfg: AgentConfig) -> None:
         elif isinstance(s, ReplaySource):
             if not s.path:
                 raise ConfigError(f"{key}.path", "a replay source needs a CSV path")
-            if s.speed < 0:
+            if not (math.isfinite(s.speed) and s.speed >= 0):
                 raise ConfigError(f"{key}.speed", f"must be >= 0, got {s.speed}")
+            if s.loop and s.exit_when_done:
+                raise ConfigError(f"{key}.exit_when_done",
+                                  "a looping replay never ends: set loop or exit_when_done")
     if cfg.log.format not in ("console", "json"):
         raise ConfigError("log.format", f"must be 'console' or 'json', got {cfg.log.format!r}")
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
@@ -239,8 +243,18 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("jobs.port", f"must be a TCP port, got {cfg.jobs.port}")
     if cfg.pipeline.queue_size < 1:
         raise ConfigError("pipeline.queue_size", "must be >= 1")
-    if cfg.pipeline.drain_timeout_s < 0:
+    if not (math.isfinite(cfg.pipeline.drain_timeout_s) and cfg.pipeline.drain_timeout_s >= 0):
         raise ConfigError("pipeline.drain_timeout_s", "must be >= 0")
+    if not (math.isfinite(cfg.pipeline.status_interval_s)
+            and cfg.pipeline.status_interval_s >= 0.1):
+        raise ConfigError("pipeline.status_interval_s",
+                          f"must be >= 0.1 (seconds between progress lines), "
+                          f"got {cfg.pipeline.status_interval_s}")
+    if not 0 <= cfg.metrics.port < 65536:
+        raise ConfigError("metrics.port", f"must be a TCP port (0 = any free one), "
+                          f"got {cfg.metrics.port}")
+    if not cfg.metrics.host:
+        raise ConfigError("metrics.host", "must be an address (127.0.0.1 = this machine only)")
 
 
 def resolve_device_id(cfg: AgentConfig, *, machine_id_file: str = "/etc/machine-id") -> AgentConfig:

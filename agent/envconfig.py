@@ -38,7 +38,7 @@ from pymigrate.configload import load_toml
 from pymigrate.errors import ConfigError
 
 __all__ = ["PREFIX", "apply_overrides", "check_permissions", "env_overrides", "load_config",
-           "runtime_info"]
+           "parse_with_env", "runtime_info"]
 
 log = structlog.get_logger("pymigrate.agent.envconfig")
 
@@ -162,6 +162,27 @@ def check_permissions(path: str | os.PathLike[str], data: Mapping[str, Any]) -> 
     return keys
 
 
+def _segments(key: str) -> list[str]:
+    return [p for p in key.replace("[", ".").replace("]", "").split(".") if p]
+
+
+def parse_with_env(data: dict[str, Any], env: Mapping[str, str], *,
+                   source_file: str = "") -> AgentConfig:
+    """:func:`parse_agent_config` of ``data`` (already overridden from ``env``); an error
+    about a key that an environment variable set names that variable too, since the
+    file is then not where the bad value is."""
+    try:
+        return parse_agent_config(data, source_file=source_file)
+    except ConfigError as exc:
+        key = _segments(str(exc.key))
+        for var, path, _ in reversed(env_overrides(env)):
+            n = min(len(key), len(path))
+            if key and key[:n] == path[:n]:
+                raise ConfigError(str(exc.key), f"{exc.problem} (set by the environment "
+                                  f"variable {var}={env[var]!r}: fix or unset it)") from None
+        raise
+
+
 def load_config(path: str | os.PathLike[str],
                 env: Mapping[str, str] | None = None) -> AgentConfig:
     """Load, override from the environment, validate (ConfigError names the key),
@@ -171,7 +192,7 @@ def load_config(path: str | os.PathLike[str],
     env = os.environ if env is None else env
     data = load_toml(str(path))
     check_permissions(path, data)
-    cfg = parse_agent_config(apply_overrides(data, env), source_file=str(path))
+    cfg = parse_with_env(apply_overrides(data, env), env, source_file=str(path))
     for name in cfg.uplink.transports:
         parse_transport(name, getattr(cfg.uplink, name))
     return cfg

@@ -110,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=_AGENT_HELP + _ENV_HELP)
     a.add_argument("--config", help="agent TOML config file")
     a.add_argument("--check-config", nargs="?", const="", default=None, metavar="FILE",
-                   help="validate the config (FILE or --config) and exit: 0 valid, 2 invalid")
+                   help="validate the config (FILE or --config) and the files and "
+                   "directories it names, and exit: 0 valid, 2 invalid")
+    a.add_argument("--log-format", choices=("console", "json"),
+                   help="override [log] format (json: one JSON object a line, progress too)")
 
     c = sub.add_parser("cloud", help="run the cloud ingest (or 'cloud query', "
                        "'cloud completeness')",
@@ -126,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve Prometheus /metrics and JSON /health on PORT (0 = off)")
     c.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                    help="address for --metrics-port (127.0.0.1)")
+    c.add_argument("--log-format", choices=("console", "json"), help="override [log] format")
 
     r = sub.add_parser("run", help="agent + cloud ingest in one process (what `make run` does)",
                        formatter_class=raw,
@@ -135,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="TOML config with agent sections and [cloud]")
     r.add_argument("--duration", type=float, default=0.0,
                    help="stop gracefully after this many seconds (0 = run until signalled)")
+    r.add_argument("--log-format", choices=("console", "json"),
+                   help="override [log] format (json: one JSON object a line, progress too)")
 
     for name, (_, helptext) in DELEGATES.items():
         d = sub.add_parser(name, help=helptext, add_help=False)
@@ -163,25 +169,94 @@ def _load(path: str) -> dict[str, Any]:
     return load_toml(path)
 
 
-def _check_agent(path: str) -> int:
-    from agent.envconfig import load_config  # file + PYMIGRATE__* / framework env overrides
+def _load_agent(path: str, log_format: str | None) -> tuple[dict[str, Any], Any]:
+    """(raw TOML with env overrides, AgentConfig) with every path it names checked."""
+    import os
 
-    cfg = load_config(path)
+    import msgspec
+
+    from agent.envconfig import apply_overrides, check_permissions, parse_with_env
+    from agent.preflight import check_paths
+
+    raw = _load(path)
+    check_permissions(path, raw)
+    data = apply_overrides(raw, os.environ)  # PYMIGRATE__SECTION__KEY=value
+    cfg = parse_with_env(data, os.environ, source_file=path)
+    if log_format:
+        cfg = msgspec.structs.replace(cfg, log=msgspec.structs.replace(cfg.log,
+                                                                       format=log_format))
+    check_paths(cfg)
+    return data, cfg
+
+
+def _check_agent(path: str) -> int:
+    _, cfg = _load_agent(path, None)
     dev = cfg.device.id or "derived from the machine at start"
     print(f"{path}: OK (device {dev}, {len(cfg.sources)} source(s), "
           f"uplink {' -> '.join(cfg.uplink.transports)})")
     return 0
 
 
-async def _agent_main(path: str) -> int:
+class _Progress:
+    """The periodic progress line of ``run`` (and of ``agent`` without metrics): plain
+    text for the console format, one JSON log event for the json format."""
+
+    def __init__(self, agent: Any, *, fmt: str, store: Any = None) -> None:
+        self.agent = agent
+        self.fmt = fmt
+        self.store = store
+        self.earlier = 0  # readings buffered by earlier runs, delivered by this one
+
+    async def fields(self) -> dict[str, Any]:
+        s = self.agent.status()
+        out = {"accepted": s["accepted"], "buffered": s["buffered_readings"],
+               "chunks": s["buffered_chunks"], "buffer_file_bytes": s["buffer_bytes"],
+               "delivered": s["delivered"], "rejected": sum(s["rejected"].values()),
+               "duplicates": s["duplicates_dropped"], "evicted": sum(s["evicted"].values())}
+        if self.store is not None:
+            out["stored_in_cloud"] = await self.store.count()
+        return out
+
+    def emit(self, f: dict[str, Any], *, final: bool = False) -> None:
+        import structlog
+
+        if self.fmt == "json":
+            structlog.get_logger("pymigrate.progress").info(
+                "stopped" if final else "progress", earlier_backlog=self.earlier, **f)
+            return
+        if final:
+            line = (f"stopped: accepted={f['accepted']} delivered={f['delivered']}"
+                    + (f" stored_in_cloud={f['stored_in_cloud']}" if "stored_in_cloud" in f
+                       else "")
+                    + (f" earlier_backlog={self.earlier}" if self.earlier else ""))
+        else:
+            line = (f"accepted={f['accepted']} buffered={f['buffered']} "
+                    f"(chunks={f['chunks']}, buffer file {f['buffer_file_bytes']} B incl. WAL)"
+                    f" delivered={f['delivered']}"
+                    + (f" stored_in_cloud={f['stored_in_cloud']}" if "stored_in_cloud" in f
+                       else "")
+                    + f" rejected={f['rejected']} duplicates={f['duplicates']}"
+                    f" evicted={f['evicted']}")
+        print(line, flush=True)
+
+    async def run(self, interval_s: float) -> None:
+        await self.agent.started.wait()
+        s = self.agent.status()  # one synchronous look: what was buffered before we began
+        self.earlier = max(0, s["buffered_readings"] + s["delivered"] - s["accepted"])
+        while True:
+            await asyncio.sleep(interval_s)
+            self.emit(await self.fields())
+
+
+async def _agent_main(path: str, log_format: str | None = None) -> int:
     import os
 
-    from agent.envconfig import load_config, runtime_info
+    from agent.envconfig import runtime_info
     from agent.reload import reload_agent
     from agent.supervisor import Agent
     from pymigrate.logsetup import setup_logging
 
-    cfg = load_config(path)
+    _, cfg = _load_agent(path, log_format)
     setup_logging(cfg.log.format, cfg.log.level)
     from pymigrate.clock import clock_from_env
 
@@ -196,77 +271,150 @@ async def _agent_main(path: str) -> int:
         t.add_done_callback(reloads.discard)
 
     _install_signals(agent.request_stop, agent.force_stop, on_sighup)
+    ticker = None
+    if not cfg.metrics.enabled:  # no /metrics to ask: say how it goes in the log
+        ticker = asyncio.create_task(_Progress(agent, fmt="json").run(
+            cfg.pipeline.status_interval_s), name="agent[progress]")
     try:
         await agent.run()
     except asyncio.CancelledError:
         return 1
+    finally:
+        if ticker is not None:
+            ticker.cancel()
     return 0 if agent.stopped_cleanly else 1
 
 
-async def _cloud_main(path: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1") -> int:
+def _cloud_data(data: dict[str, Any], log_format: str | None) -> tuple[dict[str, Any], str, str]:
+    log = data.get("log", {})
+    if not isinstance(log, dict):
+        raise ConfigError("log", "must be a table")
+    fmt = log_format or log.get("format", "console")
+    level = log.get("level", "info")
+    if fmt not in ("console", "json"):
+        raise ConfigError("log.format", f"must be 'console' or 'json', got {fmt!r}")
+    if not isinstance(level, str) or level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f"unknown level {level!r}")
+    cloud = data.get("cloud", {})
+    if not isinstance(cloud, dict):
+        raise ConfigError("cloud", "must be a table")
+    return cloud, fmt, level
+
+
+def _check_cloud_paths(cloud: dict[str, Any]) -> None:
+    """The SQLite store (or a ledger) must be creatable where the config says."""
+    from agent.preflight import check_writable_dir
+    from cloud.config import parse_cloud_config
+
+    cfg = parse_cloud_config(cloud)
+    files = {"sqlite": ("cloud.sqlite.path", cfg.sqlite.path),
+             "influx": ("cloud.influx.ledger_path", cfg.influx.ledger_path),
+             "timestream": ("cloud.timestream.ledger_path", cfg.timestream.ledger_path)}
+    if cfg.store in files:
+        from pathlib import Path
+
+        key, path = files[cfg.store]
+        p = Path(path)
+        if p.exists() and not p.is_file():
+            raise ConfigError(key, f"{p} exists and is not a file")
+        check_writable_dir(p.parent, key=key)
+
+
+async def _start_cloud(app: Any, *, serve: bool = False) -> None:
+    """Start (or, with ``serve``, run) the ingest; a busy port is a config error naming
+    the key to change."""
+    from pymigrate.errors import TransportError
+
+    try:
+        await (app.run() if serve else app.start())
+    except TransportError as exc:
+        if exc.reason == "address_in_use":
+            raise ConfigError("cloud.coap.port", str(exc)) from None
+        raise
+
+
+async def _cloud_main(path: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1",
+                      log_format: str | None = None) -> int:
     from cloud.app import build_cloud_app
     from pymigrate.logsetup import setup_logging
 
-    data = _load(path)
-    log = data.get("log", {})
-    setup_logging(log.get("format", "console"), log.get("level", "info"))
-    app = build_cloud_app(data.get("cloud", {}))
+    cloud, fmt, level = _cloud_data(_load(path), log_format)
+    _check_cloud_paths(cloud)
+    setup_logging(fmt, level)
+    app = build_cloud_app(cloud)
     _install_signals(app.request_stop, app.request_stop)
+    endpoint = None
     if metrics_port:
         from cloud.metrics import cloud_endpoint
 
         endpoint = cloud_endpoint(app, metrics_host, metrics_port)
-        await endpoint.start()
         try:
-            await app.run()
-        finally:
+            await endpoint.start()
+        except OSError as exc:
+            raise ConfigError("--metrics-port", f"cannot listen on {metrics_host}:"
+                              f"{metrics_port}: {exc.strerror or exc}") from None
+    try:
+        await _start_cloud(app, serve=True)
+    finally:
+        if endpoint is not None:
             await endpoint.close()
-        return 0
-    await app.run()
     return 0
 
 
-async def _run_main(path: str, duration: float) -> int:
-    import os
-
-    from agent.config import parse_agent_config
-    from agent.envconfig import apply_overrides
+async def _run_main(path: str, duration: float, log_format: str | None = None) -> int:
     from agent.supervisor import Agent
     from cloud.app import build_cloud_app
     from pymigrate.logsetup import setup_logging
 
-    data = apply_overrides(_load(path), os.environ)  # PYMIGRATE__SECTION__KEY=value
-    cfg = parse_agent_config(data, source_file=path)
+    data, cfg = _load_agent(path, log_format)
+    cloud, _, _ = _cloud_data(data, None)
+    _check_cloud_paths(cloud)
     setup_logging(cfg.log.format, cfg.log.level)
-    app = build_cloud_app(data.get("cloud", {}))
-    await app.start()
-    agent = Agent(cfg)
-    _install_signals(agent.request_stop, agent.force_stop)
-    if duration > 0:
-        asyncio.get_running_loop().call_later(duration, agent.request_stop)
-
-    async def progress() -> None:
-        while True:
-            await asyncio.sleep(cfg.pipeline.status_interval_s)
-            s = agent.status()
-            stored = await app.store.count()
-            print(f"accepted={s['accepted']} buffered={s['buffered_readings']} "
-                  f"(chunks={s['buffered_chunks']}, {s['buffer_bytes']} B) "
-                  f"delivered={s['delivered']} stored_in_cloud={stored} "
-                  f"rejected={sum(s['rejected'].values())} evicted={sum(s['evicted'].values())}",
-                  flush=True)
-
-    ticker = asyncio.create_task(progress(), name="run[progress]")
+    agent = Agent(cfg)  # built before the ingest starts: nothing to undo if it fails
+    app = build_cloud_app(cloud)
+    await _start_cloud(app)
+    progress = _Progress(agent, fmt=cfg.log.format, store=app.store)
+    ticker: asyncio.Task[None] | None = None
     try:
+        _install_signals(agent.request_stop, agent.force_stop)
+        if duration > 0:
+            asyncio.get_running_loop().call_later(duration, agent.request_stop)
+        ticker = asyncio.create_task(progress.run(cfg.pipeline.status_interval_s),
+                                     name="run[progress]")
         await agent.run()
     finally:
-        ticker.cancel()
-        stored = await app.store.count()
-        print(f"stopped: accepted={agent.ingest.counts['accepted']} "
-              f"delivered={agent.uploader.stats().get('readings_acked', 0)} "
-              f"stored_in_cloud={stored}", flush=True)
-        await app.stop()
+        if ticker is not None:
+            ticker.cancel()
+        try:
+            if agent.started.is_set():
+                progress.emit(await progress.fields(), final=True)
+        finally:
+            await app.stop()
     return 0 if agent.stopped_cleanly else 1
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups; a plain exception is its own leaf."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def _report(exc: BaseException) -> int | None:
+    """Print an error a user can act on and return the exit status; None = a bug (let
+    the traceback show)."""
+    leaves = _leaves(exc)
+    config = [e for e in leaves if isinstance(e, ConfigError)]
+    if config:
+        for text in dict.fromkeys(str(e) for e in config):
+            print(f"config error: {text}", file=sys.stderr)
+        return 2
+    ours = [e for e in leaves if isinstance(e, PyMigrateError)]
+    if ours:
+        for e in ours:
+            print(f"error ({e.reason}): {e}", file=sys.stderr)
+        return 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             if args.check_config is not None:
                 return _check_agent(path)
-            return asyncio.run(_agent_main(path))
+            return asyncio.run(_agent_main(path, args.log_format))
         if args.command == "cloud":
             if not args.config:
                 print("pymigrate cloud: --config is required", file=sys.stderr)
@@ -294,20 +442,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.check_config:
                 from cloud.config import parse_cloud_config
 
-                parse_cloud_config(_load(args.config).get("cloud", {}))
+                cloud, _, _ = _cloud_data(_load(args.config), None)
+                parse_cloud_config(cloud)
+                _check_cloud_paths(cloud)
                 print(f"{args.config}: OK")
                 return 0
-            return asyncio.run(_cloud_main(args.config, args.metrics_port, args.metrics_host))
+            return asyncio.run(_cloud_main(args.config, args.metrics_port, args.metrics_host,
+                                           args.log_format))
         if args.command == "run":
-            return asyncio.run(_run_main(args.config, args.duration))
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except PyMigrateError as exc:
-        print(f"error ({exc.reason}): {exc}", file=sys.stderr)
-        return 1
+            return asyncio.run(_run_main(args.config, args.duration, args.log_format))
     except KeyboardInterrupt:  # pragma: no cover
         return 130
+    except Exception as exc:  # ours are reported plainly, a bug re-raised
+        rc = _report(exc)
+        if rc is None:
+            raise
+        return rc
     return 2  # pragma: no cover
 
 

@@ -42,11 +42,20 @@ def convert(data: dict[str, Any], cls: type[T], *, section: str = "") -> T:
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{p} is a directory, not a config file") from None
     except OSError as exc:
-        raise ConfigError("", f"cannot read config file {p}: {exc}") from None
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError("", f"{p}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                          "save the file as UTF-8 (a Latin-1 '°' in a comment is enough "
+                          "to cause this)") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

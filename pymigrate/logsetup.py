@@ -22,6 +22,10 @@ def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+def _drop_paho_disconnect_noise(record: logging.LogRecord) -> bool:
+    return not (record.name == "mqtt" and str(record.msg).startswith("Could not gracefully"))
+
+
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is at the time of the write (test runners and
     daemonizers replace it; a captured stream object may be closed later)."""
@@ -64,3 +68,7 @@ def setup_logging(fmt: str = "console", level: str = "info", *, stream: Any = No
     for noisy in ("aiocoap", "coap", "coap-server", "aiosqlite", "asyncio", "aiormq",
                   "aio_pika"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    # paho's "Could not gracefully disconnect: 4" on every failed connect says nothing a
+    # user can act on; transports/mqtt.py logs the failure with host, port and cause.
+    # A filter, not a level: aiomqtt sets its logger's level when it is imported.
+    handler.addFilter(_drop_paho_disconnect_noise)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 from urllib.parse import urlsplit
 
 import aiocoap
@@ -50,6 +51,7 @@ class CoapUplink:
         self._device_id = device_id
         self.max_payload = max_payload
         self._ctx: aiocoap.Context | None = None
+        self._last_error = ""  # the failure last logged
         # RFC 7252 ACK_TIMEOUT (first retransmission; doubles each time): lower on LANs
         self._tuning = type("CoapTuning", (TransportTuning,), {"ACK_TIMEOUT": ack_timeout_s})()
         self._blockwise = asyncio.Lock()
@@ -78,9 +80,13 @@ class CoapUplink:
             raise TransportError(f"CoAP request timed out after {timeout:.1f}s",
                                  batch_id=batch_id) from exc
         except aiocoap.error.Error as exc:
-            raise TransportError(f"CoAP request failed: {exc}", batch_id=batch_id) from exc
+            raise self._failed(f"CoAP request to {self._base} failed: {_cause(exc)}",
+                               batch_id) from exc
         except OSError as exc:
-            raise TransportError(f"CoAP socket error: {exc}", batch_id=batch_id) from exc
+            raise self._failed(f"CoAP socket error: {exc}", batch_id) from exc
+        if self._last_error:
+            log.warning("CoAP uplink reaches %s again", self._base)
+            self._last_error = ""
         return _ack_from_response(resp, batch_id)
 
     async def _request(self, msg: Message) -> Message:
@@ -89,10 +95,25 @@ class CoapUplink:
         resp: Message = await self._ctx.request(msg).response
         return resp
 
+    def _failed(self, message: str, batch_id: str) -> TransportError:
+        if message != self._last_error:  # once per distinct failure, not per retry
+            self._last_error = message
+            log.warning("%s (retrying with backoff)", message)
+        return TransportError(message, batch_id=batch_id)
+
     async def close(self) -> None:
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
+
+
+def _cause(exc: BaseException) -> str:
+    """aiocoap says ``Network error: NetworkError``; the useful text (``[Errno 111]
+    Connection refused``) is in its args or its cause."""
+    for e in (exc, exc.__cause__):
+        if e is not None and e.args and str(e.args[0]) not in ("", type(e).__name__):
+            return str(e.args[0])
+    return str(exc) or type(exc).__name__
 
 
 def _ack_from_response(resp: Message, batch_id: str) -> Ack:
@@ -184,18 +205,36 @@ class CoapIngestServer:
         self._ctx: aiocoap.Context | None = None
 
     async def start(self, handler: IngestHandler) -> None:
-        """Bind ``coap://host:port/<path>[/<device_id>]`` and serve until :meth:`stop`."""
+        """Bind ``coap://host:port/<path>[/<device_id>]`` and serve until :meth:`stop`.
+
+        aiocoap binds with SO_REUSEADDR, so a second server on a busy UDP port would start
+        and split the traffic with the first: an exclusive probe bind refuses it first.
+        """
         try:
+            _probe_udp_port(self.host, self.port)
             self._ctx = await aiocoap.Context.create_server_context(
                 _site(handler, self.path), bind=(self.host, self.port))
         except OSError as exc:
-            raise TransportError(f"cannot bind CoAP on {self.host}:{self.port}: {exc}",
-                                 retriable=False) from exc
+            raise TransportError(
+                f"cannot listen for CoAP on {self.host}:{self.port} (UDP): "
+                f"{exc.strerror or exc}; is another pymigrate cloud/run using it? "
+                "Stop it or choose another port", reason="address_in_use",
+                retriable=False, port=self.port) from exc
 
     async def stop(self) -> None:
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
+
+
+def _probe_udp_port(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) when a UDP socket is already bound to ``host:port``."""
+    if not port:
+        return
+    for family, type_, proto, _, addr in socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_DGRAM)[:1]:
+        with socket.socket(family, type_, proto) as probe:  # no SO_REUSEADDR: exclusive
+            probe.bind(addr)
 
 
 def parse_coap_uri(uri: str) -> tuple[str, int]:

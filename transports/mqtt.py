@@ -194,6 +194,7 @@ class MqttUplink:
         self._conn: _Connection | None = None
         self._lock = asyncio.Lock()
         self._waiters = AckWaiters()
+        self._last_error = ""  # the connect failure last logged
 
     async def connect(self) -> None:
         """Open the session and subscribe to the ack topic (idempotent)."""
@@ -211,7 +212,14 @@ class MqttUplink:
                     await conn.client.subscribe(self._ack, qos=1, timeout=timeout)
             except (aiomqtt.MqttError, OSError, TimeoutError, ssl.SSLError) as exc:
                 await conn.close(grace_s=0.2)
-                raise _connect_error(self.cfg, exc, device=self.device_id) from exc
+                err = _connect_error(self.cfg, exc, device=self.device_id)
+                if str(err) != self._last_error:  # once per distinct failure, not per retry
+                    self._last_error = str(err)
+                    log.warning("%s (retrying with backoff)", err)
+                raise err from exc
+            if self._last_error:
+                log.warning("MQTT uplink connected to %s:%s", self.cfg.host, self.cfg.port)
+                self._last_error = ""
             conn.reader = asyncio.create_task(self._read(conn), name=f"mqtt[{self.device_id}]")
             self._conn = conn
             return conn
