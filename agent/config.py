@@ -75,6 +75,7 @@ class MqttSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="m
     username: str = ""
     password: str = ""
     format: str = "auto"  # auto | json | senml-json | senml-cbor
+    max_payload_bytes: int = 262_144  # larger messages are refused unread (and acked)
 
 
 class ReplaySource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="replay",
@@ -227,6 +228,9 @@ def _check(cfg: AgentConfig) -> None:
                 raise ConfigError(f"{key}.format", f"unknown payload format {s.format!r}")
             if not 0 < s.port < 65536:
                 raise ConfigError(f"{key}.port", f"must be a TCP port, got {s.port}")
+            if not 64 <= s.max_payload_bytes <= 64 * 1024 * 1024:
+                raise ConfigError(f"{key}.max_payload_bytes",
+                                  f"must be in 64..67108864, got {s.max_payload_bytes}")
         elif isinstance(s, ReplaySource):
             if not s.path:
                 raise ConfigError(f"{key}.path", "a replay source needs a CSV path")

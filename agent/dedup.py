@@ -38,6 +38,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 
 import msgspec
+import structlog
 import xxhash
 
 from pymigrate.clock import Clock
@@ -45,6 +46,8 @@ from pymigrate.errors import ConfigError
 from pymigrate.types import Reading
 
 __all__ = ["DedupConfig", "Deduplicator", "fingerprint"]
+
+log = structlog.get_logger("pymigrate.agent.dedup")
 
 _PACK = struct.Struct("<qd").pack
 _NAN = float("nan")
@@ -128,14 +131,23 @@ class Deduplicator:
         now = self._clock.monotonic()
         self._expire(now - self.config.window_s)
         out: list[Reading] = []
+        dup: Reading | None = None
         for r in readings:
             fp = self._fingerprint(r)
             if self._add(fp, now):
                 out.append(r)
                 if admitted is not None:
                     admitted.append(fp)
+            elif dup is None:
+                dup = r
         self._seen += len(readings)
-        self._dropped += len(readings) - len(out)
+        if dup is not None:
+            before = self._dropped
+            self._dropped += len(readings) - len(out)
+            if before < 10 or before // 1000 != self._dropped // 1000:  # throttled, counted
+                log.info("duplicate readings dropped", reason="duplicate",
+                         count=len(readings) - len(out), total=self._dropped,
+                         sensor=dup.sensor[:120], ts_ms=dup.ts_ms)
         return out
 
     def remember(self, readings: Iterable[Reading]) -> None:

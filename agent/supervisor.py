@@ -200,6 +200,10 @@ class Agent:
     async def _run_source(self, source: Source) -> None:
         await source.run(self._emit)
         log.info("source finished", source=source.name)
+        finite = [s for s in self.sources if getattr(s, "exit_when_done", False)]
+        if source in finite and all(getattr(s, "done", False) for s in finite):
+            log.info("every exit_when_done source finished: stopping")
+            self.request_stop()
 
     async def _controller(self, sources: list[asyncio.Task[None]], ingest: asyncio.Task[None],
                           upload: asyncio.Task[None]) -> None:

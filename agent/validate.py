@@ -15,6 +15,14 @@ from pymigrate.types import Reading
 log = structlog.get_logger("pymigrate.agent.validate")
 
 _DAY_MS = 86_400_000
+LOG_TEXT_MAX = 120
+
+
+def shorten(value: object, limit: int = LOG_TEXT_MAX) -> object:
+    """``value`` for a log line: text longer than ``limit`` is cut, its length said."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}... ({len(value)} chars)"
+    return value
 
 
 class Validator:
@@ -32,11 +40,15 @@ class Validator:
         self.accepted = 0
 
     def reject(self, reason: str, **detail: object) -> None:
-        """Count (and log, throttled) a rejection found anywhere on the ingest path."""
+        """Count (and log, throttled) a rejection found anywhere on the ingest path.
+
+        Text details are cut to :data:`LOG_TEXT_MAX` characters: a 1 MB sensor name or
+        topic must not become a 1 MB log line."""
         self.rejected[reason] += 1
         n = self.rejected[reason]
         if n <= 10 or n % 1000 == 0:
-            log.warning("reading rejected", reason=reason, count=n, **detail)
+            log.warning("reading rejected", reason=reason, count=n,
+                        **{k: shorten(v) for k, v in detail.items()})
 
     def check(self, r: Reading, now: int) -> str | None:
         c = self.config

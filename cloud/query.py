@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import re
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
@@ -25,9 +26,9 @@ import msgspec
 from cloud.config import CloudConfig, build_store, parse_cloud_config
 from pymigrate.configload import load_toml
 from pymigrate.errors import ConfigError, PyMigrateError
-from pymigrate.types import Reading
+from pymigrate.types import Quality, Reading
 
-__all__ = ["format_table", "main", "parse_duration_ms", "parse_time_ms"]
+__all__ = ["format_table", "main", "parse_duration_ms", "parse_time_ms", "quality_names"]
 
 _DUR = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -57,6 +58,16 @@ def _iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds")
 
 
+def quality_names(q: int) -> str:
+    """Quality flags by name (``time_corrected+late``), ``-`` for none, unknown bits as a
+    number: a bare integer means nothing to a reader."""
+    if not q:
+        return "-"
+    names = [f.name.lower() for f in Quality if f.value and q & f.value and f.name]
+    rest = q & ~sum(f.value for f in Quality)
+    return "+".join(names + ([str(rest)] if rest else []))
+
+
 def format_table(readings: list[Reading]) -> str:
     """Fixed-width table: time, sensor, value, seq, priority, quality, aggregate."""
     head = ("time_utc", "sensor", "value", "seq", "prio", "quality", "agg")
@@ -64,7 +75,7 @@ def format_table(readings: list[Reading]) -> str:
     for r in readings:
         agg = f"{r.agg.fn}/{r.agg.rule} n={r.agg.count}" if r.agg else ""
         rows.append((_iso(r.ts_ms), r.sensor, repr(r.value), str(r.seq), r.priority.name.lower(),
-                     str(r.quality), agg))
+                     quality_names(r.quality), agg))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
                      for row in rows)
@@ -141,6 +152,10 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
         cfg = _config(ns)
+        if cfg.store == "sqlite" and not Path(cfg.sqlite.path).exists():  # do not create one
+            raise ConfigError("cloud.sqlite.path", f"no store at {cfg.sqlite.path} (relative "
+                              f"to {Path.cwd()}): run from the folder where the ingest ran, "
+                              "or pass --config / --sqlite-path")
         return asyncio.run(_run(ns, cfg, out))
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

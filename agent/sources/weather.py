@@ -28,6 +28,9 @@ CHANNELS: list[tuple[str, float, float, float, float]] = [
 ]
 
 
+_NON_NEGATIVE = ("wind_speed", "solar")
+
+
 class WeatherStation:
     """Emits one reading per sensor every ``interval_s`` on the injected clock."""
 
@@ -61,8 +64,12 @@ class WeatherStation:
                 v = max(0.0, self._rng.random() - 0.995) * 40.0
             else:
                 v = mean + amp * math.cos(2 * math.pi * (day_frac - phase)) + self._walk[i]
-                if name.startswith("solar"):
+                if name.startswith(_NON_NEGATIVE):  # a speed or irradiance is never < 0
                     v = max(0.0, v)
+                elif name.startswith("humidity"):
+                    v = min(100.0, max(0.0, v))
+                elif name.startswith("wind_dir"):
+                    v %= 360.0
             v = round(round(v / q) * q, 6) if q > 0 else v
             prio = Priority.NORMAL
             if (self.cfg.alarm_threshold is not None and name == "temperature"

@@ -271,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Run one ``pymigrate fleet`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "status" and "://" not in args.store and not Path(args.store).exists():
+        sys.stderr.write(f"pymigrate fleet status: no fleet store at {args.store} (relative "
+                         f"to {Path.cwd()}); pass --store with the file or DSN that "
+                         "'pymigrate fleet serve' uses\n")
+        return 2  # reading must not create an empty store here
     try:
         if args.command == "dry-run":
             _print(_dry_run(args))

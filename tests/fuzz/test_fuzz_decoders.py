@@ -183,6 +183,71 @@ def test_regression_config_aggregation_not_a_table() -> None:
         parse_agent_config({"aggregation": [None]})
 
 
+# ----------------------------------------------------------------- MQTT source poison
+_POISON_REASONS = {"unsupported_shape", "malformed_json", "too_many_values",
+                   "payload_too_large", "senml_malformed", "senml_not_a_pack",
+                   "unknown_format", "plain_text", "invalid_utf8"}
+_DEEP = {
+    "json_lists": b"[" * 100_000 + b"]" * 100_000,
+    "json_objects": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    "json_mixed": b'[{"v":[' * 30_000,
+    "senml_lists": b'[{"n":"a","v":1},' + b"[" * 100_000 + b"]" * 100_000 + b"]",
+    "cbor_arrays": b"\x81" * 100_000 + b"\x01",
+    "cbor_maps": b"\xa1\x00" * 100_000 + b"\x01",
+    "cbor_tags": b"\xd8\x78" * 100_000 + b"\x01",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DEEP))
+@pytest.mark.parametrize("fmt", ["auto", "json", "senml-json", "senml-cbor"])
+def test_mqtt_source_deep_nesting_is_a_counted_reject(name: str, fmt: str) -> None:
+    """100,000 nested levels (issue 16: RecursionError crash-looped the agent): every
+    decoder answers with a reason code, whatever the configured format."""
+    readings, rejects = parse_payload(_DEEP[name], fmt=fmt, topic="sensors/poison",
+                                      device_id="fuzz-dev", now_ms=NOW)
+    assert readings == []
+    assert len(rejects) == 1 and rejects[0][0] in _POISON_REASONS, rejects
+
+
+@pytest.mark.parametrize("max_bytes", [None, 32 * 1024 * 1024])
+@pytest.mark.parametrize("fmt", ["auto", "json", "senml-json", "senml-cbor"])
+def test_mqtt_source_huge_payload_does_not_grow_memory(fmt: str, max_bytes: int | None) -> None:
+    """A 17 MB JSON list (issue 16: RSS 64 -> 237 MB, and it stayed): refused with a
+    reason before an object tree is built, at the default size limit and at a raised one."""
+    import tracemalloc
+
+    big = b"[" + b"21.5," * (17 * 1024 * 1024 // 5) + b"1]"
+    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+    tracemalloc.start()
+    try:
+        readings, rejects = parse_payload(big, fmt=fmt, topic="sensors/big",
+                                          device_id="fuzz-dev", now_ms=NOW, **kw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert readings == [] and len(rejects) == 1
+    expected = ("payload_too_large" if max_bytes is None
+                else "senml_oversized" if fmt.startswith("senml") else "too_many_values")
+    assert rejects[0][0] == expected, rejects
+    assert peak < 2_000_000, f"decoding took {peak} bytes"
+
+
+@FUZZ
+@given(st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
+                                                                        max_size=3),
+                    max_leaves=30))
+def test_fuzz_mqtt_json_documents(doc: Any) -> None:
+    """Any JSON document: readings, or a reason per refused item; never an exception."""
+    import json
+
+    try:
+        data = json.dumps(doc).encode()
+    except ValueError:
+        return
+    json_payload(data)
+
+
 ZSTD_BOMB = b"(\xb5/\xfd\xe0" + (1 << 40).to_bytes(8, "little") + b"\x01\x00\x00"
 
 

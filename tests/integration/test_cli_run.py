@@ -23,6 +23,7 @@ def _config(tmp: Path, port: int) -> Path:
     text = text.replace('data_dir = "./var"', f'data_dir = "{tmp / "var"}"')
     text = text.replace('path = "./var/cloud.db"', f'path = "{tmp / "var" / "cloud.db"}"')
     text = text.replace("port = 5683", f"port = {port}")
+    text = text.replace("port = 9108", "port = 0")  # metrics: any free port
     text = text.replace("interval_s = 1.0", "interval_s = 0.05")
     text = text.replace("chunk_max_age_s = 10.0", "chunk_max_age_s = 0.5")
     text = text.replace("status_interval_s = 5.0", "status_interval_s = 0.5")

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from agent.config import ReplaySource, WeatherSource
-from agent.sources import CsvReplay, SourceBatch, WeatherStation, build_source, parse_timestamp
+from agent.sources import (
+    CsvReplay,
+    CsvRows,
+    SourceBatch,
+    WeatherStation,
+    build_source,
+    parse_timestamp,
+)
 from agent.sources.mqtt import parse_payload
 from pymigrate.clock import VirtualClock
 from pymigrate.errors import ConfigError
@@ -122,9 +129,42 @@ def test_csv_replay_missing_or_headerless(tmp_path: Path) -> None:
                   clock=VirtualClock())
     p = tmp_path / "h.csv"
     p.write_text("only\n")
-    src = CsvReplay(ReplaySource(path=str(p)), device_id="d", clock=VirtualClock())
-    with pytest.raises(ConfigError):
-        list(src.rows)
+    with pytest.raises(ConfigError):  # refused when built, not later inside a stage
+        CsvReplay(ReplaySource(path=str(p)), device_id="d", clock=VirtualClock())
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "is empty"),
+    (b"\n\n", "is empty"),
+    (b"ts;temp;hum\n2026-01-01T00:00:00Z;1;2\n", "separated by ';'"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+    (b"ts,temp\n2026-01-01T00:00:00Z,21.5\n\xb0C,1\n", "line 3 is not UTF-8"),
+    (b"1767225600,20.5,40\n1767225601,20.6,41\n", "is data, not a header"),
+    (b"ts,temp,,hum\n1,2,3,4\n", "column 3 of the header has no name"),
+    (b"ts,temp,temp\n1,2,3\n", "repeated column names in the header: temp"),
+])
+def test_csv_replay_unusable_files_name_key_and_problem(tmp_path: Path, content: bytes,
+                                                        problem: str) -> None:
+    p = tmp_path / "data.csv"
+    p.write_bytes(content)
+    with pytest.raises(ConfigError) as ei:
+        CsvRows(p, key="sources[2].path")
+    assert ei.value.key == "sources[2].path"
+    assert problem in str(ei.value) and str(p) in str(ei.value)
+
+
+def test_csv_replay_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a regular file"):
+        CsvRows(tmp_path)
+
+
+def test_csv_replay_extra_columns_are_counted_not_dropped_silently(tmp_path: Path) -> None:
+    p = tmp_path / "x.csv"
+    p.write_text("ts,temp\n1767225600,20.5,99,100\n1767225601,20.6,\n1767225602,20.7\n")
+    rows = list(CsvRows(p))
+    assert [v for _, v, _ in rows] == [[("temp", 20.5)], [("temp", 20.6)], [("temp", 20.7)]]
+    assert [r for _, _, r in rows] == [[("extra_columns", "x.csv:2: 4 cells, header has 2")],
+                                       [], []]
 
 
 def _parse(data: bytes, fmt: str = "auto") -> tuple[list[Reading], list[tuple[str, str]]]:
@@ -150,13 +190,60 @@ def test_mqtt_json_shapes() -> None:
     (b'{"value": "hot"}', "non_numeric"),
     (b'{"ts": 1}', "no_values"),
     (b'["x"]', "unsupported_shape"),
-    (b'{"value": 1, "ts": [1]}', "bad_timestamp"),
-    (b'{"value": 1, "priority": "urgent"}', "invalid_field"),
+    (b'{"value": 1, "ts": [1]}', "unsupported_shape"),
+    (b'{"value": 1, "ts": "yesterday"}', "invalid_timestamp"),
+    (b'{"value": 1, "ts": 1e300}', "invalid_timestamp"),
+    (b'{"value": 1, "priority": "urgent"}', "invalid_priority"),
+    (b'{"value": 1, "priority": 9}', "invalid_priority"),
+    (b'{"value": 1, "sensor": null}', "invalid_sensor"),
+    (b'{"value": 1e400}', "number_out_of_range"),
+    (b'{"value": "\xff\xfe"}', "invalid_utf8"),
+    (b"[" + b"1," * 10_000 + b"1]", "too_many_values"),
+    (b"[" * 100_000 + b"]" * 100_000, "unsupported_shape"),
+    (b"hello sensor", "plain_text"),
 ])
 def test_mqtt_json_rejects_are_counted(payload: bytes, reason: str) -> None:
     rs, rej = _parse(payload, "json")
     assert rs == []
     assert rej == [(reason, "site/node1/temp")]
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"temperature is 21.5", "plain_text"),
+    (b"  21 degrees", "malformed_json"),
+    (b"\xff\x00garbage", "unknown_format"),
+    (b"\x9f\x00garbage", "senml_malformed"),
+    (b"\xa1\x00\x01", "senml_not_a_pack"),
+    (b"[" * 100_000 + b"]" * 100_000, "unsupported_shape"),
+    (b'[{"n": [' * 20_000, "senml_malformed"),
+])
+def test_mqtt_auto_format_rejects_have_distinct_reasons(payload: bytes, reason: str) -> None:
+    rs, rej = _parse(payload, "auto")
+    assert rs == [] and [r for r, _ in rej] == [reason]
+
+
+def test_mqtt_payload_over_the_limit_is_refused_unread() -> None:
+    import tracemalloc
+
+    big = b"[" + b"21.5," * (17 * 1024 * 1024 // 5) + b"1]"  # a 17 MB JSON list
+    tracemalloc.start()
+    try:
+        rs, rej = _parse(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rs == [] and rej == [("payload_too_large",
+                                 f"site/node1/temp: {len(big)} bytes > 262144")]
+    assert peak < 1_000_000  # nothing decoded: the agent's memory does not grow with it
+    rs, rej = parse_payload(b'{"value": 1}', fmt="auto", topic="t", device_id="gw",
+                            now_ms=1, max_bytes=8)
+    assert rs == [] and rej[0][0] == "payload_too_large"
+
+
+def test_mqtt_one_bad_sensor_does_not_sink_its_siblings() -> None:
+    rs, rej = _parse(b'{"ts": 1767225600000, "a": 1, "b": "hot", "c": 2}', "json")
+    assert [(r.sensor, r.value) for r in rs] == [("a", 1.0), ("c", 2.0)]
+    assert rej == [("non_numeric", "site/node1/temp:b")]
 
 
 def test_mqtt_senml_json_and_cbor() -> None:
@@ -168,7 +255,7 @@ def test_mqtt_senml_json_and_cbor() -> None:
         assert rej == []
         assert sorted((r.sensor, r.value, r.ts_ms) for r in rs) == sorted(
             (r.sensor, r.value, r.ts_ms) for r in src)
-    rs, rej = _parse(b"\xff\x00garbage", "auto")
+    rs, rej = _parse(b"\x82\x00garbage", "auto")
     assert rs == [] and rej[0][0].startswith("senml_")
 
 
