@@ -32,6 +32,7 @@ from agent.timesync import TimeCorrector
 from agent.uploader import Uploader
 from agent.validate import Validator
 from pymigrate.clock import Clock, WallClock
+from pymigrate.errors import ConfigError
 from pymigrate.types import Ack
 from transports.base import Uplink
 
@@ -130,7 +131,13 @@ class Agent:
                     from agent.metrics import MetricsServer
 
                     self.metrics = MetricsServer(self, self.config.metrics)
-                    await self.metrics.start()  # bind before READY: a busy port fails start
+                    try:  # bind before READY: a busy port fails start, naming the key
+                        await self.metrics.start()
+                    except OSError as exc:
+                        m = self.config.metrics
+                        raise ConfigError("metrics.port", f"cannot listen on {m.host}:{m.port}"
+                                          f": {exc.strerror or exc}; is another agent using "
+                                          "it? Stop it or choose another port") from exc
                     tg.create_task(self.metrics.serve_until(ctl), name="agent[metrics]")
                 if self.config.jobs.enabled:
                     tg.create_task(self._run_jobs(), name="agent[jobs]")
