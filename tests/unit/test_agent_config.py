@@ -53,6 +53,13 @@ def test_default_config_is_valid() -> None:
     ({"pipeline": {"queue_size": 0}}, "pipeline.queue_size", ">= 1"),
     ({"pipeline": {"drain_timeout_s": -1}}, "pipeline.drain_timeout_s", ">= 0"),
     ({"retry": {"backoff_base_s": -1}}, "retry.backoff_base_s", "> 0"),
+    ({"pipeline": {"status_interval_s": 0}}, "pipeline.status_interval_s", ">= 0.1"),
+    ({"pipeline": {"status_interval_s": float("nan")}}, "pipeline.status_interval_s", ">= 0.1"),
+    ({"metrics": {"port": 70000}}, "metrics.port", "TCP port"),
+    ({"sources": [{"type": "replay", "path": "x.csv", "loop": True, "exit_when_done": True}]},
+     "sources[0].exit_when_done", "never ends"),
+    ({"sources": [{"type": "mqtt", "max_payload_bytes": 0}]}, "sources[0].max_payload_bytes",
+     "64..67108864"),
 ])
 def test_config_errors_name_the_key(data: dict, key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as ei:
