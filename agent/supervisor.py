@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,9 +136,10 @@ class Agent:
                         await self.metrics.start()
                     except OSError as exc:
                         m = self.config.metrics
+                        why = os.strerror(exc.errno) if exc.errno else str(exc)
                         raise ConfigError("metrics.port", f"cannot listen on {m.host}:{m.port}"
-                                          f": {exc.strerror or exc}; is another agent using "
-                                          "it? Stop it or choose another port") from exc
+                                          f": {why}; is another agent using it? Stop it or "
+                                          "choose another port") from exc
                     tg.create_task(self.metrics.serve_until(ctl), name="agent[metrics]")
                 if self.config.jobs.enabled:
                     tg.create_task(self._run_jobs(), name="agent[jobs]")

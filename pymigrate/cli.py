@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -171,7 +172,6 @@ def _load(path: str) -> dict[str, Any]:
 
 def _load_agent(path: str, log_format: str | None) -> tuple[dict[str, Any], Any]:
     """(raw TOML with env overrides, AgentConfig) with every path it names checked."""
-    import os
 
     import msgspec
 
@@ -249,8 +249,6 @@ class _Progress:
 
 
 async def _agent_main(path: str, log_format: str | None = None) -> int:
-    import os
-
     from agent.envconfig import runtime_info
     from agent.reload import reload_agent
     from agent.supervisor import Agent
@@ -351,8 +349,9 @@ async def _cloud_main(path: str, metrics_port: int = 0, metrics_host: str = "127
         try:
             await endpoint.start()
         except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConfigError("--metrics-port", f"cannot listen on {metrics_host}:"
-                              f"{metrics_port}: {exc.strerror or exc}") from None
+                              f"{metrics_port}: {why}") from None
     try:
         await _start_cloud(app, serve=True)
     finally:
