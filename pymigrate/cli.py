@@ -326,8 +326,9 @@ async def _start_cloud(app: Any, *, serve: bool = False) -> None:
     try:
         await (app.run() if serve else app.start())
     except TransportError as exc:
-        if exc.reason == "address_in_use":
-            raise ConfigError("cloud.coap.port", str(exc)) from None
+        if exc.reason in ("address_in_use", "bind"):
+            raise ConfigError(f"cloud.coap.{exc.attrs.get('bad_key', 'port')}",
+                              str(exc)) from None
         raise
 
 

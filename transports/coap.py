@@ -9,6 +9,7 @@ Unavailable with Max-Age (RFC 7252 §5.9.3.4); rejection as 4.00 Bad Request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import socket
@@ -215,11 +216,15 @@ class CoapIngestServer:
             self._ctx = await aiocoap.Context.create_server_context(
                 _site(handler, self.path), bind=(self.host, self.port))
         except OSError as exc:
+            busy = exc.errno == errno.EADDRINUSE
+            hint = ("; is another pymigrate cloud/run using it? Stop it or choose another port"
+                    if busy else "")
             raise TransportError(
                 f"cannot listen for CoAP on {self.host}:{self.port} (UDP): "
-                f"{exc.strerror or exc}; is another pymigrate cloud/run using it? "
-                "Stop it or choose another port", reason="address_in_use",
-                retriable=False, port=self.port) from exc
+                f"{exc.strerror or exc}{hint}",
+                reason="address_in_use" if busy else "bind", retriable=False,
+                port=self.port, host=self.host,
+                bad_key="port" if busy or exc.errno == errno.EACCES else "host") from exc
 
     async def stop(self) -> None:
         if self._ctx is not None:

@@ -232,6 +232,13 @@ def test_agent_without_metrics_logs_its_progress(tmp_path: Path) -> None:
     finally:
         assert agent.stop() == 0
     assert "accepted=" in agent.err.read_text()
+    # what that agent buffered is delivered by the next run, and said to be earlier data
+    res = pm("run", "--config", str(cfg), "--duration", "1.5", cwd=tmp_path, timeout=30)
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    f = {k: int(v) for k, v in (kv.split("=") for kv in last.split()[1:])}
+    assert f["earlier_backlog"] > 0
+    assert f["delivered"] == f["accepted"] + f["earlier_backlog"] == f["stored_in_cloud"]
 
 
 # ------------------------------------------------------------------ friction

@@ -186,3 +186,14 @@ def test_paho_disconnect_noise_is_filtered(capsys: pytest.CaptureFixture[str]) -
     logging.getLogger("mqtt").warning("something else")
     err = capsys.readouterr().err
     assert "gracefully" not in err and "something else" in err
+
+
+def test_query_table_names_quality_flags() -> None:
+    from cloud.query import format_table, quality_names
+    from pymigrate.types import Quality
+
+    assert quality_names(0) == "-"
+    assert quality_names(int(Quality.TIME_CORRECTED | Quality.LATE)) == "time_corrected+late"
+    assert quality_names(int(Quality.AGGREGATE) | 1024) == "aggregate+1024"
+    table = format_table([Reading("gw", "t", 0, 1.0, quality=int(Quality.TIME_UNCERTAIN))])
+    assert "time_uncertain" in table.splitlines()[1]
