@@ -198,6 +198,12 @@ def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
     return parse_agent_config(load_toml(str(path)), source_file=str(path))
 
 
+def _at_least(value: float, low: float, key: str, note: str = "") -> None:
+    if not (math.isfinite(value) and value >= low):
+        raise ConfigError(key, f"must be a number >= {low:g}{f' ({note})' if note else ''}, "
+                          f"got {value}")
+
+
 def _check(cfg: AgentConfig) -> None:
     """Cross-field checks a type cannot express."""
     known = {"coap", "mqtt", "amqp"}
@@ -245,6 +251,17 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     if not 0 < cfg.jobs.port < 65536:
         raise ConfigError("jobs.port", f"must be a TCP port, got {cfg.jobs.port}")
+    _at_least(cfg.jobs.check_delay_s, 0.0, "jobs.check_delay_s")
+    _at_least(cfg.jobs.heartbeat_s, 0.0, "jobs.heartbeat_s", "0 = off")
+    _at_least(cfg.jobs.health_interval_s, 0.01, "jobs.health_interval_s")
+    if cfg.jobs.max_backlog_bytes < 0:
+        raise ConfigError("jobs.max_backlog_bytes", "must be >= 0 (0 = no limit)")
+    v = cfg.validation
+    _at_least(v.max_future_s, 0.0, "validation.max_future_s")
+    _at_least(v.max_past_days, 0.001, "validation.max_past_days")
+    if not 1 <= v.max_sensor_len <= 65535:
+        raise ConfigError("validation.max_sensor_len", f"must be in 1..65535, got "
+                          f"{v.max_sensor_len}")
     if cfg.pipeline.queue_size < 1:
         raise ConfigError("pipeline.queue_size", "must be >= 1")
     if not (math.isfinite(cfg.pipeline.drain_timeout_s) and cfg.pipeline.drain_timeout_s >= 0):

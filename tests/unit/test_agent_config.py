@@ -60,6 +60,13 @@ def test_default_config_is_valid() -> None:
      "sources[0].exit_when_done", "never ends"),
     ({"sources": [{"type": "mqtt", "max_payload_bytes": 0}]}, "sources[0].max_payload_bytes",
      "64..67108864"),
+    ({"validation": {"max_future_s": -1}}, "validation.max_future_s", ">= 0"),
+    ({"validation": {"max_past_days": 0}}, "validation.max_past_days", ">= 0.001"),
+    ({"validation": {"max_sensor_len": 0}}, "validation.max_sensor_len", "1..65535"),
+    ({"jobs": {"health_interval_s": 0}}, "jobs.health_interval_s", ">= 0.01"),
+    ({"jobs": {"heartbeat_s": -5}}, "jobs.heartbeat_s", "0 = off"),
+    ({"jobs": {"check_delay_s": float("inf")}}, "jobs.check_delay_s", ">= 0"),
+    ({"jobs": {"max_backlog_bytes": -1}}, "jobs.max_backlog_bytes", ">= 0"),
 ])
 def test_config_errors_name_the_key(data: dict, key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as ei:
