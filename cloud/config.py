@@ -69,9 +69,22 @@ __all__ = ["CloudConfig", "CoapListener", "DedupSettings", "InfluxSettings",
 
 
 
+def _number(value: float, key: str, *, low: float = 0.0, strict: bool = True) -> None:
+    """``value`` is finite and > ``low`` (``strict``) or >= ``low``; else ConfigError."""
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        raise ConfigError(key, f"must be a number {'>' if strict else '>='} {low:g}, "
+                          f"got {value}")
+
+
 class SqliteSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     path: str = "cloud.db"
     busy_timeout_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("cloud.sqlite.path", "must name the store file")
+        _number(self.busy_timeout_ms, "cloud.sqlite.busy_timeout_ms", strict=False)
 
 
 class PostgresSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -86,6 +99,8 @@ class PostgresSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if not 1 <= self.pool_min <= self.pool_max:
             raise ConfigError("cloud.postgres.pool_max", "need 1 <= pool_min <= pool_max")
+        _number(self.command_timeout_s, "cloud.postgres.command_timeout_s")
+        _number(self.connect_timeout_s, "cloud.postgres.connect_timeout_s")
 
 
 class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -107,6 +122,9 @@ class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.version == 2 and not (self.org and (self.bucket or self.db)):
             raise ConfigError("cloud.influx.org", "InfluxDB 2 needs org and bucket")
+        _number(self.max_retries, "cloud.influx.max_retries", strict=False)
+        _number(self.timeout_s, "cloud.influx.timeout_s")
+        _number(self.max_lines, "cloud.influx.max_lines", low=1, strict=False)
 
 
 class TimestreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -138,6 +156,7 @@ class DedupSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.gateway_tolerance_ms < 0:
             raise ConfigError("cloud.dedup.gateway_tolerance_ms", "must be >= 0")
+        _number(self.gateway_value_tol, "cloud.dedup.gateway_value_tol", strict=False)
 
 
 class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -147,6 +166,7 @@ class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     def __post_init__(self) -> None:
         if self.batches_per_s < 0 or self.burst < 1:
             raise ConfigError("cloud.rate_limit", "batches_per_s >= 0 and burst >= 1")
+        _number(self.batches_per_s, "cloud.rate_limit.batches_per_s", strict=False)
 
 
 class CloudConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -185,6 +205,10 @@ class CloudConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                               f"must be 0 (off) .. 604800 seconds, got "
                               f"{self.completeness_interval_s}")
 
+        if not self.listeners:
+            raise ConfigError("cloud.listeners", "must name at least one of coap, mqtt, amqp")
+        if len(set(self.listeners)) != len(self.listeners):
+            raise ConfigError("cloud.listeners", f"names a listener twice: {self.listeners}")
         for name in ("mqtt", "amqp"):
             if name in self.listeners or getattr(self, name):
                 parse_transport(name, getattr(self, name), section="cloud")

@@ -197,3 +197,24 @@ def test_query_table_names_quality_flags() -> None:
     assert quality_names(int(Quality.AGGREGATE) | 1024) == "aggregate+1024"
     table = format_table([Reading("gw", "t", 0, 1.0, quality=int(Quality.TIME_UNCERTAIN))])
     assert "time_uncertain" in table.splitlines()[1]
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"listeners": []}, "cloud.listeners"),
+    ({"listeners": ["coap", "coap"]}, "cloud.listeners"),
+    ({"sqlite": {"path": ""}}, "cloud.sqlite.path"),
+    ({"sqlite": {"busy_timeout_ms": -1}}, "cloud.sqlite.busy_timeout_ms"),
+    ({"postgres": {"command_timeout_s": 0}}, "cloud.postgres.command_timeout_s"),
+    ({"postgres": {"connect_timeout_s": float("inf")}}, "cloud.postgres.connect_timeout_s"),
+    ({"influx": {"timeout_s": -1}}, "cloud.influx.timeout_s"),
+    ({"influx": {"max_lines": 0}}, "cloud.influx.max_lines"),
+    ({"influx": {"max_retries": -1}}, "cloud.influx.max_retries"),
+    ({"dedup": {"gateway_value_tol": -1}}, "cloud.dedup.gateway_value_tol"),
+    ({"rate_limit": {"batches_per_s": float("inf")}}, "cloud.rate_limit.batches_per_s"),
+])
+def test_cloud_config_refuses_values_that_cannot_work(data: dict[str, object], key: str) -> None:
+    from cloud.config import parse_cloud_config
+
+    with pytest.raises(ConfigError) as ei:
+        parse_cloud_config(data)
+    assert ei.value.key == key
