@@ -255,3 +255,24 @@ def test_default_config_serves_metrics_on_loopback_only() -> None:
 
     m = tomllib.loads(DEFAULT.read_text())["metrics"]
     assert m == {"enabled": True, "host": "127.0.0.1", "port": 9108}
+
+
+def test_cloud_refuses_busy_ports_and_an_unusable_store_path(tmp_path: Path) -> None:
+    coap = free_port(socket.SOCK_DGRAM)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", coap))  # something else holds the CoAP port
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        busy_tcp = tcp.getsockname()[1]
+        res = pm("cloud", "--config", str(config(tmp_path, coap=coap)), cwd=tmp_path)
+        plain_error(res, "cloud.coap.port", f"127.0.0.1:{coap}")
+        res = pm("cloud", "--config", str(config(tmp_path)), "--metrics-port", str(busy_tcp),
+                 cwd=tmp_path)
+        plain_error(res, "--metrics-port", f"127.0.0.1:{busy_tcp}", "Address already in use")
+    f = tmp_path / "plainfile"
+    f.write_text("")
+    cfg = config(tmp_path, replace={f'path = "{tmp_path / "var" / "cloud.db"}"':
+                                    f'path = "{f / "cloud.db"}"'})
+    for args in (["cloud", "--check-config", "--config"], ["cloud", "--config"],
+                 ["run", "--config"]):
+        plain_error(pm(*args, str(cfg), cwd=tmp_path), "cloud.sqlite.path", str(f))
