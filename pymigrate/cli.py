@@ -172,7 +172,6 @@ def _load(path: str) -> dict[str, Any]:
 
 def _load_agent(path: str, log_format: str | None) -> tuple[dict[str, Any], Any]:
     """(raw TOML with env overrides, AgentConfig) with every path it names checked."""
-
     import msgspec
 
     from agent.envconfig import apply_overrides, check_permissions, parse_with_env
@@ -222,7 +221,7 @@ class _Progress:
 
         if self.fmt == "json":
             structlog.get_logger("pymigrate.progress").info(
-                "stopped" if final else "progress", earlier_backlog=self.earlier, **f)
+                "summary" if final else "progress", earlier_backlog=self.earlier, **f)
             return
         if final:
             line = (f"stopped: accepted={f['accepted']} delivered={f['delivered']}"

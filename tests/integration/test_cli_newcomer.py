@@ -218,7 +218,7 @@ def test_json_log_format_makes_progress_json_too(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     events = [json.loads(line) for line in (res.stdout + res.stderr).splitlines()]
     progress = [e for e in events if e["event"] == "progress"]
-    stopped = [e for e in events if e["event"] == "stopped" and "stored_in_cloud" in e]
+    stopped = [e for e in events if e["event"] == "summary"]
     assert progress and stopped
     assert stopped[-1]["accepted"] == stopped[-1]["delivered"] == stopped[-1]["stored_in_cloud"]
 
