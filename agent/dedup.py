@@ -31,6 +31,7 @@ clock cannot be redelivered and are not persisted.
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 import sys
@@ -38,7 +39,6 @@ from array import array
 from collections.abc import Iterable, Sequence
 
 import msgspec
-import structlog
 import xxhash
 
 from pymigrate.clock import Clock
@@ -47,7 +47,9 @@ from pymigrate.types import Reading
 
 __all__ = ["DedupConfig", "Deduplicator", "fingerprint"]
 
-log = structlog.get_logger("pymigrate.agent.dedup")
+# stdlib logging (rendered by pymigrate.logsetup in the agent): a library user or a
+# benchmark that configures nothing gets nothing on stdout
+log = logging.getLogger("pymigrate.agent.dedup")
 
 _PACK = struct.Struct("<qd").pack
 _NAN = float("nan")
@@ -145,9 +147,9 @@ class Deduplicator:
             before = self._dropped
             self._dropped += len(readings) - len(out)
             if before < 10 or before // 1000 != self._dropped // 1000:  # throttled, counted
-                log.info("duplicate readings dropped", reason="duplicate",
-                         count=len(readings) - len(out), total=self._dropped,
-                         sensor=dup.sensor[:120], ts_ms=dup.ts_ms)
+                log.info("duplicate readings dropped: %d (total %d), reason=duplicate, "
+                         "e.g. sensor=%s ts_ms=%d", len(readings) - len(out), self._dropped,
+                         dup.sensor[:120], dup.ts_ms)
         return out
 
     def remember(self, readings: Iterable[Reading]) -> None:
