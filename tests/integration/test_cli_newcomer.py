@@ -233,7 +233,9 @@ def test_agent_without_metrics_logs_its_progress(tmp_path: Path) -> None:
         assert agent.stop() == 0
     assert "accepted=" in agent.err.read_text()
     # what that agent buffered is delivered by the next run, and said to be earlier data
-    res = pm("run", "--config", str(cfg), "--duration", "1.5", cwd=tmp_path, timeout=30)
+    # (same data_dir; a drain deadline long enough for a loaded machine)
+    run_cfg = config(tmp_path, replace={"enabled = true": "enabled = false"}, name="run2.toml")
+    res = pm("run", "--config", str(run_cfg), "--duration", "2", cwd=tmp_path, timeout=60)
     assert res.returncode == 0, res.stderr
     last = res.stdout.strip().splitlines()[-1]
     f = {k: int(v) for k, v in (kv.split("=") for kv in last.split()[1:])}
