@@ -119,7 +119,10 @@ def test_kill9_loses_nothing(tmp_path: Path) -> None:
         before_final = _committed_high_water(buffer_db)
         assert before_final > 0
         agent = _spawn("agent", "--config", str(cfg))
-        time.sleep(1.5)
+        # signal handlers are installed before the first reading is accepted: wait for
+        # that (a fixed sleep raced a slow start under load)
+        assert _wait_for(lambda: _committed_high_water(buffer_db) > before_final, 30)
+        time.sleep(0.5)
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=60)
         assert agent.returncode == 0, out.decode(errors="replace")[-2000:]

@@ -120,7 +120,8 @@ def test_offline_evicting_agent_killed_five_times_is_fully_accounted(tmp_path: P
     try:
         assert _wait_for(lambda: (tmp_path / "cloud.db").exists(), 20), "cloud did not start"
         agent = _spawn("agent", "--config", str(cfg))
-        time.sleep(3.0)
+        assert _wait_for(lambda: _high_water(buffer_db) > offline_high, 30)
+        time.sleep(2.0)
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=60)
         assert agent.returncode == 0, out.decode(errors="replace")[-2000:]
