@@ -153,7 +153,7 @@ class DeviceClock:
 
 @dataclass
 class Params:
-    devices: int = 100
+    devices: int = 20
     sensors: int = 8
     period_s: float = 60.0
     hours: float = 24.0
@@ -244,8 +244,6 @@ def build_inputs(sim: Sim, clocks: list[DeviceClock]) -> list[list[tuple[float, 
     for lst in inputs:
         lst.sort(key=lambda x: x[0])
     return inputs
-
-
 
 
 class _Agent:
