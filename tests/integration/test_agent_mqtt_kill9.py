@@ -146,6 +146,16 @@ def _open_session(client_id: str, topic: str) -> None:
         c.loop_stop()
 
 
+def _drop_session(client_id: str) -> None:
+    """A clean connect with the agent's client id ends its persistent session on the
+    broker (nothing of this run stays queued there)."""
+    with contextlib.suppress(OSError):
+        c = _client(client_id, clean=True)
+        time.sleep(0.2)
+        c.disconnect()
+        c.loop_stop()
+
+
 class Publisher(threading.Thread):
     """Publishes every expected reading once at QoS 1 (paho retries until PUBACK)."""
 
@@ -191,6 +201,7 @@ class HoldingRelay(threading.Thread):
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._open: asyncio.Event | None = None
+        self._done: asyncio.Event | None = None
 
     def run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -199,11 +210,12 @@ class HoldingRelay(threading.Thread):
     async def _serve(self) -> None:
         self._open = asyncio.Event()
         self._open.set()
+        self._done = asyncio.Event()
         server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         async with server:
-            await server.serve_forever()
+            await self._done.wait()
 
     async def _conn(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
@@ -266,6 +278,11 @@ class HoldingRelay(threading.Thread):
         assert self._open is not None
         self._loop.call_soon_threadsafe(self._open.set)
 
+    def stop(self) -> None:
+        if self._done is not None:
+            self._loop.call_soon_threadsafe(self._done.set)
+            self.join(5)
+
 
 def _stored(db: Path) -> list[tuple[str, int, float, int]]:
     con = sqlite3.connect(db)
@@ -294,12 +311,14 @@ def test_qos1_source_through_repeated_kill9_stores_each_reading_once(
     _open_session(client_id, f"{prefix}/#")
     cloud = _spawn("cloud", "--config", str(cfg))
     publisher = Publisher(prefix)
+    agents: list[subprocess.Popen[bytes]] = []
     try:
         assert _wait_for(cloud_db.exists, 20), "cloud did not start"
         publisher.start()
         kills = 0
         for _ in range(KILLS):
             agent = _spawn("agent", "--config", str(cfg))
+            agents.append(agent)
             if not _wait_for(buffer_db.exists, 20):
                 agent.kill()
                 raise AssertionError(agent.communicate()[0].decode(errors="replace")[-3000:])
@@ -313,6 +332,7 @@ def test_qos1_source_through_repeated_kill9_stores_each_reading_once(
         assert kills == KILLS
         assert relay.held_bytes > 0  # acknowledgements were really lost
         agent = _spawn("agent", "--config", str(cfg))
+        agents.append(agent)
         publisher.join(40)
         assert not publisher.is_alive(), "publisher did not finish"
         assert publisher.error is None, repr(publisher.error)
@@ -350,8 +370,14 @@ def test_qos1_source_through_repeated_kill9_stores_each_reading_once(
         assert audit.returncode == 0, audit.stderr.decode(errors="replace")[-2000:]
         assert time.monotonic() - started < 60
     finally:
+        for a in agents:  # a failed assertion leaves no agent behind
+            if a.poll() is None:
+                a.kill()
+                a.wait(10)
         cloud.send_signal(signal.SIGTERM)
         try:
             cloud.wait(20)
         except subprocess.TimeoutExpired:
             cloud.kill()
+        _drop_session(client_id)
+        relay.stop()
