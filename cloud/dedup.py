@@ -1,6 +1,6 @@
 """Cloud-side duplicate logic, pure (no I/O): stores and the ingest call it.
 
-Three lines of defence, in the order the ingest applies them:
+Two lines of defence, in the order the ingest applies them:
 
 1. **Sequence idempotency** (:class:`IdempotencyState`). Every reading carries its
    device's sequence number. Per device the state is a *watermark* (every seq <= it is
@@ -20,21 +20,24 @@ Three lines of defence, in the order the ingest applies them:
    would ack still-unsent readings as duplicates without writing them: data loss.
    Forgotten ranges are counted (``ranges_forgotten``).
 
-2. **Natural key** (:func:`natural_key`): ``(device, sensor, device timestamp,
-   value bits)`` for the store's upsert. It catches a re-sent reading that got a *new*
-   seq (a source redelivered it after an agent restart wiped the edge window). The
-   device's raw timestamp is used, not the corrected one, because the same reading
-   corrected before and after a restart can differ by a few milliseconds.
+   A reading that got a *new* sequence number (a source redelivered it after an agent
+   restart) is not caught here, and no store has a natural-key constraint that would
+   catch it: it would be stored twice. It is caught on the device before it is
+   numbered: the edge dedup window (:mod:`agent.dedup`) keeps the fingerprints of what a
+   source can deliver again in the durable buffer, committed with the readings they
+   admitted, and restores them at start.
 
-3. **Redundant gateways** (:class:`GatewayDeduper`): the same sensor (same
+2. **Redundant gateways** (:class:`GatewayDeduper`): the same sensor (same
    ``sensor`` identity, e.g. a LoRa DevEUI-based id) heard by two gateways arrives as two
    readings of two devices. Copies from *different* gateways whose corrected times are
    within ``tolerance_ms`` (and, with ``match_values``, whose values are equal within
    ``value_tol``) are one event, kept once. Copies from the *same* gateway are never
-   merged (they are distinct samples or caught by 1/2). Which copy is stored is decided
-   by a :class:`ConflictPolicy`; a non-"first" policy can ask the store to *replace* the
-   stored copy. ``tolerance_ms`` must be well below the sensor's sampling period and
-   above the time uncertainty after correction.
+   merged (they are distinct samples, caught by 1, or caught at the edge). Which copy is
+   stored is decided by a :class:`ConflictPolicy`; a non-"first" policy can ask the
+   store to *replace* the stored copy. ``tolerance_ms`` must be well below the sensor's
+   sampling period and above the time uncertainty after correction. The deduper's memory
+   is per process: after an ingest restart, a copy whose twin was stored before it is
+   stored too.
 
 Conflict policies (:class:`ConflictPolicy`, counted by :class:`ConflictResolver`) for two
 different values of the same series at the same corrected instant (or two gateway copies):
@@ -54,7 +57,6 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-import struct
 from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
@@ -69,13 +71,11 @@ __all__ = [
     "GatewayResult",
     "IdempotencyState",
     "Resolution",
-    "natural_key",
     "quality_rank",
     "resolve",
 ]
 
 _STATE_VERSION = 2  # 2 adds ranges_forgotten; 1 is still read
-_DOUBLE = struct.Struct("<d")
 
 
 # -- 1. sequence idempotency --------------------------------------------------------------
@@ -244,14 +244,6 @@ class IdempotencyState:
         return state
 
 
-# -- 2. natural key -------------------------------------------------------------------------
-def natural_key(r: Reading) -> tuple[str, str, int, bytes]:
-    """Upsert key: device, sensor, device timestamp (raw if known) and value bits."""
-    v = r.value + 0.0
-    vb = b"nan" if v != v else _DOUBLE.pack(v)
-    return (r.device_id, r.sensor, r.ts_ms if r.raw_ts_ms is None else r.raw_ts_ms, vb)
-
-
 # -- conflict policies ----------------------------------------------------------------------
 class ConflictPolicy(enum.StrEnum):
     """How two readings of the same series and instant are resolved (module docstring)."""
@@ -332,7 +324,7 @@ class ConflictResolver:
         return Resolution("replace", out)
 
 
-# -- 3. redundant gateways ------------------------------------------------------------------
+# -- 2. redundant gateways ------------------------------------------------------------------
 class GatewayResult(msgspec.Struct):
     """What the store must do: insert ``store``, skip ``dropped``, apply ``replaced``
     as (stored reading, reading that takes its place)."""

@@ -1,4 +1,4 @@
-"""Cloud-side dedup: idempotency ranges, natural key, conflict policies, gateway dedup."""
+"""Cloud-side dedup: idempotency ranges, conflict policies, gateway dedup."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from cloud.dedup import (
     ConflictResolver,
     GatewayDeduper,
     IdempotencyState,
-    natural_key,
     quality_rank,
     resolve,
 )
@@ -113,17 +112,6 @@ def test_floor_and_max_ranges_bound_memory() -> None:
     assert s.watermark == 36 and s.ranges() == [(45, 46)]
     s.advance_floor(10)  # never moves back
     assert s.watermark == 36
-
-
-# -- natural key --------------------------------------------------------------------------
-def test_natural_key_uses_raw_device_time_and_value() -> None:
-    a = Reading("d", "s", T0 + 3, 1.5, raw_ts_ms=T0, seq=1)
-    b = Reading("d", "s", T0 + 9, 1.5, raw_ts_ms=T0, seq=77)  # re-sent, new seq, recorrected
-    assert natural_key(a) == natural_key(b)
-    assert natural_key(a) != natural_key(Reading("d", "s", T0 + 3, 1.6, raw_ts_ms=T0))
-    assert natural_key(Reading("d", "s", T0, 0.0)) == natural_key(Reading("d", "s", T0, -0.0))
-    nan = float("nan")
-    assert natural_key(Reading("d", "s", T0, nan)) == natural_key(Reading("d", "s", T0, nan))
 
 
 # -- conflicts ------------------------------------------------------------------------------
