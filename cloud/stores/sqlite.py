@@ -208,7 +208,8 @@ class SqliteStore(SqliteStateFile):
                 if isinstance(exc, sqlite3.Error):
                     raise StoreUnavailable(str(exc), batch_id=batch_id) from exc
                 raise
-        # a write the natural key swallowed (state lost or edited by hand) is a duplicate
+        # a write the (device, instance, seq) key swallowed (state lost or edited by hand)
+        # is a duplicate
         return WriteResult(written=written,
                            duplicates=plan.duplicates + len(plan.write) - written,
                            gateway_dropped=len(plan.skipped), replaced=len(plan.delete),
