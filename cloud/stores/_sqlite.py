@@ -72,6 +72,10 @@ _runs_enc = msgspec.msgpack.Encoder()
 _runs_dec = msgspec.msgpack.Decoder(list[tuple[int, int]])
 
 
+def runs_blob(runs: Sequence[tuple[int, int]]) -> bytes | None:
+    return _runs_enc.encode(list(runs)) if runs else None
+
+
 def stream_key(device_id: str, instance: str) -> str:
     """The idempotency-state key of a stream (the bare device id for instance '')."""
     return f"{device_id}{STREAM_SEP}{instance}" if instance else device_id
@@ -192,7 +196,7 @@ class SqliteStateFile:
                 "INSERT OR IGNORE INTO gaps (device_id, instance, seq_first, seq_last, count,"
                 " reason, ts_ms, runs, detail, received_ms) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [(device_id, inst, g.seq_first, g.seq_last, g.count, g.reason, g.ts_ms,
-                  _runs_enc.encode(g.runs) if g.runs else None, g.detail, now)
+                  runs_blob(g.runs), g.detail, now)
                  for g in plan.gaps])
         if plan.conflicts:
             stored = await self._digests(device_id, inst,

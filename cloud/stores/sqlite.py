@@ -38,7 +38,7 @@ from typing import Any
 
 import aiosqlite
 
-from cloud.stores._sqlite import LEDGER_SCHEMA, SqliteStateFile, now_ms, open_sqlite
+from cloud.stores._sqlite import LEDGER_SCHEMA, SqliteStateFile, now_ms, open_sqlite, runs_blob
 from cloud.stores.base import (
     Admit,
     StoreRejected,
@@ -47,7 +47,7 @@ from cloud.stores.base import (
     validate,
 )
 from cloud.stores.completeness import BatchMeta, plan_batch
-from pymigrate.types import AggInfo, Priority, Reading
+from pymigrate.types import AggInfo, Priority, Reading, seq_runs_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -182,8 +182,7 @@ class SqliteStore(SqliteStateFile):
                     gap_runs=lambda lo, hi: self._gap_runs(device_id, inst, lo, hi))
                 written = 0
                 if plan.delete:
-                    await db.executemany("DELETE FROM readings WHERE device_id = ? AND seq = ?",
-                                         plan.delete)
+                    await self._replace_out(plan.delete, now)
                 if plan.write:
                     before = db.total_changes
                     await db.executemany(_INSERT, [
@@ -214,6 +213,24 @@ class SqliteStore(SqliteStateFile):
                            duplicates=plan.duplicates + len(plan.write) - written,
                            gateway_dropped=len(plan.skipped), replaced=len(plan.delete),
                            conflicts=plan.conflicted, gaps=len(plan.gaps), late=plan.late)
+
+    async def _replace_out(self, delete: Sequence[tuple[str, int]], now: int) -> None:
+        """Delete stored copies a replacing gateway policy supersedes; each leaves a
+        ``gateway_replaced`` gap on its own stream (unless the policy writes it back, e.g.
+        ``average``: then the stored row wins in the accounting)."""
+        gone: dict[tuple[str, str], list[int]] = {}
+        for dev, seq in delete:
+            for d, i, s in await self.db.execute_fetchall(
+                    "DELETE FROM readings WHERE device_id = ? AND seq = ? "
+                    "RETURNING device_id, instance, seq", (dev, seq)):
+                gone.setdefault((str(d), str(i)), []).append(int(s))
+        for (dev, inst), seqs in gone.items():
+            runs = seq_runs_of(seqs)
+            await self.db.execute(
+                "INSERT OR IGNORE INTO gaps (device_id, instance, seq_first, seq_last, count,"
+                " reason, ts_ms, runs, detail, received_ms) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (dev, inst, runs[0][0], runs[-1][1], len(seqs), "gateway_replaced", now,
+                 runs_blob(runs), "another gateway's copy of the event replaced it", now))
 
     async def _stored_runs(self, device_id: str, instance: str) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []

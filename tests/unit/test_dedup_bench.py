@@ -73,10 +73,6 @@ def test_ingest_restarts_forget_gateway_copies(capsys: pytest.CaptureFixture[str
     assert res["false_drops"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cloud/stores/completeness._cloud_gaps records no gap for a stored reading that a "
-    "replacing gateway policy (best_quality) deleted: its sequence number is counted as "
-    "unexplained"))
 def test_completeness_explains_replaced_gateway_copies(
         capsys: pytest.CaptureFixture[str]) -> None:
     res = _run(capsys, "--ingest-restarts", "0", "--gateway-share", "0.5")
