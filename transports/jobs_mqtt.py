@@ -8,6 +8,15 @@ to their own ``notify`` topic. :class:`MqttDeviceHub` carries many device sessio
 one connection (a gateway hosting several devices, or a fleet simulator); each device
 still has its own subscription and topics.
 
+Crash safety (coordinator side): the channel keeps a persistent session (fixed client
+id, ``clean_session=False``) and acks device messages manually: :meth:`take_acks` /
+:meth:`ack` let the coordinator send the PUBACK only after the commit that holds the
+message's effects. A coordinator killed before that commit gets the message again from
+the broker when it (or the standby taking over with the same client id) reconnects.
+
+TLS: pass an ``ssl.SSLContext`` (:func:`tls_context` builds one from CA, client
+certificate and key files) to either side.
+
 No aiomqtt type or exception leaves this module: failures become
 :class:`~pymigrate.errors.TransportError`.
 """
@@ -16,14 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 import structlog
 
 from pymigrate.clock import Clock, WallClock
 from pymigrate.errors import TransportError
+from transports._common import client_tls_context
 from transports.jobs_protocol import Health, JobUpdate, encode
 
 log = structlog.get_logger("pymigrate.transports.jobs_mqtt")
@@ -43,11 +55,24 @@ def control_topic(prefix: str) -> str:
     return f"{prefix}/fleet/control"
 
 
-async def publish_once(hostname: str, port: int, name: str, payload: bytes) -> None:
+def tls_context(section: str, ca_file: str = "", cert_file: str = "",
+                key_file: str = "") -> ssl.SSLContext | None:
+    """A client TLS context when any file is given (None: plain TCP); a file problem is a
+    :class:`~pymigrate.errors.ConfigError` naming ``<section>.<key>``."""
+    if not (ca_file or cert_file):
+        return None
+    return client_tls_context(section, ca_file, cert_file, key_file)
+
+
+async def publish_once(hostname: str, port: int, name: str, payload: bytes, *,
+                       tls: ssl.SSLContext | None = None, username: str | None = None,
+                       password: str | None = None) -> None:
     """Connect, publish one QoS 1 message, disconnect (CLI control commands)."""
     try:
         async with aiomqtt.Client(hostname, port,
-                                  identifier=f"pymigrate-cli-{uuid.uuid4().hex[:8]}") as c:
+                                  identifier=f"pymigrate-cli-{uuid.uuid4().hex[:8]}",
+                                  tls_context=tls, username=username,
+                                  password=password) as c:
             await c.publish(name, payload, qos=1)
     except aiomqtt.MqttError as exc:
         raise TransportError(f"MQTT publish to {name} failed: {exc}") from exc
@@ -72,12 +97,19 @@ class _Session:
                  username: str | None, password: str | None, will: aiomqtt.Will | None,
                  on_message: Callable[[str, bytes], Awaitable[None]], name: str,
                  clock: Clock | None = None, max_backoff_s: float = 30.0,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, tls: ssl.SSLContext | None = None,
+                 persistent: bool = False, manual_ack: bool = False) -> None:
         self._client = aiomqtt.Client(hostname, port, identifier=client_id or
                                       f"pymigrate-{uuid.uuid4().hex[:12]}",
                                       username=username, password=password, will=will,
                                       max_queued_incoming_messages=100_000,
-                                      timeout=timeout_s)
+                                      timeout=timeout_s, tls_context=tls,
+                                      clean_session=False if persistent else None)
+        self._manual_ack = manual_ack
+        if manual_ack:  # PUBACK only when the owner says the effects are durable
+            self._client._client.manual_ack_set(True)
+        self._gen = 0  # connection generation: a mid is only valid on its connection
+        self._acks: list[tuple[int, int, int]] = []
         self._on_message = on_message
         self._name = name
         self._clock = clock or WallClock()
@@ -109,14 +141,30 @@ class _Session:
                     except Exception as exc:  # one bad document never stops the reader
                         log.error("job message handler failed", topic=message.topic.value,
                                   error=repr(exc))
+                    if self._manual_ack and message.qos > 0:
+                        self._acks.append((self._gen, message.mid, message.qos))
             except aiomqtt.MqttError as exc:
                 log.warning("MQTT job session lost", session=self._name, error=str(exc))
             if self._closing:
                 return
             await self._reconnect()
 
+    def take_acks(self) -> list[tuple[int, int, int]]:
+        """Handled messages not yet acked (manual ack mode)."""
+        acks, self._acks = self._acks, []
+        return acks
+
+    def ack(self, acks: list[tuple[int, int, int]]) -> None:
+        """Send the PUBACKs of handled messages; ones from an older connection are
+        skipped (the broker redelivers those on the new one)."""
+        for gen, mid, qos in acks:
+            if gen == self._gen:
+                self._client._client.ack(mid, qos)
+
     async def _reconnect(self) -> None:
         delay = 0.2
+        self._gen += 1
+        self._acks.clear()
         while True:
             await self._clock.sleep(delay)
             with contextlib.suppress(aiomqtt.MqttError):
@@ -177,12 +225,17 @@ class MqttJobChannel:
                  username: str | None = None, password: str | None = None,
                  share_group: str | None = None,
                  control: Callable[[bytes], Awaitable[None]] | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, tls: ssl.SSLContext | None = None,
+                 persistent: bool = True) -> None:
         self.hostname, self.port, self.prefix = hostname, port, prefix
         self.control = control  # operator / ingest commands on <prefix>/fleet/control
-        self.client_id, self.username, self.password = client_id, username, password
+        # one session per prefix: the replica that takes over resumes the same session
+        self.client_id = client_id or f"pymigrate-fleet-{prefix}"
+        self.username, self.password = username, password
         self.share_group = share_group
         self.clock = clock
+        self.tls = tls
+        self.persistent = persistent
         self._session: _Session | None = None
         self._handler: CoordinatorHandler | None = None
         self.unroutable = 0
@@ -197,8 +250,23 @@ class MqttJobChannel:
         self._session = _Session(self.hostname, self.port, client_id=self.client_id,
                                  username=self.username, password=self.password, will=None,
                                  on_message=self._route, name="fleet[mqtt-reader]",
-                                 clock=self.clock)
+                                 clock=self.clock, tls=self.tls, persistent=self.persistent,
+                                 manual_ack=self.persistent)
         await self._session.open(topics)
+
+    def take_acks(self) -> list[Any]:
+        """Device messages handled since the last call (ack them after the commit)."""
+        return self._session.take_acks() if self._session is not None else []
+
+    def restore_acks(self, acks: list[Any]) -> None:
+        """Give back acks whose commit failed (acked after the next one)."""
+        if self._session is not None:
+            self._session._acks[:0] = acks
+
+    def ack(self, acks: list[Any]) -> None:
+        """PUBACK handled device messages (their effects are committed)."""
+        if self._session is not None:
+            self._session.ack(acks)
 
     async def _route(self, name: str, payload: bytes) -> None:
         if self.control is not None and name == control_topic(self.prefix):
@@ -230,7 +298,8 @@ class MqttDeviceHub:
                  prefix: str = "pymigrate", client_id: str | None = None,
                  username: str | None = None, password: str | None = None,
                  will_device: str | None = None, clock: Clock | None = None,
-                 max_backoff_s: float = 30.0, timeout_s: float = 10.0) -> None:
+                 max_backoff_s: float = 30.0, timeout_s: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.prefix = prefix
         will = None
         if will_device is not None:  # tell the coordinator when this device drops off
@@ -240,7 +309,7 @@ class MqttDeviceHub:
                                  password=password, will=will, on_message=self._route,
                                  name=f"agent[jobs-mqtt:{client_id or 'hub'}]",
                                  clock=clock, max_backoff_s=max_backoff_s,
-                                 timeout_s=timeout_s)
+                                 timeout_s=timeout_s, tls=tls)
         self._handlers: dict[str, DeviceHandler] = {}
         self._open = False
 

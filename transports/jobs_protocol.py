@@ -56,6 +56,7 @@ class JobNotify(msgspec.Struct, frozen=True, tag="notify", tag_field="kind"):
     """Coordinator -> device: run (op=apply), undo (op=rollback) or drop (op=cancel) a job.
 
     ``op=refused`` answers a device message the coordinator refused (``reason`` says why).
+    ``sig``: Ed25519 signature over the rest (see ``transports.jobs_security``).
     """
 
     job_id: str
@@ -65,6 +66,7 @@ class JobNotify(msgspec.Struct, frozen=True, tag="notify", tag_field="kind"):
     doc: JobDocument | None = None
     reason: str = ""
     v: int = VERSION
+    sig: str = ""
 
 
 class JobStart(msgspec.Struct, frozen=True, tag="start", tag_field="kind"):

@@ -1,13 +1,23 @@
-"""The asyncio coordinator service: channel in, engine, timers, group-committed state.
+"""The asyncio coordinator service: channel in, engine, timers, crash-safe state.
 
+* It becomes active only once it holds the store's lease (see :mod:`cloud.fleet.store`):
+  a standby replica waits in :meth:`Coordinator.start`. Every write carries the fencing
+  token; if the lease is lost the coordinator fails (:attr:`Coordinator.failed`) and the
+  process exits non-zero instead of acting on stale leadership.
 * Device documents arrive from the channel, are decoded (malformed ones are counted and
   dropped), checked for ownership (refused ones are counted and answered with
-  ``op=refused``) and applied to the engine in O(1).
+  ``op=refused``) and applied to the engine in O(1). A channel that supports it acks a
+  device message to the broker only after the commit that holds its effects, so a crash
+  makes the broker redeliver it.
 * One timer task sleeps on the injected :class:`~pymigrate.clock.Clock` until the
   earliest engine deadline, or until an event makes an earlier one (no periodic scan).
-* Notifications go out through a sender task; transitions, rollout changes and device
-  health are written in group commits (``commit_interval_s``). On start the coordinator
-  reloads registry, groups and unfinished rollouts and resumes them.
+* Durable before heard: transitions, rollout changes, device health, progress and the
+  notifications they cause are written in one group commit (``commit_interval_s``); the
+  notifications go to the sender only after that commit (the outbox). The sender claims
+  a batch of outbox rows, then publishes it: at most one delivery per (job, attempt), a
+  loss in the crash window is recovered by the device timeout or the device's pull.
+* Notifications are signed (Ed25519) when a signing key is given; control commands are
+  accepted only signed by the configured control key (or with ``insecure_control``).
 """
 
 from __future__ import annotations
@@ -15,10 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import socket
+import uuid
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cloud.fleet.channel import CoordinatorChannel
 from cloud.fleet.core import FleetCore
@@ -26,6 +41,7 @@ from cloud.fleet.engine import DONE_STATUSES, Rollout, Wave
 from cloud.fleet.metrics import FleetMetrics
 from cloud.fleet.pacing import Pacer
 from cloud.fleet.protocol import (
+    Health,
     JobNotify,
     JobResult,
     JobUpdate,
@@ -36,20 +52,27 @@ from cloud.fleet.protocol import (
 from cloud.fleet.registry import Group, Registry
 from cloud.fleet.spec import RolloutSpec, WavePlan
 from cloud.fleet.states import DeviceState, FleetError, InvalidTransition, NotOwner
-from cloud.fleet.store import FleetStore, RolloutRecord, TransitionRecord
+from cloud.fleet.store import Batch, FleetStore, LeaseLost, OutboxRecord, RolloutRecord
+from cloud.fleet.store import TransitionRecord
 from pymigrate.clock import Clock
+from transports.jobs_security import SignatureError, sign, verify
 
 log = structlog.get_logger("pymigrate.fleet")
 PENDING = "pending"
+CONTROL_MAX_SKEW_S = 300.0  # a signed control command older or newer than this is refused
 
 
 class Control(msgspec.Struct, frozen=True):
-    """Operator / ingest command received on the control topic."""
+    """Operator / ingest command received on the control topic; signed by the operator's
+    key (``sig``), with a timestamp and a nonce against replays."""
 
     cmd: str
     rollout_id: str = ""
     lag_s: float = 0.0
     throttled: bool = False
+    ts_ms: int = 0
+    nonce: str = ""
+    sig: str = ""
 
 
 _CONTROL = msgspec.json.Decoder(Control)
@@ -59,12 +82,22 @@ _PLAN = msgspec.json.Decoder(WavePlan)
 _WAVES = msgspec.json.Decoder(list[Wave])
 
 
+def control_document(cmd: str, key: Ed25519PrivateKey | None, now_ms: int,
+                     **fields: Any) -> bytes:
+    """A control command as sent by the CLI: timestamped, with a nonce, signed if ``key``."""
+    c = Control(cmd, ts_ms=now_ms, nonce=uuid.uuid4().hex, **fields)
+    return _ENC.encode(sign(c, key) if key is not None else c)
+
+
 class Coordinator:
     """Fleet coordinator: registry, rollouts, job channel and state store."""
 
     def __init__(self, *, store: FleetStore, channel: CoordinatorChannel, clock: Clock,
                  registry: Registry | None = None, metrics: FleetMetrics | None = None,
-                 commit_interval_s: float = 0.05, max_batch: int = 5000) -> None:
+                 commit_interval_s: float = 0.05, max_batch: int = 5000,
+                 signing_key: Ed25519PrivateKey | None = None,
+                 control_key: Ed25519PublicKey | None = None,
+                 insecure_control: bool = False, holder: str = "") -> None:
         self.store = store
         self.channel = channel
         self.clock = clock
@@ -73,19 +106,42 @@ class Coordinator:
         self.core = FleetCore(self.registry, self)
         self.commit_interval_s = commit_interval_s
         self.max_batch = max_batch
+        self.signing_key = signing_key
+        self.control_key = control_key
+        self.insecure_control = insecure_control
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.token = 0  # fencing token of the lease, set by start()
         self._pending: list[TransitionRecord] = []
         self._dirty: set[str] = set()
         self._dirty_devices: set[int] = set()
-        self._out: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._targets: list[tuple[str, list[str], int]] = []
+        self._progress: dict[tuple[str, str], float] = {}
+        self._outbox: list[OutboxRecord] = []
+        self._next_outbox_id = 1
+        self._out: asyncio.Queue[OutboxRecord] = asyncio.Queue()
         self._kick = asyncio.Event()
         self._flush_evt = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._nonces: OrderedDict[str, None] = OrderedDict()
+        self._reload_task: asyncio.Task[None] | None = None
+        self._last_reload = -math.inf
+        #: set when a task died or the lease was lost; ``error`` says why
+        self.failed = asyncio.Event()
+        self.error: BaseException | None = None
         self.rejected = 0
         self.refused = 0
         self.write_errors = 0
         self.transitions = 0
+        self.reloads = 0
+        self._io = 0  # store commits / outbox claims and sends in progress
         self._flush_lock = asyncio.Lock()
         self._finished: dict[str, asyncio.Event] = {}
+
+    @property
+    def busy(self) -> bool:
+        """True while a commit, an outbox claim or a send is in progress or queued (lets a
+        virtual-time test wait for real I/O before moving time on)."""
+        return self._io > 0 or not self._out.empty()
 
     def now(self) -> float:
         """Wall time in epoch seconds from the injected clock."""
@@ -96,8 +152,13 @@ class Coordinator:
         dev = self.registry.ids[idx]
         doc = rollout.spec.document  # rollback needs it too (command hooks)
         msg = JobNotify(rollout.id, dev, op, attempt, doc)  # type: ignore[arg-type]
-        self._out.put_nowait((dev, encode(msg)))
+        if self.signing_key is not None:
+            msg = sign(msg, self.signing_key)
+        # not sent now: the outbox row goes out after the commit that holds the transition
+        self._outbox.append(OutboxRecord(self._next_outbox_id, dev, encode(msg)))
+        self._next_outbox_id += 1
         self.metrics.notifications.labels(op).inc()
+        self._flush_evt.set()
 
     def transition(self, rollout: Rollout, idx: int, src: int, dst: int, attempt: int,
                    reason: str, now: float) -> None:
@@ -131,8 +192,13 @@ class Coordinator:
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        """Load persisted state, resume rollouts, start the channel and the tasks."""
+        """Take the store's lease (a standby waits here), load persisted state, resume
+        rollouts, queue unsent notifications, start the channel and the tasks."""
+        self.token = await self.store.acquire_lease(self.holder)
+        self.store.on_lease_lost(self._lease_lost)
+        log.info("fleet coordinator active", holder=self.holder, token=self.token)
         await self._load()
+        await self.store.listen_changes(self._registry_changed)
         await self.channel.start(self._on_message)
         for name, coro in (("timers", self._timer_loop()), ("sender", self._send_loop()),
                            ("writer", self._write_loop())):
@@ -141,21 +207,39 @@ class Coordinator:
             task.add_done_callback(self._task_done)
         self._kick.set()
 
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.failed.set()
+
+    def _lease_lost(self) -> None:
+        self._fail(LeaseLost("the lease session ended", token=self.token))
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("fleet task died", task=task.get_name(), error=repr(task.exception()))
+            exc = task.exception()
+            log.error("fleet task died", task=task.get_name(), error=repr(exc))
+            assert exc is not None
+            self._fail(exc)
 
     async def stop(self) -> None:
-        """Stop tasks and the channel, then write everything pending."""
+        """Stop tasks, commit what is pending (acking its device messages), stop the
+        channel and give the lease up. Unsent notifications stay in the outbox."""
         tasks = list(self._tasks)
+        if self._reload_task is not None:
+            tasks.append(self._reload_task)
         for t in tasks:
             t.cancel()
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        await self.channel.stop()
-        await self.flush()
+        try:
+            if not isinstance(self.error, LeaseLost):
+                await self.flush()
+        finally:
+            await self.channel.stop()
+            await self.store.release_lease()
 
     async def __aenter__(self) -> Coordinator:
         await self.start()
@@ -180,17 +264,65 @@ class Coordinator:
             r = Rollout(spec, reg, targets, self, Pacer(spec.pacing),
                         now=rec.created_ms / 1000.0, plan=_PLAN.decode(rec.plan))
             r.finished_at = rec.finished_ms / 1000.0
+            known = [x for x in rows if reg.get_index(x.device_id) is not None]
             r.restore([(reg.index(x.device_id), x.state, x.attempts, x.since_ms / 1000.0)
-                       for x in rows if reg.get_index(x.device_id) is not None],
-                      _WAVES.decode(rec.waves), rec.status, rec.reason, now)
+                       for x in known], _WAVES.decode(rec.waves), rec.status, rec.reason, now)
+            for x in known:
+                if x.progress:
+                    r.on_progress(reg.index(x.device_id), x.progress)
             self.core.rollouts[rec.rollout_id] = r
             if rec.status not in DONE_STATUSES:
                 log.info("rollout resumed", rollout=rec.rollout_id, status=r.status)
         self._dirty.clear()
         self._pending.clear()
+        self._progress.clear()
+        # restore() may re-send rollbacks: those are new outbox rows, committed first
+        fresh, self._outbox = self._outbox, []
+        unsent = await self.store.load_outbox()
+        for rec in unsent:  # committed before the crash, never claimed: never sent
+            self._out.put_nowait(rec)
+        self._next_outbox_id = max((x.id for x in unsent), default=0) + 1
+        self._outbox = [OutboxRecord(self._next_outbox_id + i, d, p)
+                        for i, (_, d, p) in enumerate(fresh)]
+        self._next_outbox_id += len(fresh)
+        if unsent:
+            log.info("unsent notifications queued from the outbox", count=len(unsent))
+        if self._outbox:
+            self._flush_evt.set()
+
+    async def reload_registry(self) -> int:
+        """Pick up devices and groups written by the CLI while running; returns how many
+        devices were new. Known devices keep their live health."""
+        new = 0
+        for row in await self.store.load_devices():
+            if self.registry.get_index(row.device_id) is None:
+                idx = self.registry.add(row.device_id, row.attrs, online=row.online)
+                self.registry.report(idx, _health(row), row.last_seen_ms)
+                self.registry.set_online(idx, row.online)
+                new += 1
+            else:
+                self.registry.add(row.device_id, row.attrs)
+        for g in await self.store.load_groups():
+            self.registry.add_group(g)
+        self.reloads += 1
+        if new:
+            log.info("registry reloaded", new_devices=new)
+        return new
+
+    def _registry_changed(self) -> None:
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.create_task(self._reload(), name="fleet[reload]")
+
+    async def _reload(self) -> None:
+        try:
+            await self.reload_registry()
+        except Exception as exc:  # the next change or load command retries
+            log.warning("registry reload failed", error=repr(exc))
 
     async def load_pending(self) -> list[str]:
-        """Start rollouts created offline (``pymigrate fleet create-rollout``)."""
+        """Reload the registry, then start rollouts created offline
+        (``pymigrate fleet create-rollout``)."""
+        await self.reload_registry()
         started = []
         for rec in await self.store.load_rollouts():
             if rec.status == PENDING and rec.rollout_id not in self.core.rollouts:
@@ -198,21 +330,41 @@ class Coordinator:
                 started.append(rec.rollout_id)
         return started
 
+    def _check_control(self, cmd: Control) -> None:
+        if self.control_key is None:
+            if self.insecure_control:
+                return
+            raise SignatureError("control commands are refused: no control key configured"
+                                 " (serve --control-key)", reason="no_control_key")
+        verify(cmd, self.control_key)
+        skew = abs(self.clock.time_ms() - cmd.ts_ms) / 1000.0
+        if skew > CONTROL_MAX_SKEW_S:
+            raise SignatureError(f"control command is {skew:.0f} s off the coordinator clock",
+                                 reason="stale")
+        if not cmd.nonce or cmd.nonce in self._nonces:
+            raise SignatureError("control command replayed", reason="replayed")
+        self._nonces[cmd.nonce] = None
+        while len(self._nonces) > 10_000:
+            self._nonces.popitem(last=False)
+
     async def handle_control(self, payload: bytes) -> None:
-        """An operator or ingest command (JSON): ``{"cmd": "load"}``,
+        """An operator or ingest command (JSON, signed): ``{"cmd": "load"}``,
         ``{"cmd": "pause|resume|cancel|abort", "rollout_id": ...}`` or
         ``{"cmd": "ingest", "lag_s": ..., "throttled": ...}``."""
+        self._flush_evt.set()
         try:
             cmd = _CONTROL.decode(payload)
+            self._check_control(cmd)
             if cmd.cmd == "load":
                 await self.load_pending()
             elif cmd.cmd == "ingest":
                 self.report_ingest(lag_s=cmd.lag_s, throttled=cmd.throttled)
             else:
                 self._op(cmd.rollout_id, cmd.cmd)
-        except (msgspec.DecodeError, FleetError) as exc:
+        except (msgspec.DecodeError, FleetError, SignatureError) as exc:
             self.rejected += 1
-            log.warning("control command rejected", error=str(exc))
+            log.warning("control command rejected", error=str(exc),
+                        reason=getattr(exc, "reason", "malformed"))
 
     # -- registry / operator API ----------------------------------------------------
     async def add_devices(self, devices: list[tuple[str, dict[str, str]]]) -> None:
@@ -226,14 +378,16 @@ class Coordinator:
         await self.store.save_group(group)
 
     async def create_rollout(self, spec: RolloutSpec) -> Rollout:
-        """Create, persist (targets included) and start a rollout."""
+        """Create and start a rollout; durable (targets, first wave, the transitions and
+        outbox of its first notifications) when this returns."""
         now = self.now()
         r = self.core.create(spec, now, start=False)
-        await self.store.add_targets(r.id, [self.registry.ids[i] for i in r.targets],
-                                     int(now * 1000))
-        await self.store.save_rollout(self._record(r))
+        self._targets.append((r.id, [self.registry.ids[i] for i in r.targets],
+                              int(now * 1000)))
+        self._dirty.add(r.id)
         r.start(now)
         r.dispatch(now)
+        await self.flush()
         self._kick.set()
         return r
 
@@ -282,13 +436,15 @@ class Coordinator:
         rollouts = []
         for r in self.core.rollouts.values():
             self.metrics.set_states(r.id, r.counts)
+            self.metrics.set_progress(r.id, r.mean_progress())
             rollouts.append(r.progress(now))
         return {"fleet": msgspec.to_builtins(summary), "rollouts": rollouts,
                 "documents_rejected": self.rejected, "documents_refused": self.refused,
-                "transitions": self.transitions}
+                "transitions": self.transitions, "token": self.token}
 
     # -- device documents -----------------------------------------------------------
     async def _on_message(self, device_id: str, kind: str, payload: bytes) -> None:
+        self._flush_evt.set()  # the next commit also acks this message to the broker
         try:
             msg = decode(kind, payload)
         except ProtocolError as exc:
@@ -304,19 +460,35 @@ class Coordinator:
             self.metrics.refused.inc()
             job = getattr(msg, "job_id", None) or ""
             log.warning("job document refused", device=device_id, job=job, error=str(exc))
+            if self.registry.get_index(device_id) is None:
+                self._maybe_reload()  # a device registered by the CLI meanwhile?
             refusal = JobNotify(job, device_id, "refused", reason="not_owner")
-            self._out.put_nowait((device_id, encode(refusal)))
+            if self.signing_key is not None:
+                refusal = sign(refusal, self.signing_key)
+            self._out.put_nowait(OutboxRecord(0, device_id, encode(refusal)))  # not state
             return
         except InvalidTransition as exc:  # pragma: no cover - engine guards its own states
             self.metrics.invalid_transitions.inc()
             log.error("invalid transition", error=str(exc))
             return
+        if isinstance(msg, JobUpdate) and msg.job_id is not None and msg.progress > 0:
+            r = self.core.rollouts.get(msg.job_id)
+            idx = self.registry.get_index(device_id)
+            if r is not None and idx is not None and r.on_progress(idx, msg.progress):
+                self._progress[(msg.job_id, device_id)] = r.device_progress(idx)
+                self._flush_evt.set()
         if isinstance(msg, JobUpdate | JobResult) and msg.health is not None:
             idx = self.registry.get_index(device_id)
             if idx is not None:
                 self._dirty_devices.add(idx)
                 self._flush_evt.set()
         self._kick.set()
+
+    def _maybe_reload(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._last_reload >= 1.0:
+            self._last_reload = now
+            self._registry_changed()
 
     # -- tasks ----------------------------------------------------------------------
     async def _timer_loop(self) -> None:
@@ -338,12 +510,40 @@ class Coordinator:
                 kicker.cancel()
 
     async def _send_loop(self) -> None:
+        backoff = self.commit_interval_s
         while True:
-            dev, payload = await self._out.get()
+            batch = [await self._out.get()]
+            while len(batch) < 256 and not self._out.empty():
+                batch.append(self._out.get_nowait())
+            self._io += 1
             try:
-                await self.channel.send(dev, "notify", payload)
-            except Exception as exc:  # a failed send is retried via timeout / pull
-                log.warning("notify send failed", device=dev, error=repr(exc))
+                await self._send_batch(batch)
+            except _Retry:
+                await self.clock.sleep(backoff)
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                continue
+            finally:
+                self._io -= 1
+            backoff = self.commit_interval_s
+
+    async def _send_batch(self, batch: list[OutboxRecord]) -> None:
+        try:
+            # claimed (deleted, fenced) before the publish: never sent twice
+            await self.store.claim_outbox([x.id for x in batch if x.id], self.token)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # keep them, retry after a pause
+            self.write_errors += 1
+            log.error("outbox claim failed", error=repr(exc))
+            for x in batch:
+                self._out.put_nowait(x)
+                self._out.task_done()
+            raise _Retry from exc
+        for x in batch:
+            try:
+                await self.channel.send(x.device_id, "notify", x.payload)
+            except Exception as exc:  # a lost send is retried via timeout / pull
+                log.warning("notify send failed", device=x.device_id, error=repr(exc))
             finally:
                 self._out.task_done()
 
@@ -355,6 +555,8 @@ class Coordinator:
             try:
                 await self.flush()
                 backoff = self.commit_interval_s
+            except LeaseLost:
+                raise  # another replica is active: stop acting (the process exits)
             except Exception as exc:  # keep the records, retry: never drop a transition
                 self.write_errors += 1
                 backoff = min(max(backoff * 2, 0.5), 30.0)
@@ -367,33 +569,60 @@ class Coordinator:
             self.clock.time_ms(), int(r.finished_at * 1000))
 
     async def flush(self) -> None:
-        """Write pending transitions, changed rollouts and device health now."""
+        """Commit pending transitions, rollout changes, health, progress and outbox in one
+        transaction, then hand the outbox to the sender and ack the device messages."""
         async with self._flush_lock:
             self._flush_evt.clear()
+            take_acks = getattr(self.channel, "take_acks", None)
+            acks: list[Any] = take_acks() if callable(take_acks) else []
             recs, self._pending = self._pending, []
             dirty, self._dirty = self._dirty, set()
             devs, self._dirty_devices = self._dirty_devices, set()
+            targets, self._targets = self._targets, []
+            progress, self._progress = self._progress, {}
+            outbox, self._outbox = self._outbox, []
             for rid in dirty:  # keep the exported gauges current without a scan
                 self.metrics.set_states(rid, self.core.rollouts[rid].counts)
+            batch = Batch(recs, [self._record(self.core.rollouts[rid]) for rid in dirty],
+                          [self.registry.row(i) for i in devs], targets,
+                          [(r, d, p) for (r, d), p in progress.items()], outbox)
+            self._io += 1
             try:
-                await self.store.save_transitions(recs)
-                recs = []
-                for rid in list(dirty):
-                    await self.store.save_rollout(self._record(self.core.rollouts[rid]))
-                    dirty.discard(rid)
-                if devs:
-                    await self.store.save_devices([self.registry.row(i) for i in devs])
-                    devs = set()
+                if batch:
+                    await self.store.commit(batch, self.token)
             except BaseException:
                 self._pending[:0] = recs
                 self._dirty |= dirty
                 self._dirty_devices |= devs
+                self._targets[:0] = targets
+                self._progress = {**progress, **self._progress}
+                self._outbox[:0] = outbox
+                restore = getattr(self.channel, "restore_acks", None)
+                if callable(restore):
+                    restore(acks)
                 self._flush_evt.set()
                 raise
+            finally:
+                self._io -= 1
+            for x in outbox:
+                self._out.put_nowait(x)
+            ack = getattr(self.channel, "ack", None)
+            if acks and callable(ack):
+                ack(acks)
 
     async def drain(self) -> None:
-        """Wait until queued notifications were handed to the channel (tests, shutdown)."""
+        """Commit, then wait until queued notifications were handed to the channel."""
+        await self.flush()
         await self._out.join()
+
+
+class _Retry(Exception):
+    """The outbox claim failed transiently: back off and retry the batch."""
+
+
+def _health(row: Any) -> Health:
+    return Health(online=row.online, backlog_bytes=row.backlog_bytes, lag_s=row.lag_s,
+                  error_rate=row.error_rate)
 
 
 def state_name(state: int) -> str:

@@ -86,6 +86,7 @@ class Rollout:
         self.attempts = bytearray(n)
         self.gen = array("I", [0]) * n
         self.wave_of = array("H", [NOWAVE]) * n
+        self.prog = bytearray(n)  # last reported progress, percent (0..100)
         self.counts = [0] * _NSTATES
         self.counts[S.QUEUED] = n
         self.waves: list[Wave] = []
@@ -554,6 +555,32 @@ class Rollout:
             return "rollback"
         self.on_online(idx, now)
         return None
+
+    def on_progress(self, idx: int, progress: float) -> bool:
+        """Record a device's reported progress (0..1, clamped); True when it changed."""
+        pos = self.pos_of[idx]
+        pct = max(0, min(100, round(progress * 100))) if math.isfinite(progress) else 0
+        if self.prog[pos] == pct:
+            return False
+        self.prog[pos] = pct
+        return True
+
+    def device_progress(self, idx: int) -> float:
+        """Progress of device ``idx`` (0..1): 1 once it reported success, else its last
+        reported progress."""
+        pos = self.pos_of[idx]
+        if self.state[pos] in (S.SOAKING, S.SUCCEEDED):
+            return 1.0
+        return self.prog[pos] / 100.0
+
+    def mean_progress(self, start: int = 0, end: int | None = None) -> float:
+        """Mean progress (0..1) of target positions ``[start, end)``; O(devices)."""
+        end = self.n if end is None else end
+        if end <= start:
+            return 0.0
+        done = (S.SOAKING, S.SUCCEEDED)
+        total = sum(100 if self.state[p] in done else self.prog[p] for p in range(start, end))
+        return round(total / (100.0 * (end - start)), 4)
 
     # -- restore --------------------------------------------------------------------
     def restore(self, rows: Iterable[tuple[int, int, int, float]], waves: list[Wave],

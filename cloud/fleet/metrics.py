@@ -30,6 +30,9 @@ class FleetMetrics:
                                            "Rejected invalid transitions", registry=r)
         self.states = Gauge("pymigrate_fleet_rollout_devices", "Devices per rollout and state",
                             ["rollout", "state"], registry=r)
+        self.progress = Gauge("pymigrate_fleet_rollout_progress",
+                              "Mean device progress of a rollout (0..1)", ["rollout"],
+                              registry=r)
         self.online = Gauge("pymigrate_fleet_online_devices", "Devices online", registry=r)
         self.backlog = Gauge("pymigrate_fleet_backlog_bytes", "Reported backlog", registry=r)
 
@@ -41,6 +44,10 @@ class FleetMetrics:
         """Publish per-state counts of a rollout."""
         for i, n in enumerate(counts):
             self.states.labels(rollout_id, _NAMES[i]).set(n)
+
+    def set_progress(self, rollout_id: str, progress: float) -> None:
+        """Publish the mean device progress of a rollout."""
+        self.progress.labels(rollout_id).set(progress)
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

@@ -15,7 +15,8 @@ _NAMES = [s.name.lower() for s in DeviceState]
 
 
 def rollout_progress(r: Rollout, now: float) -> dict[str, object]:
-    """Progress of ``r`` at ``now`` (O(states + waves), no device scan)."""
+    """Progress of ``r`` at ``now``: counts are O(states + waves); the mean device
+    progress scans the targets once (status requests only, never per event)."""
     c = r.counts
     succ = c[S.SUCCEEDED]
     fail = c[S.FAILED] + c[S.TIMED_OUT] + c[S.REJECTED]
@@ -32,8 +33,10 @@ def rollout_progress(r: Rollout, now: float) -> dict[str, object]:
         "in_flight": r.in_flight, "elapsed_s": round(elapsed, 1),
         "eta_s": None if math.isinf(eta) else round(eta, 1),
         "notifications": r.notifications,
+        "progress": r.mean_progress(),
         "waves": [{"wave": w.index, "size": w.end - w.start, "planned": w.planned,
                    "gate": w.gate, "offline_waiting": len(r.offline[w.index]),
+                   "progress": r.mean_progress(w.start, w.end),
                    "states": {_NAMES[i]: n for i, n in enumerate(r.wcounts[w.index]) if n}}
                   for w in r.waves],
         "rollback_waves": len(r.rb_waves),

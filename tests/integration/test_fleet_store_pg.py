@@ -16,7 +16,7 @@ from cloud.fleet.spec import Gate, RolloutSpec, WavePlan
 from cloud.fleet.states import DeviceState, FleetError
 from cloud.fleet.store import RolloutRecord, TransitionRecord, open_store
 from cloud.fleet.store_pg import PostgresFleetStore
-from pymigrate.clock import VirtualClock
+from tests.support.fleet import CoordinatorClock
 
 pytestmark = pytest.mark.integration
 S = DeviceState
@@ -61,7 +61,7 @@ async def test_store_contract(pg: PostgresFleetStore) -> None:
 
 
 async def test_coordinator_resumes_from_postgres(pg: PostgresFleetStore) -> None:
-    clock = VirtualClock()
+    clock = CoordinatorClock()
     bus = MemoryJobBus()
     answered: dict[str, int] = {}
 
@@ -78,6 +78,7 @@ async def test_coordinator_resumes_from_postgres(pg: PostgresFleetStore) -> None
     for i in range(12):
         await bus.link(f"d{i}").connect(device(f"d{i}"))
     coord = Coordinator(store=pg, channel=bus, clock=clock)
+    clock.coordinators = [coord]
     await coord.start()
     await coord.add_devices([(f"d{i}", {}) for i in range(12)])
     spec = RolloutSpec("pg", plan=WavePlan(canary=3, growth=3), soak_s=30,
@@ -86,7 +87,9 @@ async def test_coordinator_resumes_from_postgres(pg: PostgresFleetStore) -> None
     assert await clock.run_until(lambda: len(r.waves) == 2, max_seconds=600, step=1)
     await coord.stop()
     coord2 = Coordinator(store=pg, channel=bus, clock=clock)
+    clock.coordinators = [coord2]
     await coord2.start()
+    assert coord2.token == coord.token + 1  # a new fencing token per leadership
     r2 = coord2.core.get("pg")
     assert [w.end - w.start for w in r2.waves] == [3, 9]
     assert await clock.run_until(lambda: r2.done, max_seconds=3600, step=5)

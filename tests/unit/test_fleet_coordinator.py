@@ -19,7 +19,7 @@ from cloud.fleet.spec import Gate, RolloutSpec, WavePlan
 from cloud.fleet.states import DeviceState, FleetError, UnknownRollout
 from cloud.fleet.store import RolloutRecord
 from cloud.fleet.store_sqlite import SqliteFleetStore
-from pymigrate.clock import VirtualClock
+from tests.support.fleet import CoordinatorClock
 
 S = DeviceState
 OLD, NEW = "mode = 'old'\n", "mode = 'new'\n"
@@ -28,7 +28,7 @@ OLD, NEW = "mode = 'old'\n", "mode = 'new'\n"
 class Rig:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.clock = VirtualClock()
+        self.clock = CoordinatorClock()
         self.bus = MemoryJobBus()
         self.store = SqliteFleetStore(str(tmp / "fleet.db"))
         self.coord: Coordinator | None = None
@@ -36,7 +36,9 @@ class Rig:
         self.applied: dict[str, list[str]] = {}
 
     async def coordinator(self) -> Coordinator:
-        self.coord = Coordinator(store=self.store, channel=self.bus, clock=self.clock)
+        self.coord = Coordinator(store=self.store, channel=self.bus, clock=self.clock,
+                                 insecure_control=True)
+        self.clock.coordinators = [self.coord]
         await self.coord.start()
         return self.coord
 
@@ -286,19 +288,19 @@ async def test_failed_state_write_keeps_records_and_retries(rig: Rig) -> None:
     await coord.add_devices([(f"d{i}", {}) for i in range(4)])
     for i in range(4):
         await rig.device(f"d{i}")
-    real = rig.store.save_transitions
+    real = rig.store.commit
     calls = {"n": 0}
 
-    async def flaky(recs: list[Any]) -> None:
+    async def flaky(batch: Any, token: int) -> None:
         calls["n"] += 1
-        if calls["n"] <= 2:
+        if calls["n"] in (2, 3):  # the commits after the rollout's creation fail
             raise OSError("disk full")
-        await real(recs)
+        await real(batch, token)
 
-    rig.store.save_transitions = flaky  # type: ignore[method-assign]
+    rig.store.commit = flaky  # type: ignore[method-assign]
     r = await coord.create_rollout(spec(plan=WavePlan(canary=4)))
     assert await rig.clock.run_until(lambda: r.done, max_seconds=3600, step=1)
-    assert await rig.clock.run_until(lambda: calls["n"] >= 3 and not coord._pending,
+    assert await rig.clock.run_until(lambda: calls["n"] >= 4 and not coord._pending,
                                      max_seconds=600, step=1)
     assert coord.write_errors == 2
     await coord.flush()
