@@ -151,6 +151,12 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     health_interval_s: float = 30.0  # soak: health checks while the coordinator waits
     heartbeat_s: float = 60.0  # last-seen health report period (0 = off)
     max_backlog_bytes: int = 0  # unhealthy above this backlog (0 = no limit)
+    ca_file: str = ""  # TLS to the broker: CA, client certificate and key (PEM)
+    cert_file: str = ""
+    key_file: str = ""
+    verify_key: str = ""  # Ed25519 public key (PEM) of the coordinator: jobs must be signed
+    allow_unsigned: bool = False  # accept unsigned jobs (only without verify_key; tests)
+    secrets_file: str = ""  # TOML NAME = "value" resolving ${secret:NAME} in config jobs
 
 
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -262,6 +268,12 @@ def _check(cfg: AgentConfig) -> None:
     if not 1 <= v.max_sensor_len <= 65535:
         raise ConfigError("validation.max_sensor_len", f"must be in 1..65535, got "
                           f"{v.max_sensor_len}")
+    if cfg.jobs.enabled and not cfg.jobs.verify_key and not cfg.jobs.allow_unsigned:
+        raise ConfigError("jobs.verify_key", "fleet jobs need the coordinator's Ed25519 public"
+                          " key (PEM) to verify job signatures; set allow_unsigned = true only"
+                          " on a trusted test network")
+    if cfg.jobs.key_file and not cfg.jobs.cert_file:
+        raise ConfigError("jobs.cert_file", "a key_file needs its cert_file")
     if cfg.pipeline.queue_size < 1:
         raise ConfigError("pipeline.queue_size", "must be >= 1")
     if not (math.isfinite(cfg.pipeline.drain_timeout_s) and cfg.pipeline.drain_timeout_s >= 0):

@@ -9,7 +9,17 @@ health check: if unhealthy it restores the previous config and reports failure.
 During the soak it reports health every ``health_interval_s``; if health turns bad it
 rolls back by itself. A rollback command restores ``<config>.prev``. Finished jobs are
 remembered in ``<config>.jobs.json``, so a re-delivered notification is answered with
-the earlier result instead of being applied twice.
+the earlier result instead of being applied twice; a job is also marked ``applying``
+(durably, after the previous config was saved) before it is applied, so a device that
+crashed mid-apply restores the previous config when the job comes again and reports
+``interrupted`` (retriable) instead of applying on top of a half-applied state.
+
+Trust: with ``verify_key`` every notification must carry a valid Ed25519 signature of
+the coordinator (``transports.jobs_security``); an unsigned or forged one is refused,
+counted in :attr:`JobsClient.untrusted` and reported to the coordinator as a
+``JobUpdate.refused`` note that changes no job state. A config document must not carry
+secrets in clear: ``${secret:NAME}`` references are resolved from the device's local
+``secrets_file`` when the new config is written.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from pymigrate.clock import Clock
 from pymigrate.errors import PyMigrateError
 from transports.jobs_protocol import (
@@ -37,6 +49,14 @@ from transports.jobs_protocol import (
     ProtocolError,
     decode,
     encode,
+)
+from transports.jobs_security import (
+    SecretError,
+    SignatureError,
+    check_config_content,
+    load_secrets,
+    resolve_secrets,
+    verify,
 )
 
 log = structlog.get_logger("pymigrate.agent.jobs")
@@ -88,7 +108,8 @@ class JobsClient:
                  health: HealthCheck, clock: Clock, config_path: str | Path,
                  hooks: Mapping[str, Hook] | None = None, check_delay_s: float = 5.0,
                  health_interval_s: float = 30.0, soak_reports: int = 4,
-                 heartbeat_s: float = 0.0) -> None:
+                 heartbeat_s: float = 0.0, verify_key: Ed25519PublicKey | None = None,
+                 secrets_file: str | Path | None = None) -> None:
         self.device_id = device_id
         self.channel = channel
         self.apply_config = apply_config
@@ -102,6 +123,10 @@ class JobsClient:
         self.health_interval_s = health_interval_s
         self.soak_reports = soak_reports
         self.heartbeat_s = heartbeat_s  # > 0: report health this often (last-seen health)
+        self.verify_key = verify_key  # None: signatures are not checked (allow_unsigned)
+        self.secrets_file = Path(secrets_file) if secrets_file else None
+        self.untrusted: dict[str, int] = {}  # refused notifications by reason
+        self.interrupted = 0
         self._queue: asyncio.Queue[JobNotify] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._soak: asyncio.Task[None] | None = None
@@ -167,6 +192,17 @@ class JobsClient:
         if not isinstance(msg, JobNotify) or msg.device_id != self.device_id:
             self.rejected += 1
             return
+        if self.verify_key is not None:
+            try:
+                verify(msg, self.verify_key)
+            except SignatureError as exc:
+                self.untrusted[exc.reason] = self.untrusted.get(exc.reason, 0) + 1
+                log.warning("job notification refused: not signed by the coordinator",
+                            device=self.device_id, job=msg.job_id, reason=exc.reason)
+                with contextlib.suppress(Exception):
+                    await self._send(JobUpdate(self.device_id,
+                                               refused=f"{exc.reason}:{msg.job_id}"))
+                return
         if msg.op == "refused":
             self.refusals += 1
             log.warning("coordinator refused a report", job=msg.job_id, reason=msg.reason)
@@ -211,6 +247,15 @@ class JobsClient:
     # -- apply / rollback -----------------------------------------------------------
     async def _apply(self, msg: JobNotify) -> None:
         seen = self._done.get(msg.job_id)
+        if seen is not None and seen["status"] == "applying":
+            # this device stopped mid-apply (crash, power loss): the previous config was
+            # saved before the mark, restore it and let the coordinator retry
+            doc = msg.doc or JobDocument()
+            with contextlib.suppress(Exception):
+                await self._do(doc, rollback=True)
+            self.interrupted += 1
+            await self._result(msg, "failed", reason="interrupted", retriable=True)
+            return
         if seen is not None and (seen["attempt"] == msg.attempt
                                  or seen["status"] == "succeeded"):
             # re-delivered (QoS 1 duplicate, pull or retry after a coordinator restart):
@@ -223,9 +268,19 @@ class JobsClient:
         if doc.type == "command" and doc.hook not in self.hooks:
             await self._result(msg, "rejected", reason=f"unknown_hook:{doc.hook}")
             return
+        content = ""
+        if doc.type == "config":
+            try:
+                check_config_content(doc.content, require_toml=False)  # defence in depth
+                secrets = load_secrets(self.secrets_file) if self.secrets_file else {}
+                content = resolve_secrets(doc.content, secrets)
+            except (SecretError, PyMigrateError) as exc:
+                await self._result(msg, "rejected", reason=f"{exc.reason}")
+                return
         await self._send(JobStart(self.device_id, msg.job_id, msg.attempt))
         try:
-            await self._do(doc, rollback=False)
+            await self._do(doc, rollback=False, content=content,
+                           mark=lambda: self._remember(msg.job_id, msg.attempt, "applying"))
         except Exception as exc:
             retriable = bool(getattr(exc, "retriable", False))
             with contextlib.suppress(Exception):
@@ -265,7 +320,7 @@ class JobsClient:
         if self._soak is not None:
             self._soak.cancel()
         seen = self._done.get(msg.job_id)
-        if seen is not None and seen["status"] in ("succeeded",):
+        if seen is not None and seen["status"] in ("succeeded", "applying"):
             doc = msg.doc or JobDocument()
             try:
                 await self._do(doc, rollback=True)
@@ -276,8 +331,11 @@ class JobsClient:
             self.rolled_back += 1
         await self._result(msg, "rolled_back")
 
-    async def _do(self, doc: JobDocument, *, rollback: bool) -> None:
+    async def _do(self, doc: JobDocument, *, rollback: bool, content: str = "",
+                  mark: Callable[[], None] | None = None) -> None:
         if doc.type == "command":
+            if mark is not None:
+                mark()
             await _maybe_await(self.hooks[doc.hook](doc.args, rollback))
             return
         if rollback:
@@ -287,5 +345,8 @@ class JobsClient:
         else:
             if self.config_path.exists():
                 atomic_write(self.prev_path, self.config_path.read_bytes())
-            atomic_write(self.config_path, doc.content.encode())
+            if mark is not None:  # durable "applying" only once .prev is the old config
+                mark()
+            atomic_write(self.config_path, content.encode())
+            os.chmod(self.config_path, 0o600)  # it may hold resolved secrets
         await _maybe_await(self.apply_config(self.config_path))

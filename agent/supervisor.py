@@ -162,15 +162,19 @@ class Agent:
     async def _run_jobs(self) -> None:
         """Fleet jobs: apply config changes atomically (previous kept), report health."""
         from agent.jobs import JobError, JobsClient
-        from transports.jobs_mqtt import MqttDeviceHub
+        from transports.jobs_mqtt import MqttDeviceHub, tls_context
+        from transports.jobs_security import load_public_key
 
         j = self.config.jobs
         if not self.config.source_file:
             log.warning("jobs enabled but the agent was not started from a config file")
             return
+        verify_key = (load_public_key(j.verify_key, key="jobs.verify_key") if j.verify_key
+                      else None)
         hub = MqttDeviceHub(j.host, j.port, prefix=j.prefix, client_id=f"{self.device_id}-jobs",
                             username=j.username or None, password=j.password or None,
-                            will_device=self.device_id, clock=self.clock)
+                            will_device=self.device_id, clock=self.clock,
+                            tls=tls_context("jobs", j.ca_file, j.cert_file, j.key_file))
 
         async def apply_config(path: Path) -> None:
             from agent.reload import reload_agent
@@ -184,7 +188,8 @@ class Agent:
                                clock=self.clock, config_path=self.config.source_file,
                                check_delay_s=j.check_delay_s,
                                health_interval_s=j.health_interval_s,
-                               heartbeat_s=j.heartbeat_s)
+                               heartbeat_s=j.heartbeat_s, verify_key=verify_key,
+                               secrets_file=j.secrets_file or None)
         await hub.start()
         try:
             await self.jobs.start()

@@ -80,7 +80,11 @@ class JobStart(msgspec.Struct, frozen=True, tag="start", tag_field="kind"):
 
 
 class JobUpdate(msgspec.Struct, frozen=True, tag="update", tag_field="kind"):
-    """Device -> coordinator: progress of a job and/or a health report (job_id may be None)."""
+    """Device -> coordinator: progress of a job and/or a health report (job_id may be None).
+
+    ``refused``: the device refused a notification it could not trust (``reason:job``,
+    e.g. ``unsigned:fw-2``); reported without touching the job's state, since the
+    document may be an attacker's."""
 
     device_id: str
     job_id: str | None = None
@@ -88,6 +92,7 @@ class JobUpdate(msgspec.Struct, frozen=True, tag="update", tag_field="kind"):
     progress: float = 0.0
     health: Health | None = None
     v: int = VERSION
+    refused: str = ""
 
 
 class JobResult(msgspec.Struct, frozen=True, tag="result", tag_field="kind"):

@@ -116,6 +116,8 @@ def verify(msg: msgspec.Struct, key: Ed25519PublicKey) -> None:
 # -- secrets ----------------------------------------------------------------------------
 def _secret_key(name: str) -> bool:
     n = name.lower()
+    if n.endswith(("_file", "_path", "_dir")):  # where a secret lives, not the secret
+        return False
     return any(s in n for s in _SECRET_NAMES)
 
 
@@ -136,12 +138,15 @@ def secrets_in_clear(data: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def check_config_content(content: str) -> None:
-    """Refuse a config document that is not TOML or carries a secret in clear
-    (:class:`SecretError` / ``reason=secret_in_clear`` names the keys)."""
+def check_config_content(content: str, *, require_toml: bool = True) -> None:
+    """Refuse a config document that carries a secret in clear (:class:`SecretError`,
+    ``reason=secret_in_clear``, names the keys) or, with ``require_toml``, is not TOML
+    (the device leaves that to its config loader, which fails the apply)."""
     try:
         data = tomllib.loads(content)
     except tomllib.TOMLDecodeError as exc:
+        if not require_toml:
+            return
         raise SecretError(f"config document is not valid TOML: {exc}",
                           reason="invalid_config") from exc
     keys = secrets_in_clear(data)

@@ -471,6 +471,10 @@ class Coordinator:
             self.metrics.invalid_transitions.inc()
             log.error("invalid transition", error=str(exc))
             return
+        if isinstance(msg, JobUpdate) and msg.refused:
+            reason = msg.refused.partition(":")[0]
+            self.metrics.device_refusals.labels(reason).inc()
+            log.warning("device refused a notification", device=device_id, note=msg.refused)
         if isinstance(msg, JobUpdate) and msg.job_id is not None and msg.progress > 0:
             r = self.core.rollouts.get(msg.job_id)
             idx = self.registry.get_index(device_id)

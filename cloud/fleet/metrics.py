@@ -30,6 +30,10 @@ class FleetMetrics:
                                            "Rejected invalid transitions", registry=r)
         self.states = Gauge("pymigrate_fleet_rollout_devices", "Devices per rollout and state",
                             ["rollout", "state"], registry=r)
+        self.device_refusals = Counter(
+            "pymigrate_fleet_device_refusals",
+            "Notifications devices refused as untrusted (unsigned, bad signature)", ["reason"],
+            registry=r)
         self.progress = Gauge("pymigrate_fleet_rollout_progress",
                               "Mean device progress of a rollout (0..1)", ["rollout"],
                               registry=r)

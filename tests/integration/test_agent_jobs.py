@@ -1,5 +1,6 @@
-"""A real agent takes a config rollout from the real fleet coordinator over Mosquitto:
-the new config is applied live, the previous one kept, and the rollout completes."""
+"""A real agent takes a signed config rollout from the real fleet coordinator over
+Mosquitto: the new config is applied live with its secret resolved on the device, the
+previous one kept, and the rollout completes. Control commands are signed too."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cloud.fleet.coordinator import Coordinator
 from cloud.ingest import IngestService
 from cloud.stores import SqliteStore
 from tests.support.loopback import LoopbackUplink
+from transports.jobs_security import generate_keypair
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +43,9 @@ prefix = "{prefix}"
 check_delay_s = 0.05
 health_interval_s = 0.05
 heartbeat_s = 0
-
+verify_key = "{verify_key}"
+secrets_file = "{secrets}"
+{extra}
 [log]
 level = "warning"
 """
@@ -52,15 +56,21 @@ async def test_config_rollout_reaches_a_real_agent(mosquitto: tuple[str, int],
     host, port = mosquitto
     prefix = f"pmjobs-{uuid.uuid4().hex[:8]}"
     dev = f"gw-{uuid.uuid4().hex[:6]}"
-    fmt = {"dev": dev, "data": tmp_path / "var", "host": host, "port": port, "prefix": prefix}
+    job_key, job_pub = generate_keypair(tmp_path / "keys", "jobs")
+    op_key, op_pub = generate_keypair(tmp_path / "keys", "operator")
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('broker_password = "s3cr\\\\et"\n')  # TOML escape
+    fmt = {"dev": dev, "data": tmp_path / "var", "host": host, "port": port, "prefix": prefix,
+           "verify_key": job_pub, "secrets": secrets}
     cfg_path = tmp_path / "agent.toml"
-    cfg_path.write_text(CONFIG.format(profile="unmetered", **fmt))
+    cfg_path.write_text(CONFIG.format(profile="unmetered", extra="", **fmt))
     db = str(tmp_path / "fleet.db")
     devs = tmp_path / "devices.json"
     devs.write_text(json.dumps([{"device_id": dev, "attrs": {"site": "lab"}}]))
     assert await asyncio.to_thread(main, ["add-devices", "--store", db, "--file", str(devs)]) == 0
     args = build_parser().parse_args(["serve", "--store", db, "--broker", f"{host}:{port}",
-                                      "--prefix", prefix])
+                                      "--prefix", prefix, "--signing-key", str(job_key),
+                                      "--control-key", str(op_pub)])
     stop = asyncio.Event()
     started: asyncio.Future[Coordinator] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(serve(args, stop, started), name="test[fleet-serve]")
@@ -77,7 +87,9 @@ async def test_config_rollout_reaches_a_real_agent(mosquitto: tuple[str, int],
             if agent.jobs is not None:
                 break
             await asyncio.sleep(0.02)
-        new_cfg = CONFIG.format(profile="metered", **fmt)
+        # the job carries a reference, never the password itself
+        new_cfg = CONFIG.format(profile="metered", extra='password = "${secret:broker_password}"',
+                                **fmt)
         spec = tmp_path / "spec.json"
         spec.write_text(json.dumps({"rollout_id": "r1", "document": {"content": new_cfg},
                                     "soak_s": 0.3, "plan": {"canary": 1},
@@ -85,16 +97,21 @@ async def test_config_rollout_reaches_a_real_agent(mosquitto: tuple[str, int],
                                     "max_notifications_per_min": 60000}))
         assert await asyncio.to_thread(main, ["create-rollout", "--store", db, "--spec",
                                               str(spec), "--broker", f"{host}:{port}",
-                                              "--prefix", prefix]) == 0
+                                              "--prefix", prefix, "--signing-key",
+                                              str(op_key)]) == 0
         # the control message makes the running coordinator pick the rollout up
         for _ in range(500):
             if "r1" in coord.core.rollouts:
                 break
             await asyncio.sleep(0.02)
         r = await asyncio.wait_for(coord.wait_finished("r1"), timeout=30)
-        assert r.status == "completed"
+        assert r.status == "completed", (r.reason, agent.jobs._done, agent.jobs.untrusted)
         assert agent.config.retry.profile == "metered"  # applied live, no restart
-        assert cfg_path.read_text() == new_cfg
+        assert cfg_path.read_text() == new_cfg.replace("${secret:broker_password}",
+                                                       "s3cr\\\\et")
+        # resolved from the device's local secrets file (applies at the next restart)
+        assert load_agent_config(cfg_path).jobs.password == "s3cr\\et"
+        assert agent.jobs.untrusted == {}
         prev = cfg_path.with_name(cfg_path.name + ".prev")
         assert 'profile = "unmetered"' in prev.read_text()  # kept for rollback
     finally:

@@ -15,6 +15,7 @@ from cloud.fleet.coordinator import Coordinator
 from cloud.fleet.protocol import Health
 from pymigrate.clock import WallClock
 from transports.jobs_mqtt import MqttDeviceHub
+from transports.jobs_security import generate_keypair, load_public_key
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +30,12 @@ async def test_serve_create_and_control_over_mqtt(mosquitto: tuple[str, int],
     devs.write_text(json.dumps([{"device_id": f"c{i}", "attrs": {"site": "a"}}
                                 for i in range(6)]))
     assert await asyncio.to_thread(main, ["add-devices", "--store", db, "--file", str(devs)]) == 0
+    job_key, job_pub = generate_keypair(tmp_path, "jobs")
+    op_key, op_pub = generate_keypair(tmp_path, "operator")
+    signed = ["--signing-key", str(op_key)]
     args = build_parser().parse_args(["serve", "--store", db, "--broker", broker,
-                                      "--prefix", prefix])
+                                      "--prefix", prefix, "--signing-key", str(job_key),
+                                      "--control-key", str(op_pub)])
     stop = asyncio.Event()
     started: asyncio.Future[Coordinator] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(serve(args, stop, started), name="test[serve]")
@@ -44,7 +49,8 @@ async def test_serve_create_and_control_over_mqtt(mosquitto: tuple[str, int],
         cfg.write_text("a = 1\n")
         c = JobsClient(f"c{i}", channel=hub.link(f"c{i}"), apply_config=lambda p: None,
                        health=lambda: Health(), clock=WallClock(), config_path=cfg,
-                       check_delay_s=0.01, health_interval_s=0.05, soak_reports=1)
+                       check_delay_s=0.01, health_interval_s=0.05, soak_reports=1,
+                       verify_key=load_public_key(job_pub))
         await c.start()
         clients.append(c)
     try:
@@ -55,7 +61,7 @@ async def test_serve_create_and_control_over_mqtt(mosquitto: tuple[str, int],
                                     "max_notifications_per_min": 60000}))
         assert await asyncio.to_thread(main, ["create-rollout", "--store", db, "--spec",
                                               str(spec), "--broker", broker,
-                                              "--prefix", prefix]) == 0
+                                              "--prefix", prefix, *signed]) == 0
         # the control message makes the running coordinator pick the rollout up
         for _ in range(200):
             if "cli-1" in coord.core.rollouts:
@@ -64,14 +70,23 @@ async def test_serve_create_and_control_over_mqtt(mosquitto: tuple[str, int],
         r = await asyncio.wait_for(coord.wait_finished("cli-1"), timeout=20)
         assert r.status == "completed" and r.counts[4] == 6
         assert all((tmp_path / f"c{i}.toml").read_text() == "a = 2\n" for i in range(6))
+        assert all(c.untrusted == {} and c.applied == 1 for c in clients)
         before = coord.rejected
         assert await asyncio.to_thread(main, ["pause", "--broker", broker, "--prefix", prefix,
-                                              "--rollout", "nope"]) == 0
+                                              "--rollout", "nope", *signed]) == 0
         for _ in range(200):
             if coord.rejected > before:
                 break
             await asyncio.sleep(0.02)
         assert coord.rejected == before + 1  # unknown rollout: refused, counted
+        # an unsigned abort (anyone the broker lets publish) is refused: nothing rolls back
+        assert await asyncio.to_thread(main, ["abort", "--broker", broker, "--prefix", prefix,
+                                              "--rollout", "cli-1"]) == 0
+        for _ in range(200):
+            if coord.rejected > before + 1:
+                break
+            await asyncio.sleep(0.02)
+        assert coord.rejected == before + 2 and r.status == "completed"
         await coord.flush()
         assert await asyncio.to_thread(main, ["status", "--store", db]) == 0
     finally:

@@ -60,10 +60,68 @@ def test_errors_exit_nonzero_with_message(capsys: pytest.CaptureFixture[str],
                                           tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('rollout_id = "r"\n[plan]\ngrowth = 0.1\n')
-    assert main(["dry-run", "--spec", str(bad), "--devices", "10"]) == 1
+    assert main(["dry-run", "--spec", str(bad), "--devices", "10"]) == 2  # bad config
     assert "rollout.plan.growth" in capsys.readouterr().err
     assert main(["add-devices", "--store", str(tmp_path / "f.db"),
                  "--file", str(tmp_path / "missing.json")]) == 1
     assert load_spec_file(str(bad))["rollout_id"] == "r"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pause"])  # --broker and --rollout are required
+
+
+def test_help_is_plain_and_every_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text and ":data:" not in text
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, sp in sub.choices.items():  # type: ignore[union-attr]
+        for action in sp._actions:
+            if action.dest != "help":
+                assert action.help, f"fleet {name} {action.option_strings} has no help"
+
+
+@pytest.mark.parametrize(("argv", "option", "problem"), [
+    (["--devices", "-5"], "--devices", ">= 1"),
+    (["--devices", "0"], "--devices", ">= 1"),
+    (["--devices", "many"], "--devices", "whole number"),
+    (["--online", "2", "--failure", "7"], "--online", "0..1"),
+    (["--failure", "7"], "--failure", "0..1"),
+    (["--update-min", "-1"], "--update-min", ">= 0"),
+])
+def test_dry_run_validation_names_the_option(capsys: pytest.CaptureFixture[str],
+                                             argv: list[str], option: str,
+                                             problem: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["dry-run", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and problem in err and "Traceback" not in err
+
+
+def test_missing_spec_file_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["dry-run", "--spec", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "--spec" in err and "does not exist" in err
+
+
+def test_rollout_with_a_secret_in_clear_is_refused(capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"rollout_id": "s", "document": {
+        "content": '[uplink.mqtt]\npassword = "hunter2"\n'}}))
+    assert main(["create-rollout", "--store", str(tmp_path / "f.db"), "--spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "uplink.mqtt.password" in err and "${secret:NAME}" in err
+    spec.write_text(json.dumps({"rollout_id": "s", "document": {
+        "content": '[uplink.mqtt]\npassword = "${secret:mqtt}"\n'}}))
+    assert run(capsys, "create-rollout", "--store", str(tmp_path / "f.db"), "--spec",
+               str(spec))["created"] == "s"
+
+
+def test_keygen_writes_a_key_pair(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = run(capsys, "keygen", "--out", str(tmp_path), "--name", "k")
+    assert Path(str(out["private_key"])).stat().st_mode & 0o077 == 0
+    assert Path(str(out["public_key"])).read_text().startswith("-----BEGIN PUBLIC KEY")
