@@ -143,6 +143,9 @@ class FleetStore(Protocol):
     async def transition_count(self, rollout_id: str) -> int:
         """Number of logged transitions of a rollout."""
 
+    async def load_transitions(self, rollout_id: str) -> list[TransitionRecord]:
+        """The transition log of a rollout in commit order (audits)."""
+
     async def commit(self, batch: Batch, token: int) -> None:
         """Write ``batch`` in one transaction if ``token`` is still the lease's fencing
         token; raises :class:`LeaseLost` otherwise (nothing written)."""

@@ -186,6 +186,13 @@ class PostgresFleetStore:
                                    " WHERE rollout_id=$1", rollout_id)
         return int(n)
 
+    async def load_transitions(self, rollout_id: str) -> list[TransitionRecord]:
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(f"SELECT rollout_id, device_id, src, dst, attempt, reason,"
+                                   f" at_ms FROM {self.s}.transitions WHERE rollout_id=$1"
+                                   " ORDER BY id", rollout_id)
+        return [TransitionRecord(*tuple(r)) for r in rows]
+
     # -- crash-safe group commits, outbox, lease ------------------------------------
     async def _fence(self, con: Any, token: int) -> None:
         # FOR SHARE: a takeover's token update waits for this transaction, and this one

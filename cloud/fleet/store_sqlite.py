@@ -165,6 +165,12 @@ class SqliteFleetStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def load_transitions(self, rollout_id: str) -> list[TransitionRecord]:
+        async with self.db.execute(
+                "SELECT rollout_id, device_id, src, dst, attempt, reason, at_ms FROM"
+                " fleet_transitions WHERE rollout_id=? ORDER BY id", (rollout_id,)) as cur:
+            return [TransitionRecord(*row) for row in await cur.fetchall()]
+
     # -- crash-safe group commits, outbox, lease ------------------------------------
     async def _fence(self, token: int) -> None:
         async with self.db.execute("SELECT token FROM fleet_lease WHERE name='coordinator'"
