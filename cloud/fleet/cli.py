@@ -128,7 +128,7 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
                                  "gate": w["gate"], "states": c,
                                  "progress": round(sum(p for *_, p in part) / len(part), 4)
                                  if part else 0.0})
-            if args.show_devices:
+            if getattr(args, "show_devices", False):
                 out.setdefault("device_progress", {})[rec.rollout_id] = [
                     {"device_id": r.device_id, "state": DeviceState(r.state).name.lower(),
                      "attempts": r.attempts, "progress": _progress(r.state, r.progress)}

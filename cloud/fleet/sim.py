@@ -68,6 +68,11 @@ class SimResult(msgspec.Struct):
     transitions: int
     notifications: int
     wall_seconds: float
+    #: simulated minutes from the start to the start of each wave
+    wave_start_minutes: list[float] = []
+    #: the limit that bounds the duration, with each limit's lower bound in minutes
+    bound_by: str = ""
+    limits_minutes: dict[str, float] = {}
 
 
 class _Effects:
@@ -200,6 +205,8 @@ class Simulation:
         ingest_peak = self._peak_updates * m.backlog_bytes / m.catchup_s
         prog = r.progress(self.now)
         end = r.finished_at or self.now
+        starts = [round((w.started_at - start) / 60.0, 2) for w in r.waves]
+        limits = _limits(spec, m, r.n, starts, prog["states"])  # type: ignore[arg-type]
         return SimResult(
             status=r.status, reason=r.reason,
             simulated_minutes_to_complete=round((end - start) / 60.0, 2),
@@ -211,7 +218,35 @@ class Simulation:
             peak_notifications_per_minute=self.peak_notify,
             peak_ingest_bytes_per_s=round(ingest_peak, 1),
             transitions=self.effects.transitions, notifications=r.notifications,
-            wall_seconds=round(time.perf_counter() - wall, 3))
+            wall_seconds=round(time.perf_counter() - wall, 3),
+            wave_start_minutes=starts, limits_minutes=limits,
+            bound_by=max(limits, key=lambda k: limits[k]) if limits else "")
+
+
+def _limits(spec: RolloutSpec, m: FleetModel, n: int, starts: list[float],
+            states: dict[str, int]) -> dict[str, float]:
+    """Lower bounds (minutes) the duration cannot beat, one per limit:
+
+    * ``notification_rate``: every device notified at ``max_notifications_per_min``;
+    * ``max_in_flight``: devices busy for a mean update each, ``max_in_flight`` at a time;
+    * ``wave_gates``: the last wave can only start once the earlier ones passed their
+      gates (update + soak of enough devices per wave);
+    * ``offline_wait``: offline devices of the last wave are waited for
+      ``offline_wait_s`` before being skipped;
+    * ``device_timeouts``: a hung device of the last wave is given up on after
+      ``device_timeout_s`` per attempt.
+    """
+    last = starts[-1] if starts else 0.0
+    mean_update = (m.update_min_s + m.update_max_s) / 2.0
+    out = {"notification_rate": n / spec.max_notifications_per_min,
+           "max_in_flight": n * mean_update / spec.max_in_flight / 60.0,
+           "wave_gates": last}
+    if states.get("skipped"):
+        out["offline_wait"] = last + spec.offline_wait_s / 60.0
+    if states.get("timed_out"):
+        attempts = 1 + (spec.max_retries if spec.retry_timeouts else 0)
+        out["device_timeouts"] = last + spec.device_timeout_s * attempts / 60.0
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def dry_run(spec: RolloutSpec, model: FleetModel) -> SimResult:

@@ -21,7 +21,7 @@ class WavePlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     canary: int = 0
     canary_pct: float = 1.0
-    growth: float = 2.0
+    growth: float = 4.0
     max_wave: int = 0  # 0 = unlimited
 
 
@@ -34,10 +34,10 @@ class Gate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_error_rate: float = 0.05
     max_lag_s: float = 0.0  # 0 = not checked
     #: 1.0: advance only when the outcome is certain (even if every pending device failed
-    #: the wave would pass). Below 1.0: also advance once this fraction of the wave has
-    #: executed at the threshold; a passed wave stays watched and fails the rollout if
-    #: it can no longer reach the threshold.
-    advance_fraction: float = 1.0
+    #: the wave would pass). Below 1.0 (default 0.5): also advance once this fraction of
+    #: the wave has executed at the threshold; a passed wave stays watched and fails the
+    #: rollout if it can no longer reach the threshold.
+    advance_fraction: float = 0.5
 
 
 class Pacing(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -67,7 +67,8 @@ class RolloutSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     plan: WavePlan = WavePlan()
     deadline_s: float = 0.0
     expected_update_s: float = 300.0  # slowest expected update, used to derive plans
-    max_in_flight: int = 1000
+    # in flight = notified + updating: >= rate x longest update, or it caps the rate
+    max_in_flight: int = 5000
     max_notifications_per_min: int = 1000
     device_timeout_s: float = 600.0
     max_retries: int = 2
@@ -76,7 +77,7 @@ class RolloutSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gate: Gate = Gate()
     rollback_plan: WavePlan = WavePlan(canary=10, growth=4.0)
     windows: list[Window] = []
-    offline_wait_s: float = 3600.0
+    offline_wait_s: float = 1800.0
     pacing: Pacing = Pacing()
 
 

@@ -125,3 +125,31 @@ def test_keygen_writes_a_key_pair(capsys: pytest.CaptureFixture[str], tmp_path: 
     out = run(capsys, "keygen", "--out", str(tmp_path), "--name", "k")
     assert Path(str(out["private_key"])).stat().st_mode & 0o077 == 0
     assert Path(str(out["public_key"])).read_text().startswith("-----BEGIN PUBLIC KEY")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_spec_updates_10000_devices_within_the_hour(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(capsys, "dry-run", "--devices", "10000")
+    assert out["status"] == "completed"
+    assert out["simulated_minutes_to_complete"] < 60  # type: ignore[operator]
+    assert out["peak_notifications_per_minute"] <= 1000  # type: ignore[operator]
+    limits = out["limits_minutes"]
+    assert isinstance(limits, dict) and out["bound_by"] == max(limits, key=limits.get)
+
+
+def test_example_spec_is_the_documented_default() -> None:
+    import msgspec
+
+    from cloud.fleet.spec import RolloutSpec, parse_spec
+
+    spec = parse_spec(load_spec_file(str(ROOT / "configs/fleet/rollout-example.toml")))
+    default = RolloutSpec(rollout_id=spec.rollout_id, group=spec.group, document=spec.document)
+    assert spec == default  # the example shows the defaults, key by key
+    from transports.jobs_security import check_config_content
+
+    check_config_content(spec.document.content)  # secrets only as references
+    assert "${secret:" in spec.document.content
+    assert msgspec.structs.asdict(spec.plan)["growth"] == 4.0

@@ -13,7 +13,7 @@ import pytest
 from agent.jobs import JobError, JobsClient
 from cloud.fleet.channel import MemoryJobBus
 from cloud.fleet.coordinator import Coordinator, state_name
-from cloud.fleet.protocol import Health, JobDocument, JobResult, encode
+from cloud.fleet.protocol import Health, JobDocument, JobResult, JobStart, JobUpdate, encode
 from cloud.fleet.registry import Group
 from cloud.fleet.spec import Gate, RolloutSpec, WavePlan
 from cloud.fleet.states import DeviceState, FleetError, UnknownRollout
@@ -119,7 +119,7 @@ async def test_rollout_end_to_end_with_jobs_clients(rig: Rig) -> None:
     from cloud.fleet.cli import _status
 
     out = await _status(argparse.Namespace(store=rig.store.path, rollout="r1",
-                                           list_state="succeeded"))
+                                           list_state="succeeded", show_devices=False))
     assert len(out["devices"]["r1"]) == 20
     ro = out["rollouts"][0]
     assert ro["status"] == "completed" and ro["success_rate"] == 1.0 and ro["eta_s"] == 0.0
@@ -305,3 +305,37 @@ async def test_failed_state_write_keeps_records_and_retries(rig: Rig) -> None:
     assert coord.write_errors == 2
     await coord.flush()
     assert await rig.store.transition_count("r1") == coord.transitions == 16
+
+
+async def test_device_progress_is_stored_shown_and_exported(rig: Rig) -> None:
+    import argparse
+
+    from cloud.fleet.cli import _status
+
+    coord = await rig.coordinator()
+    await coord.add_devices([(f"d{i}", {}) for i in range(4)])
+    heard: list[str] = []
+    for i in range(4):
+        async def silent(kind: str, payload: bytes, dev: str = f"d{i}") -> None:
+            heard.append(dev)  # notified, never answers: stays in progress
+
+        await rig.bus.link(f"d{i}").connect(silent)
+    r = await coord.create_rollout(spec(plan=WavePlan(canary=4), device_timeout_s=3600))
+    assert await rig.clock.run_until(lambda: len(heard) == 4, max_seconds=60, step=1)
+    await rig.bus.from_device("d0", "start", encode(JobStart("d0", "r1", 0)))
+    await rig.bus.from_device("d0", "update", encode(JobUpdate("d0", "r1", 0, 0.4)))
+    await rig.bus.from_device("d1", "update", encode(JobUpdate("d1", "r1", 0, 7.0)))  # clamped
+    assert r.device_progress(0) == 0.4 and r.device_progress(1) == 1.0
+    st = coord.status()["rollouts"][0]
+    assert st["progress"] == 0.35 and st["waves"][0]["progress"] == 0.35
+    assert 'pymigrate_fleet_rollout_progress{rollout="r1"} 0.35' in coord.metrics.render().decode()
+    await coord.flush()
+    out = await _status(argparse.Namespace(store=rig.store.path, rollout="r1",
+                                           list_state="", show_devices=True))
+    per_dev = {d["device_id"]: d for d in out["device_progress"]["r1"]}
+    assert per_dev["d0"]["progress"] == 0.4 and per_dev["d0"]["state"] == "in_progress"
+    assert per_dev["d2"]["progress"] == 0.0
+    assert out["rollouts"][0]["waves"][0]["progress"] == 0.35
+    await coord.stop()
+    coord2 = await rig.coordinator()  # restored from the store
+    assert coord2.core.get("r1").device_progress(0) == 0.4
