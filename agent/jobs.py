@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pymigrate.clock import Clock

@@ -150,10 +150,13 @@ class ServeProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(self.log_path, "ab") as log:
+        log = self.log_path.open("ab")  # the child keeps its own descriptor
+        try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pymigrate.cli", "fleet", "serve", *self.args,
                 stdout=log, stderr=log, env=env, cwd=str(ROOT))
+        finally:
+            log.close()
 
     @property
     def pid(self) -> int:
@@ -171,14 +174,14 @@ class ServeProcess:
             self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
-    async def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+    async def stop(self, grace_s: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL after ``grace_s``; returns the exit code."""
         if self.proc is None:
             return 0
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
+                await asyncio.wait_for(self.proc.wait(), grace_s)
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
@@ -212,10 +215,10 @@ async def audit(store: FleetStore, rollout_id: str, fleet: FakeFleet) -> dict[st
             "transitions_logged": len(log)}
 
 
-async def wait_for(predicate: Any, timeout: float, step: float = 0.05) -> bool:
-    """Poll an async or sync predicate until true or ``timeout`` seconds passed."""
+async def wait_for(predicate: Any, within_s: float, step: float = 0.05) -> bool:
+    """Poll an async or sync predicate until true or ``within_s`` seconds passed."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = loop.time() + within_s
     while loop.time() < end:
         value = predicate()
         if asyncio.iscoroutine(value):

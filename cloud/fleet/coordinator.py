@@ -52,8 +52,14 @@ from cloud.fleet.protocol import (
 from cloud.fleet.registry import Group, Registry
 from cloud.fleet.spec import RolloutSpec, WavePlan
 from cloud.fleet.states import DeviceState, FleetError, InvalidTransition, NotOwner
-from cloud.fleet.store import Batch, FleetStore, LeaseLost, OutboxRecord, RolloutRecord
-from cloud.fleet.store import TransitionRecord
+from cloud.fleet.store import (
+    Batch,
+    FleetStore,
+    LeaseLost,
+    OutboxRecord,
+    RolloutRecord,
+    TransitionRecord,
+)
 from pymigrate.clock import Clock
 from transports.jobs_security import SignatureError, sign, verify
 
@@ -279,8 +285,8 @@ class Coordinator:
         # restore() may re-send rollbacks: those are new outbox rows, committed first
         fresh, self._outbox = self._outbox, []
         unsent = await self.store.load_outbox()
-        for rec in unsent:  # committed before the crash, never claimed: never sent
-            self._out.put_nowait(rec)
+        for row in unsent:  # committed before the crash, never claimed: never sent
+            self._out.put_nowait(row)
         self._next_outbox_id = max((x.id for x in unsent), default=0) + 1
         self._outbox = [OutboxRecord(self._next_outbox_id + i, d, p)
                         for i, (_, d, p) in enumerate(fresh)]

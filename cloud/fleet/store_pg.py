@@ -85,12 +85,11 @@ class PostgresFleetStore:
 
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
-        async with self.pool.acquire() as con:
-            # serialise schema creation between replicas starting together
-            async with con.transaction():
-                await con.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
-                                  f"pymigrate_fleet_ddl:{self.s}")
-                await con.execute(_SCHEMA.format(s=self.s))
+        # serialise schema creation between replicas starting together
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                              f"pymigrate_fleet_ddl:{self.s}")
+            await con.execute(_SCHEMA.format(s=self.s))
 
     async def close(self) -> None:
         await self.release_lease()

@@ -20,7 +20,8 @@ import pytest
 from agent.jobs import JobsClient
 from cloud.fleet.cli import build_parser, serve
 from cloud.fleet.coordinator import Coordinator, control_document
-from cloud.fleet.protocol import Health, JobNotify, JobResult, encode
+from cloud.fleet.protocol import Health, JobDocument, JobNotify, JobResult, encode
+from cloud.fleet.spec import Gate, RolloutSpec, WavePlan
 from pymigrate.clock import WallClock
 from tests.conftest import require_binary
 from tests.support.pki import make_ca, make_leaf, tls_mosquitto
@@ -99,9 +100,6 @@ async def test_tls_channel_signed_rollout_and_acls(pki: Path, broker: int,
         hubs.append(hub)
         clients.append(c)
     try:
-        from cloud.fleet.spec import Gate, RolloutSpec, WavePlan
-        from cloud.fleet.protocol import JobDocument
-
         r = await coord.create_rollout(RolloutSpec(
             "tls-1", document=JobDocument(content="v = 2\n"), plan=WavePlan(canary=2),
             gate=Gate(min_executed=2), soak_s=0.1, max_notifications_per_min=60000))
