@@ -66,6 +66,7 @@ from transports.jobs_security import SignatureError, sign, verify
 log = structlog.get_logger("pymigrate.fleet")
 PENDING = "pending"
 CONTROL_MAX_SKEW_S = 300.0  # a signed control command older or newer than this is refused
+SEND_CHUNK = 16  # notifications claimed and published together (< MQTT max in flight, 20)
 
 
 class Control(msgspec.Struct, frozen=True):
@@ -522,8 +523,11 @@ class Coordinator:
     async def _send_loop(self) -> None:
         backoff = self.commit_interval_s
         while True:
+            # small chunks: a chunk is claimed, then published at once (QoS 1 in flight
+            # together), so a crash loses at most one chunk's notifications (recovered by
+            # the device timeout), never sends one twice
             batch = [await self._out.get()]
-            while len(batch) < 256 and not self._out.empty():
+            while len(batch) < SEND_CHUNK and not self._out.empty():
                 batch.append(self._out.get_nowait())
             self._io += 1
             try:
@@ -549,13 +553,15 @@ class Coordinator:
                 self._out.put_nowait(x)
                 self._out.task_done()
             raise _Retry from exc
-        for x in batch:
-            try:
-                await self.channel.send(x.device_id, "notify", x.payload)
-            except Exception as exc:  # a lost send is retried via timeout / pull
-                log.warning("notify send failed", device=x.device_id, error=repr(exc))
-            finally:
-                self._out.task_done()
+        await asyncio.gather(*(self._send_one(x) for x in batch))
+
+    async def _send_one(self, x: OutboxRecord) -> None:
+        try:
+            await self.channel.send(x.device_id, "notify", x.payload)
+        except Exception as exc:  # a lost send is retried via timeout / pull
+            log.warning("notify send failed", device=x.device_id, error=repr(exc))
+        finally:
+            self._out.task_done()
 
     async def _write_loop(self) -> None:
         backoff = self.commit_interval_s
