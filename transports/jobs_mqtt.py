@@ -254,6 +254,11 @@ class MqttJobChannel:
                                  manual_ack=self.persistent)
         await self._session.open(topics)
 
+    @property
+    def pending_acks(self) -> int:
+        """Handled device messages waiting for their commit (and PUBACK)."""
+        return len(self._session._acks) if self._session is not None else 0
+
     def take_acks(self) -> list[Any]:
         """Device messages handled since the last call (ack them after the commit)."""
         return self._session.take_acks() if self._session is not None else []

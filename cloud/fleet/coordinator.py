@@ -67,6 +67,9 @@ log = structlog.get_logger("pymigrate.fleet")
 PENDING = "pending"
 CONTROL_MAX_SKEW_S = 300.0  # a signed control command older or newer than this is refused
 SEND_CHUNK = 16  # notifications claimed and published together (< MQTT max in flight, 20)
+#: unacked device messages that end the group-commit window early: the broker sends a
+#: client only so many unacked QoS 1 messages (Mosquitto max_inflight_messages, 20)
+ACK_EARLY = 16
 
 
 class Control(msgspec.Struct, frozen=True):
@@ -128,6 +131,7 @@ class Coordinator:
         self._out: asyncio.Queue[OutboxRecord] = asyncio.Queue()
         self._kick = asyncio.Event()
         self._flush_evt = asyncio.Event()
+        self._urgent = asyncio.Event()  # commit now: the broker's in-flight window is full
         self._tasks: set[asyncio.Task[None]] = set()
         self._nonces: OrderedDict[str, None] = OrderedDict()
         self._reload_task: asyncio.Task[None] | None = None
@@ -452,6 +456,8 @@ class Coordinator:
     # -- device documents -----------------------------------------------------------
     async def _on_message(self, device_id: str, kind: str, payload: bytes) -> None:
         self._flush_evt.set()  # the next commit also acks this message to the broker
+        if getattr(self.channel, "pending_acks", 0) >= ACK_EARLY:
+            self._urgent.set()
         try:
             msg = decode(kind, payload)
         except ProtocolError as exc:
@@ -567,7 +573,18 @@ class Coordinator:
         backoff = self.commit_interval_s
         while True:
             await self._flush_evt.wait()
-            await self.clock.sleep(backoff)  # group-commit window (longer after errors)
+            # group-commit window (longer after errors); cut short when the broker waits
+            # for acks before it sends more
+            sleeper = asyncio.ensure_future(self.clock.sleep(backoff))
+            urgent = asyncio.ensure_future(self._urgent.wait())
+            try:
+                await asyncio.wait({sleeper, urgent}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                urgent.cancel()
+            if backoff > self.commit_interval_s and not sleeper.done():
+                await self.clock.sleep(backoff)  # after an error: no early retry
+            self._urgent.clear()
             try:
                 await self.flush()
                 backoff = self.commit_interval_s
