@@ -148,6 +148,7 @@ class ServeProcess:
 
     async def start(self) -> None:
         env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file as they happen
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         log = self.log_path.open("ab")  # the child keeps its own descriptor

@@ -21,7 +21,7 @@ from cloud.fleet.store import Batch, LeaseLost, open_store
 from cloud.fleet.store_pg import PostgresFleetStore
 from transports.jobs_security import generate_keypair, load_public_key
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # real processes, ~12 s
 S = DeviceState
 N = 24
 

@@ -17,7 +17,7 @@ from cloud.fleet.states import DeviceState
 from cloud.fleet.store_sqlite import SqliteFleetStore
 from transports.jobs_security import generate_keypair, load_public_key
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # real processes, ~12 s
 S = DeviceState
 N = 30
 
