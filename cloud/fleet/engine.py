@@ -87,6 +87,8 @@ class Rollout:
         self.gen = array("I", [0]) * n
         self.wave_of = array("H", [NOWAVE]) * n
         self.prog = bytearray(n)  # last reported progress, percent (0..100)
+        self._pver = 0  # bumped by every transition / progress report
+        self._pcache: dict[tuple[int, int], tuple[int, float]] = {}
         self.counts = [0] * _NSTATES
         self.counts[S.QUEUED] = n
         self.waves: list[Wave] = []
@@ -136,6 +138,7 @@ class Rollout:
         if not allowed(src, dst):
             raise InvalidTransition(self.reg.ids[self.targets[pos]], S(src), S(dst))
         self.state[pos] = dst
+        self._pver += 1
         self.counts[src] -= 1
         self.counts[dst] += 1
         w = self.wave_of[pos]
@@ -563,6 +566,7 @@ class Rollout:
         if self.prog[pos] == pct:
             return False
         self.prog[pos] = pct
+        self._pver += 1
         return True
 
     def device_progress(self, idx: int) -> float:
@@ -574,13 +578,19 @@ class Rollout:
         return self.prog[pos] / 100.0
 
     def mean_progress(self, start: int = 0, end: int | None = None) -> float:
-        """Mean progress (0..1) of target positions ``[start, end)``; O(devices)."""
+        """Mean progress (0..1) of target positions ``[start, end)``: O(devices) once per
+        change, cached until the next transition or progress report (status scrapes)."""
         end = self.n if end is None else end
         if end <= start:
             return 0.0
+        hit = self._pcache.get((start, end))
+        if hit is not None and hit[0] == self._pver:
+            return hit[1]
         done = (S.SOAKING, S.SUCCEEDED)
         total = sum(100 if self.state[p] in done else self.prog[p] for p in range(start, end))
-        return round(total / (100.0 * (end - start)), 4)
+        value = round(total / (100.0 * (end - start)), 4)
+        self._pcache[(start, end)] = (self._pver, value)
+        return value
 
     # -- restore --------------------------------------------------------------------
     def restore(self, rows: Iterable[tuple[int, int, int, float]], waves: list[Wave],
@@ -597,6 +607,7 @@ class Rollout:
             self.counts[st] += 1
             self.attempts[pos] = att
             since[pos] = t
+        self._pver += 1
         for wave in waves:
             self._open_wave(wave, wave.started_at)
         self.status, self.reason = status, reason
