@@ -115,6 +115,10 @@ def summarise(health: dict[str, Any], m: dict[str, Any]) -> str:
                            if m.get(P + "aggregation_readings_in_total") else "off")
          + (f"   memory RSS {_bytes(rss)}" if rss else "")),
     ]
+    blocked = health.get("blocked") or {}
+    if blocked:  # the cloud refuses this device for a reason a resend cannot fix
+        lines.insert(2, "BLOCKED   " + "  ".join(f"{k}: {v}" for k, v in sorted(blocked.items()))
+                     + "   (data kept on the device; see the agent log for the fix)")
     return "\n".join(lines)
 
 

@@ -54,6 +54,14 @@ def test_summary_reads_like_a_report() -> None:
     assert "ratio 0.050 (out/in)" in summarise(HEALTH, agg)
 
 
+def test_summary_says_blocked_first() -> None:
+    health = {**HEALTH, "status": "blocked", "healthy": False,
+              "blocked": {"coap": "device_mismatch"}}
+    text = summarise(health, parse_metrics(TEXT))
+    assert text.splitlines()[2].startswith("BLOCKED   coap: device_mismatch")
+    assert "BLOCKED" not in summarise(HEALTH, parse_metrics(TEXT))
+
+
 def test_unreachable_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--url", f"http://127.0.0.1:{free_port()}", "--timeout", "1"]) == 2
     assert "unreachable" in capsys.readouterr().err
