@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 CONFIG ?= configs/default.toml
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench lint typecheck fmt clean
+.PHONY: install run test bench lint typecheck fmt clean timescaledb
 
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then \
@@ -37,6 +37,12 @@ bench: $(STAMP)
 	    for d in tests/data/*.csv; do $(PY) -m bench compression --dataset $$d || exit 1; done; \
 	  else $(PY) -m bench $$b || exit 1; fi; \
 	done
+
+# TimescaleDB 2.28.3 built from ../shared/vendor (TIMESCALEDB_TARBALL overrides) when not
+# installed, on its own PostgreSQL 15 cluster (port 5433; 5432 untouched); prints the DSN
+# for PYMIGRATE_TEST_TSDB. Needs root. Fast when already done.
+timescaledb:
+	@bash scripts/timescaledb.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

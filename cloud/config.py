@@ -18,6 +18,12 @@ TOML (every key optional; defaults shown)::
     pool_max = 4
     bulk = "copy"                 # copy | unnest
     command_timeout_s = 30.0
+    timescale = "auto"            # auto: hypertable when TimescaleDB can run, else plain
+                                  # tables + one warning; on: error if not; off: never
+    chunk_interval_h = 24.0       # TimescaleDB: hypertable chunk width
+    compress_after_h = 168.0      # compress chunks this old (0 = no compression policy)
+    retention_days = 0.0          # drop chunks this old (0 = keep everything)
+    continuous_aggregate = true   # readings_1h (hourly min/max/avg/sum/count), --agg 1h
 
     [cloud.influx]
     url = "http://127.0.0.1:8086"
@@ -95,12 +101,20 @@ class PostgresSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bulk: Literal["copy", "unnest"] = "copy"
     command_timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
+    timescale: Literal["auto", "on", "off"] = "auto"
+    chunk_interval_h: float = 24.0
+    compress_after_h: float = 168.0
+    retention_days: float = 0.0
+    continuous_aggregate: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.pool_min <= self.pool_max:
             raise ConfigError("cloud.postgres.pool_max", "need 1 <= pool_min <= pool_max")
         _number(self.command_timeout_s, "cloud.postgres.command_timeout_s")
         _number(self.connect_timeout_s, "cloud.postgres.connect_timeout_s")
+        _number(self.chunk_interval_h, "cloud.postgres.chunk_interval_h")
+        _number(self.compress_after_h, "cloud.postgres.compress_after_h", strict=False)
+        _number(self.retention_days, "cloud.postgres.retention_days", strict=False)
 
 
 class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -229,11 +243,17 @@ def build_store(cfg: CloudConfig, *, clock: Clock | None = None) -> Store:
     """The configured store, not yet opened."""
     if cfg.store == "postgres":
         from cloud.stores.postgres import PostgresStore
+        from cloud.stores.timescale import TimescaleOptions
 
         p = cfg.postgres
+        opts = TimescaleOptions(chunk_interval_ms=round(p.chunk_interval_h * 3_600_000),
+                                compress_after_ms=round(p.compress_after_h * 3_600_000),
+                                retention_ms=round(p.retention_days * 86_400_000),
+                                aggregate=p.continuous_aggregate)
         return PostgresStore(p.dsn, schema=p.schema, pool_min=p.pool_min, pool_max=p.pool_max,
                              bulk=p.bulk, command_timeout_s=p.command_timeout_s,
-                             connect_timeout_s=p.connect_timeout_s)
+                             connect_timeout_s=p.connect_timeout_s, timescale=p.timescale,
+                             timescale_options=opts)
     if cfg.store == "influx":
         from cloud.stores.influx import InfluxStore
 

@@ -33,6 +33,19 @@ class WriteResult(msgspec.Struct, frozen=True):
     conflicts: int = 0  # readings whose seqs were stored with other content: kept apart
     gaps: int = 0  # gap records kept (device's and the cloud's own)
     late: int = 0  # readings written after the device had recorded them as a gap
+    rejected: int = 0  # refused one by one by the database, each dead-lettered (Timestream)
+
+
+class AggregateRow(msgspec.Struct, frozen=True):
+    """One bucket of one sensor: what ``pymigrate cloud query --agg`` prints."""
+
+    sensor: str
+    bucket_ms: int  # bucket start, epoch ms (buckets aligned to the epoch)
+    min: float
+    max: float
+    avg: float
+    sum: float
+    count: int
 
 
 class SeqRange(msgspec.Struct, frozen=True):

@@ -13,8 +13,21 @@ replicas starting together do not race; applied versions are recorded in
 - ``idempotency``: one :class:`~cloud.dedup.IdempotencyState` blob per device.
 - ``dead_letters``: rejected batches with their reason.
 
-When the ``timescaledb`` extension is available it is created and ``readings`` becomes a
-hypertable on ``ts_ms`` (integer milliseconds, 1-day chunks); otherwise a plain table.
+TimescaleDB (``timescale = "auto" | "on" | "off"``): with ``auto`` (default) the store uses
+the extension when the server can run it (:func:`cloud.stores.timescale.probe`: created,
+or packaged *and* preloaded) and otherwise falls back to plain tables with one warning
+saying why; ``on`` makes that a :class:`~pymigrate.errors.ConfigError` naming
+``cloud.postgres.timescale``; ``off`` never looks. On TimescaleDB ``readings`` is a
+hypertable on ``ts_ms`` (integer milliseconds) with compression, optional retention and
+the hourly continuous aggregate ``readings_1h`` (:mod:`cloud.stores.timescale`).
+
+Exactly once on a hypertable: its unique keys must hold the time column, so the key is
+``(device_id, seq, ts_ms)`` and the database alone no longer forbids one (device, seq) at
+two timestamps. What keeps the promise is the device's idempotency state, read ``FOR
+UPDATE`` and saved in the same transaction as the rows: a seq it contains is never
+written again, whatever its timestamp. The key still catches an exact resend when the
+state was lost, and the staged fallback then inserts only rows whose (device_id, seq) is
+not stored at all (``NOT EXISTS``, served by the key's ``(device_id, seq)`` prefix).
 
 A batch is one transaction: ``SELECT state ... FOR UPDATE`` (two replicas writing the
 same device serialize here), only readings whose seq the state does not contain are
@@ -39,11 +52,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
+import structlog
 from asyncpg.exceptions._base import DataError as _ClientDataError
 
 from cloud.dedup import IdempotencyState
+from cloud.stores import timescale as tsdb
 from cloud.stores.base import (
     Admit,
+    AggregateRow,
     StoreRejected,
     StoreUnavailable,
     WriteResult,
@@ -51,9 +67,13 @@ from cloud.stores.base import (
     validate,
 )
 from cloud.stores.sqlite import row_to_reading
+from pymigrate.errors import ConfigError
 from pymigrate.types import Reading
 
-__all__ = ["MIGRATIONS", "PostgresStore", "detect_timescale"]
+__all__ = ["MIGRATIONS", "TIMESCALE_MODES", "PostgresStore", "migrate"]
+
+log = structlog.get_logger("pymigrate.cloud.postgres")
+TIMESCALE_MODES = ("auto", "on", "off")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _LOCK_KEY = 0x706D6967  # "pmig": advisory lock serializing migrations
@@ -69,6 +89,11 @@ _CREATE_STAGING = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ("
                    + ") ON COMMIT DELETE ROWS")
 _INSERT_STAGED = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms)"
                   f" SELECT $1, {_COLLIST}, $2 FROM {_STAGING} ON CONFLICT DO NOTHING")
+# a hypertable's key holds ts_ms: also skip a (device_id, seq) stored at another time
+_INSERT_STAGED_HT = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms)"
+                     f" SELECT $1, {_COLLIST}, $2 FROM {_STAGING} s WHERE NOT EXISTS"
+                     " (SELECT 1 FROM readings r WHERE r.device_id = $1 AND r.seq = s.seq)"
+                     " ON CONFLICT DO NOTHING")
 _INSERT_UNNEST = (
     f"INSERT INTO readings (device_id, {_COLLIST}, received_ms) SELECT $1, u.*, $2 FROM unnest("
     + ", ".join(f"${i + 3}::{t}[]" for i, t in enumerate(_TYPES))
@@ -95,31 +120,8 @@ def _row(r: Reading) -> tuple[Any, ...]:
             r.raw_ts_ms, a.rule, a.fn, a.window_end_ms, a.count)
 
 
-async def detect_timescale(conn: Conn) -> str | None:
-    """Schema holding the timescaledb extension, creating it when available; else None."""
-    installed = await conn.fetchval(
-        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
-        " WHERE e.extname = 'timescaledb'")
-    if installed:
-        return str(installed)
-    available = await conn.fetchval(
-        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
-    if not available:
-        return None
-    try:
-        async with conn.transaction():  # a savepoint: a failure leaves the migration intact
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    except asyncpg.PostgresError:
-        # packaged but not preloaded (shared_preload_libraries), or no privilege
-        return None
-    ns = await conn.fetchval(
-        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
-        " WHERE e.extname = 'timescaledb'")
-    return str(ns) if ns else None
-
-
 async def _m1_schema(conn: Conn, ctx: dict[str, Any]) -> None:
-    ts_ns = await detect_timescale(conn)
+    ts_ns = ctx.get("timescale")
     # a hypertable's unique keys must contain its time column
     key = "device_id, seq, ts_ms" if ts_ns else "device_id, seq"
     cols = ",\n  ".join(f"{c} {t}" for c, t in zip(_COLS, _TYPES))
@@ -150,7 +152,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
         await conn.execute(
             f"SELECT {ts_ns}.create_hypertable('readings', 'ts_ms',"
             " chunk_time_interval => 86400000::bigint, if_not_exists => TRUE)")
-    ctx["hypertable"] = bool(ts_ns)
 
 
 Migration = Callable[[Conn, dict[str, Any]], Awaitable[None]]
@@ -161,11 +162,14 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
 ]
 
 
-async def migrate(conn: Conn, migrations: Sequence[tuple[int, str, Migration]] = MIGRATIONS
-                  ) -> dict[str, Any]:
+async def migrate(conn: Conn, migrations: Sequence[tuple[int, str, Migration]] = MIGRATIONS,
+                  *, timescale: str | None = None,
+                  options: tsdb.TimescaleOptions | None = None) -> dict[str, Any]:
     """Apply pending migrations in one transaction; returns facts (``applied``,
-    ``hypertable``)."""
-    ctx: dict[str, Any] = {"applied": []}
+    ``hypertable``, and what :func:`cloud.stores.timescale.setup` put in place).
+
+    ``timescale``: schema of a usable timescaledb extension (None: plain tables)."""
+    ctx: dict[str, Any] = {"applied": [], "timescale": timescale}
     async with conn.transaction():
         await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
         await conn.execute(
@@ -179,9 +183,13 @@ async def migrate(conn: Conn, migrations: Sequence[tuple[int, str, Migration]] =
             await conn.execute("INSERT INTO pymigrate_migrations VALUES ($1, $2, $3)",
                                version, name, _now_ms())
             ctx["applied"].append(version)
-        if "hypertable" not in ctx:
-            ctx["hypertable"] = bool(await conn.fetchval(
-                "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"))
+        ctx["hypertable"] = False
+        if timescale is not None:
+            schema = str(await conn.fetchval("SELECT current_schema()"))
+            ctx["hypertable"] = await tsdb.is_hypertable(conn, schema)
+            if ctx["hypertable"]:
+                ctx |= await tsdb.setup(conn, timescale, schema,
+                                        options or tsdb.TimescaleOptions())
     return ctx
 
 
@@ -190,18 +198,27 @@ class PostgresStore:
 
     ``schema``: tables live there (created if missing; the pool's ``search_path``).
     ``bulk``: ``"copy"`` (COPY into a staging table) or ``"unnest"`` (array insert).
+    ``timescale``: ``"auto"``, ``"on"`` or ``"off"`` (module docstring); ``timescale_options``:
+    what a hypertable gets (:class:`cloud.stores.timescale.TimescaleOptions`).
     """
 
     name = "postgres"
 
     def __init__(self, dsn: str, *, schema: str = "public", pool_min: int = 1,
                  pool_max: int = 4, bulk: str = "copy", command_timeout_s: float = 30.0,
-                 connect_timeout_s: float = 5.0, application_name: str = "pymigrate-ingest"
-                 ) -> None:
+                 connect_timeout_s: float = 5.0, application_name: str = "pymigrate-ingest",
+                 timescale: str = "auto",
+                 timescale_options: tsdb.TimescaleOptions | None = None) -> None:
         if not _IDENT.match(schema):
             raise ValueError(f"schema {schema!r} is not a plain SQL identifier")
         if bulk not in ("copy", "unnest"):
             raise ValueError("bulk must be 'copy' or 'unnest'")
+        if timescale not in TIMESCALE_MODES:
+            raise ValueError("timescale must be 'auto', 'on' or 'off'")
+        self.timescale = timescale
+        self.timescale_options = timescale_options or tsdb.TimescaleOptions()
+        self.timescale_schema: str | None = None  # the extension's schema when in use
+        self.timescale_facts: dict[str, Any] = {}
         self.dsn = dsn
         self.schema = schema
         self.pool_min, self.pool_max = pool_min, pool_max
@@ -221,8 +238,28 @@ class PostgresStore:
         try:
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
             await conn.execute(f"SET search_path TO {self.schema}")
-            facts = await migrate(conn)
+            ts, why = (None, "") if self.timescale == "off" else await tsdb.probe(conn)
+            if ts is None and self.timescale == "on":
+                raise ConfigError("cloud.postgres.timescale",
+                                  f"'on' but TimescaleDB cannot be used: {why}; set it to"
+                                  " 'auto' or 'off' to store in plain PostgreSQL tables")
+            facts = await migrate(conn, timescale=ts, options=self.timescale_options)
             self.hypertable = bool(facts["hypertable"])
+            if ts is not None and not self.hypertable:
+                why = (f"table {self.schema}.readings exists as a plain table (created"
+                       " without TimescaleDB); it stays one")
+                if self.timescale == "on":
+                    raise ConfigError("cloud.postgres.timescale",
+                                      f"'on' but {why}: use a new schema, convert it with"
+                                      " create_hypertable(..., migrate_data => true), or"
+                                      " set it to 'auto' or 'off'")
+            if self.timescale == "auto" and not self.hypertable:
+                log.warning("TimescaleDB not used: plain PostgreSQL tables", reason=why,
+                            setting="cloud.postgres.timescale",
+                            hint="set timescale = 'off' to store in plain tables silently")
+            self.timescale_schema = ts if self.hypertable else None
+            self.timescale_facts = {k: v for k, v in facts.items() if k not in (
+                "applied", "timescale")}
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -247,14 +284,17 @@ class PostgresStore:
         validate(device_id, readings)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                state = await self._lock_state(conn, device_id)
+                state, first = await self._lock_state(conn, device_id)
                 plan = plan_write(state, readings, admit)
                 written = 0
                 if plan.delete:
                     await conn.executemany(
                         "DELETE FROM readings WHERE device_id = $1 AND seq = $2", plan.delete)
                 if plan.write:
-                    written = await self._insert(conn, device_id, plan.write)
+                    # a device without a state row on a hypertable: nothing vouches that
+                    # its seqs are new at other timestamps (state lost): check each
+                    written = await self._insert(conn, device_id, plan.write,
+                                                 guard=first and self.hypertable)
                 if plan.state is not None:
                     await conn.execute(
                         "UPDATE idempotency SET state = $2, updated_ms = $3 WHERE device_id = $1",
@@ -273,7 +313,8 @@ class PostgresStore:
                            duplicates=plan.duplicates + len(plan.write) - written,
                            gateway_dropped=plan.skipped, replaced=len(plan.delete))
 
-    async def _lock_state(self, conn: Conn, device_id: str) -> IdempotencyState:
+    async def _lock_state(self, conn: Conn, device_id: str) -> tuple[IdempotencyState, bool]:
+        """The device's state, locked; True when its row had to be created."""
         sql = "SELECT state FROM idempotency WHERE device_id = $1 FOR UPDATE"
         blob = await conn.fetchval(sql, device_id)
         if blob is None:
@@ -284,9 +325,13 @@ class PostgresStore:
                 "INSERT INTO idempotency (device_id, state, updated_ms) VALUES ($1, $2, $3)"
                 " ON CONFLICT (device_id) DO NOTHING", device_id, empty, _now_ms())
             blob = await conn.fetchval(sql, device_id)
-        return IdempotencyState.from_bytes(bytes(blob))
+            return IdempotencyState.from_bytes(bytes(blob)), True
+        return IdempotencyState.from_bytes(bytes(blob)), False
 
-    async def _insert(self, conn: Conn, device_id: str, rs: list[Reading]) -> int:
+    async def _insert(self, conn: Conn, device_id: str, rs: list[Reading], *,
+                      guard: bool = False) -> int:
+        """Insert ``rs``; returns rows written. ``guard``: go straight to the staged
+        insert that skips any stored (device_id, seq)."""
         now = _now_ms()
         own = [r for r in rs if r.device_id == device_id]
         written = 0
@@ -296,8 +341,12 @@ class PostgresStore:
                 written += int(status.rsplit(" ", 1)[1])
         if not own:
             return written
-        if self.bulk == "copy":
-            records = [(device_id, *_row(r), now) for r in own]
+        if self.bulk == "unnest" and not guard:
+            cols: list[list[Any]] = [list(c) for c in zip(*(_row(r) for r in own))]
+            status = await conn.execute(_INSERT_UNNEST, device_id, now, *cols)
+            return written + int(status.rsplit(" ", 1)[1])
+        records = [(device_id, *_row(r), now) for r in own]
+        if not guard:
             try:
                 # the idempotency state (locked) says these are new: COPY straight in;
                 # the unique key still guards, and a hit (state lost, restored backup)
@@ -308,14 +357,12 @@ class PostgresStore:
                 return written + len(own)
             except asyncpg.UniqueViolationError:
                 self.copy_fallbacks += 1
-            await conn.execute(_CREATE_STAGING)
-            await conn.copy_records_to_table(_STAGING, records=[r[1:-1] for r in records],
-                                             columns=_COLS)
-            # one staged insert per transaction; ON COMMIT DELETE ROWS empties the table
-            status = await conn.execute(_INSERT_STAGED, device_id, now)
-        else:
-            cols: list[list[Any]] = [list(c) for c in zip(*(_row(r) for r in own))]
-            status = await conn.execute(_INSERT_UNNEST, device_id, now, *cols)
+        await conn.execute(_CREATE_STAGING)
+        await conn.copy_records_to_table(_STAGING, records=[r[1:-1] for r in records],
+                                         columns=_COLS)
+        # one staged insert per transaction; ON COMMIT DELETE ROWS empties the table
+        status = await conn.execute(
+            _INSERT_STAGED_HT if self.hypertable else _INSERT_STAGED, device_id, now)
         return written + int(status.rsplit(" ", 1)[1])
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
@@ -354,3 +401,32 @@ class PostgresStore:
             return int(await self.pool.fetchval("SELECT count(*) FROM readings"))
         return int(await self.pool.fetchval(
             "SELECT count(*) FROM readings WHERE device_id = $1", device_id))
+
+    async def aggregate(self, device_id: str, sensor: str | None, start_ms: int | None,
+                        end_ms: int | None, bucket_ms: int) -> list[AggregateRow]:
+        """Per sensor and ``bucket_ms`` bucket (aligned to the epoch; the window widened
+        to whole buckets): min, max, avg, sum, count of ``value``. Hourly buckets on
+        TimescaleDB read the continuous aggregate ``readings_1h`` (refreshed over the
+        window first: exact); anything else is one GROUP BY over ``readings``."""
+        if bucket_ms <= 0:
+            raise ValueError("bucket_ms must be > 0")
+        ts = self.timescale_schema
+        if (ts is not None and bucket_ms == tsdb.HOUR_MS
+                and self.timescale_facts.get("aggregate")):
+            async with self.pool.acquire() as conn:
+                rows = await tsdb.read_hourly(conn, ts, self.schema, device_id, sensor,
+                                              start_ms, end_ms)
+        else:
+            s, e = tsdb.bucket_window(start_ms, end_ms, bucket_ms)
+            bucket = "(ts_ms - ((ts_ms % $2) + $2) % $2)"
+            sql = (f"SELECT sensor, {bucket} AS bucket_ms, min(value), max(value), avg(value),"
+                   " sum(value), count(*) FROM readings WHERE device_id = $1")
+            args: list[Any] = [device_id, bucket_ms]
+            for cond, val in (("sensor = ", sensor), ("ts_ms >= ", s), ("ts_ms < ", e)):
+                if val is not None:
+                    args.append(val)
+                    sql += f" AND {cond}${len(args)}"
+            sql += " GROUP BY sensor, bucket_ms ORDER BY sensor, bucket_ms"
+            rows = [tuple(r) for r in await self.pool.fetch(sql, *args)]
+        return [AggregateRow(str(r[0]), int(r[1]), float(r[2]), float(r[3]), float(r[4]),
+                             float(r[5]), int(r[6])) for r in rows]

@@ -41,6 +41,7 @@ import aiosqlite
 from cloud.stores._sqlite import LEDGER_SCHEMA, SqliteStateFile, now_ms, open_sqlite, runs_blob
 from cloud.stores.base import (
     Admit,
+    AggregateRow,
     StoreRejected,
     StoreUnavailable,
     WriteResult,
@@ -265,6 +266,27 @@ class SqliteStore(SqliteStateFile):
         sql += " ORDER BY sensor, ts_ms, seq"
         async with self.db.execute(sql, args) as cur:
             return [row_to_reading(row) async for row in cur]
+
+    async def aggregate(self, device_id: str, sensor: str | None, start_ms: int | None,
+                        end_ms: int | None, bucket_ms: int) -> list[AggregateRow]:
+        """Per sensor and ``bucket_ms`` bucket (epoch-aligned, the window widened to
+        whole buckets): min, max, avg, sum, count of ``value`` (``cloud query --agg``)."""
+        if bucket_ms <= 0:
+            raise ValueError("bucket_ms must be > 0")
+        lo = None if start_ms is None else start_ms - start_ms % bucket_ms
+        hi = None if end_ms is None else -((-end_ms) // bucket_ms) * bucket_ms
+        sql = ("SELECT sensor, ts_ms - (((ts_ms % ?1) + ?1) % ?1) AS b, min(value),"
+               " max(value), avg(value), sum(value), count(*) FROM readings"
+               " WHERE device_id = ?2")
+        args: list[object] = [bucket_ms, device_id]
+        for cond, val in (("sensor = ", sensor), ("ts_ms >= ", lo), ("ts_ms < ", hi)):
+            if val is not None:
+                args.append(val)
+                sql += f" AND {cond}?{len(args)}"
+        sql += " GROUP BY sensor, b ORDER BY sensor, b"
+        async with self.db.execute(sql, args) as cur:
+            return [AggregateRow(str(r[0]), int(r[1]), float(r[2]), float(r[3]),
+                                 float(r[4]), float(r[5]), int(r[6])) async for r in cur]
 
     async def count(self, device_id: str | None = None) -> int:
         args: tuple[str, ...] = ()

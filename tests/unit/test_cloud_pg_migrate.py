@@ -1,6 +1,6 @@
-"""PostgreSQL migrations and TimescaleDB detection over a scripted connection (the real
-server here has no timescaledb, so the hypertable path is exercised against this fake;
-the plain-table path runs against the real server in the integration tests)."""
+"""PostgreSQL migrations and the TimescaleDB probe over a scripted connection: which SQL
+runs for each server situation (the real servers run in
+tests/integration/test_store_postgres.py and test_store_timescale.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cloud.stores.postgres import MIGRATIONS, detect_timescale, migrate
+from cloud.stores.postgres import MIGRATIONS, migrate
+from cloud.stores.timescale import bucket_window, probe
 
 
 class FakeConn:
     def __init__(self, *, installed: str | None = None, available: bool = False,
-                 create_fails: bool = False, applied: tuple[int, ...] = ()) -> None:
+                 preloaded: bool = False, create_fails: bool = False,
+                 applied: tuple[int, ...] = ()) -> None:
         self.installed = installed
         self.available = available
+        self.preloaded = preloaded
         self.create_fails = create_fails
         self.applied = list(applied)
         self.sql: list[str] = []
@@ -28,9 +31,13 @@ class FakeConn:
         if "FROM pg_extension e" in sql:
             return self.installed
         if "pg_available_extensions" in sql:
-            return int(self.available)
-        if "FROM pg_extension WHERE" in sql:
-            return int(self.installed is not None)
+            return "2.28.3" if self.available else None
+        if "FROM pg_settings" in sql:
+            return 40 if self.preloaded else 0
+        if "current_schema()" in sql:
+            return "public"
+        if "timescaledb_information.hypertables" in sql:
+            return 0  # the setup step has its own integration tests
         raise AssertionError(sql)
 
     async def fetch(self, sql: str, *args: Any) -> list[tuple[int]]:
@@ -41,7 +48,7 @@ class FakeConn:
         self.sql.append(sql)
         if sql.startswith("CREATE EXTENSION"):
             if self.create_fails:
-                raise asyncpg.FeatureNotSupportedError("timescaledb must be preloaded")
+                raise asyncpg.InsufficientPrivilegeError("permission denied")
             self.installed = "public"
         if sql.startswith("INSERT INTO pymigrate_migrations"):
             self.applied.append(args[0])
@@ -56,43 +63,49 @@ def _ddl(conn: FakeConn) -> str:
     return next(s for s in conn.sql if "CREATE TABLE IF NOT EXISTS readings" in s)
 
 
-async def test_plain_table_without_extension() -> None:
+async def test_plain_table_without_timescale() -> None:
     conn = FakeConn()
     facts = await migrate(conn)
-    assert facts == {"applied": [1], "hypertable": False}
+    assert facts == {"applied": [1], "timescale": None, "hypertable": False}
     assert "PRIMARY KEY (device_id, seq)" in _ddl(conn)
     assert not any("create_hypertable" in s for s in conn.sql)
     assert conn.sql[0].startswith("SELECT pg_advisory_xact_lock(")
 
 
-async def test_hypertable_when_extension_available() -> None:
-    conn = FakeConn(available=True)
-    facts = await migrate(conn)
-    assert facts["hypertable"] is True
+async def test_hypertable_with_timescale() -> None:
+    conn = FakeConn(installed="tsdb", preloaded=True)
+    await migrate(conn, timescale="tsdb")
     assert "PRIMARY KEY (device_id, seq, ts_ms)" in _ddl(conn)  # must hold the time column
     (ht,) = [s for s in conn.sql if "create_hypertable" in s]
-    assert ht.startswith("SELECT public.create_hypertable('readings', 'ts_ms'")
+    assert ht.startswith("SELECT tsdb.create_hypertable('readings', 'ts_ms'")
     assert "chunk_time_interval => 86400000" in ht
 
 
-async def test_extension_packaged_but_not_loadable_falls_back() -> None:
-    conn = FakeConn(available=True, create_fails=True)
-    assert await detect_timescale(conn) is None
-    facts = await migrate(FakeConn(available=True, create_fails=True))
-    assert facts["hypertable"] is False
+async def test_probe_not_preloaded_never_creates_the_extension() -> None:
+    """CREATE EXTENSION of a not-preloaded timescaledb is a FATAL error that closes the
+    connection: the probe must not try it."""
+    conn = FakeConn(available=True)
+    ts, why = await probe(conn)
+    assert ts is None and "not preloaded" in why and "shared_preload_libraries" in why
+    assert not any(s.startswith("CREATE EXTENSION") for s in conn.sql)
 
 
-async def test_already_installed_in_other_schema() -> None:
-    conn = FakeConn(installed="tsdb")
-    assert await detect_timescale(conn) == "tsdb"
-    await migrate(conn)
-    assert any(s.startswith("SELECT tsdb.create_hypertable(") for s in conn.sql)
+@pytest.mark.parametrize(("kw", "want", "why"), [
+    ({}, None, "not installed"),
+    ({"available": True, "preloaded": True}, "public", ""),
+    ({"available": True, "preloaded": True, "create_fails": True}, None, "permission denied"),
+    ({"installed": "tsdb", "preloaded": True}, "tsdb", ""),
+    ({"installed": "tsdb"}, None, "does not preload"),
+])
+async def test_probe_cases(kw: dict[str, Any], want: str | None, why: str) -> None:
+    ts, reason = await probe(FakeConn(**kw))
+    assert ts == want and why in reason and (reason == "") == (want is not None)
 
 
 async def test_applied_versions_are_skipped() -> None:
-    conn = FakeConn(installed="public", applied=tuple(v for v, _, _ in MIGRATIONS))
+    conn = FakeConn(applied=tuple(v for v, _, _ in MIGRATIONS))
     facts = await migrate(conn)
-    assert facts == {"applied": [], "hypertable": True}
+    assert facts["applied"] == [] and facts["hypertable"] is False
     assert not any("CREATE TABLE IF NOT EXISTS readings" in s for s in conn.sql)
 
 
@@ -100,3 +113,9 @@ async def test_applied_versions_are_skipped() -> None:
 def test_versions_unique_and_ordered(version: int) -> None:
     versions = [v for v, _, _ in MIGRATIONS]
     assert versions == sorted(set(versions)) and version >= 1
+
+
+def test_bucket_window_widens_to_whole_buckets() -> None:
+    assert bucket_window(3_600_005, 7_199_999, 3_600_000) == (3_600_000, 7_200_000)
+    assert bucket_window(-1, 0, 3_600_000) == (-3_600_000, 0)
+    assert bucket_window(None, None, 60_000) == (None, None)

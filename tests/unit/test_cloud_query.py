@@ -6,9 +6,10 @@ import io
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from cloud.query import format_table, main, parse_duration_ms, parse_time_ms
+from cloud.query import aggregate_readings, format_table, main, parse_duration_ms, parse_time_ms
 from cloud.stores.sqlite import SqliteStore
 from pymigrate.types import AggInfo, Reading
 from tests.conftest import free_port
@@ -84,3 +85,79 @@ def test_exit_codes(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_format_table_empty() -> None:
     assert format_table([]).split() == ["time_utc", "sensor", "value", "seq", "prio",
                                         "quality", "agg"]
+
+
+HOUR = 3_600_000
+
+
+@pytest.fixture
+async def hourly(tmp_path: Path) -> tuple[Path, list[Reading]]:
+    """Two and a half hours of 3 sensors every 60 s, plus one reading before the epoch."""
+    rs = [*make_readings("dev", 450, step_ms=60_000), Reading("dev", "s0", -1, 7.5, seq=999)]
+    path = tmp_path / "agg.db"
+    s = SqliteStore(path)
+    await s.open()
+    await s.write("dev", "b", rs)
+    await s.close()
+    return path, rs
+
+
+def _doc(argv: list[str]) -> dict[str, object]:
+    out = io.StringIO()
+    assert main([*argv, "--format", "json"], out=out) == 0
+    doc: dict[str, object] = json.loads(out.getvalue())
+    return doc
+
+
+def test_agg_in_sql_matches_the_readings(hourly: tuple[Path, list[Reading]]) -> None:
+    path, rs = hourly
+    doc = _doc(["dev", "--sqlite-path", str(path), "--agg", "1h"])
+    want = json.loads(msgspec.json.encode(aggregate_readings(rs, HOUR)))
+    got = doc["buckets"]
+    assert isinstance(got, list) and len(got) == len(want) == 3 * 3 + 1
+    for g, w in zip(got, want):
+        assert {k: g[k] for k in ("sensor", "bucket_ms", "min", "max", "count")} == {
+            k: w[k] for k in ("sensor", "bucket_ms", "min", "max", "count")}
+        assert g["sum"] == pytest.approx(w["sum"]) and g["avg"] == pytest.approx(w["avg"])
+    assert got[0]["bucket_ms"] == -HOUR and got[0]["count"] == 1  # floor, not truncation
+    assert sum(g["count"] for g in got) == len(rs)
+    # a window inside an hour is widened to the whole hour; a sensor filter
+    doc = _doc(["dev", "--sqlite-path", str(path), "--agg", "1h", "--sensor", "s1",
+                "--start", str(T0 + HOUR + 5), "--end", str(T0 + HOUR + 10)])
+    assert [(b["sensor"], b["bucket_ms"], b["count"]) for b in doc["buckets"]] == [
+        ("s1", T0 + HOUR, 60)]
+
+
+def test_agg_table_and_fallback_without_sql(hourly: tuple[Path, list[Reading]],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path, rs = hourly
+    out = io.StringIO()
+    assert main(["dev", "--sqlite-path", str(path), "--agg", "30m", "--limit", "2"],
+                out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["bucket_utc", "sensor", "min", "max", "avg", "sum", "count"]
+    assert lines[-1] == f"({len(aggregate_readings(rs, HOUR // 2))} buckets, 2 shown)"
+    sql = _doc(["dev", "--sqlite-path", str(path), "--agg", "30m"])
+
+    class QueryOnly:  # a store without an aggregate query (InfluxDB, Timestream)
+        def __init__(self, inner: SqliteStore) -> None:
+            self.inner = inner
+
+        async def open(self) -> None:
+            await self.inner.open()
+
+        async def close(self) -> None:
+            await self.inner.close()
+
+        async def query(self, *a: object) -> list[Reading]:
+            return await self.inner.query(*a)  # type: ignore[arg-type]
+
+    import cloud.query as q
+
+    monkeypatch.setattr(q, "build_store", lambda cfg: QueryOnly(SqliteStore(path)))
+    py = _doc(["dev", "--sqlite-path", str(path), "--agg", "30m"])
+    assert [(b["sensor"], b["bucket_ms"], b["count"]) for b in py["buckets"]] == [
+        (b["sensor"], b["bucket_ms"], b["count"]) for b in sql["buckets"]]
+    out = io.StringIO()
+    assert main(["dev", "--sqlite-path", str(path), "--agg", "0s"], out=out) == 2
+    assert main(["nobody", "--sqlite-path", str(path), "--agg", "1h"], out=out) == 1
