@@ -39,6 +39,10 @@ TOML (every key optional; defaults shown)::
     table = "readings"
     region = "us-east-1"
     ledger_path = "timestream-ledger.db"
+    create = false                # create the table (magnetic-store writes on) / update it
+    memory_retention_h = 24       # memory store; older records go to the magnetic store
+    magnetic_retention_days = 3650
+    rejected_data_bucket = ""     # S3 bucket for AWS's asynchronous magnetic rejections
 
     [cloud.coap]
     host = "0.0.0.0"
@@ -147,6 +151,17 @@ class TimestreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     region: str = "us-east-1"
     ledger_path: str = "timestream-ledger.db"
     create: bool = False
+    memory_retention_h: int = 24
+    magnetic_retention_days: int = 3650
+    rejected_data_bucket: str = ""
+
+    def __post_init__(self) -> None:
+        # the ranges CreateTable accepts
+        if not 1 <= self.memory_retention_h <= 8766:
+            raise ConfigError("cloud.timestream.memory_retention_h", "must be in 1..8766")
+        if not 1 <= self.magnetic_retention_days <= 73000:
+            raise ConfigError("cloud.timestream.magnetic_retention_days",
+                              "must be in 1..73000")
 
 
 class CoapListener(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -268,7 +283,10 @@ def build_store(cfg: CloudConfig, *, clock: Clock | None = None) -> Store:
 
         t = cfg.timestream
         return TimestreamStore(t.database, t.table, region=t.region,
-                               ledger_path=t.ledger_path, create=t.create)
+                               ledger_path=t.ledger_path, create=t.create,
+                               memory_retention_h=t.memory_retention_h,
+                               magnetic_retention_days=t.magnetic_retention_days,
+                               rejected_data_bucket=t.rejected_data_bucket)
     from cloud.stores.sqlite import SqliteStore
 
     return SqliteStore(cfg.sqlite.path, busy_timeout_ms=cfg.sqlite.busy_timeout_ms)

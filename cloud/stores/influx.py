@@ -1,18 +1,29 @@
 """InfluxDB store over the HTTP line-protocol write API (v1 ``/write``, v2 ``/api/v2/write``).
 
-One point per reading, precision ms::
+One point per reading, precision ns::
 
     readings,device=<id>,sensor=<s>[,agg_fn=<fn>,agg_rule=<rule>] value=<f>,seq=<n>i,
         priority=<n>i,quality=<n>i,uncert_ms=<n>i[,raw_ts_ms=<n>i]
-        [,agg_window_end_ms=<n>i,agg_count=<n>i] <ts_ms>
+        [,agg_window_end_ms=<n>i,agg_count=<n>i] <ts_ms * 1e6 + seq % 1e6>
 
-Idempotency: a point with the same measurement, tag set and timestamp overwrites the
-stored one, so a resent reading lands on itself (two *different* readings of one sensor
-in the same millisecond would also overwrite each other: a property of InfluxDB). The
-per-device sequence state (what makes a resend ack ``duplicate`` and write nothing) lives
-in a :class:`~cloud.stores.ledger.SqliteLedger` file beside the ingest (``ledger_path``),
-with the dead letters; replicas on one host share it, replicas on other hosts keep their
-own and rely on the overwrite.
+Every reading its own point: InfluxDB identifies a point by measurement, tag set and
+timestamp, and overwrites on a match. Readings carry milliseconds, so the point's
+timestamp is ``ts_ms`` in nanoseconds plus a sub-millisecond offset derived from the
+sequence number (``seq mod 1,000,000`` ns): two readings of one sensor in the same
+millisecond are two points, and a resent reading lands on itself. Queries floor the
+timestamp back to milliseconds (``time // 1e6``), so nothing reads the offset as time.
+Two readings of one series collide only when they share the millisecond *and* their seqs
+differ by a multiple of 1,000,000; within one batch that is refused
+(``influx_point_collision``, dead-lettered with the batch) rather than overwritten.
+``ts_ms`` must lie within InfluxDB's nanosecond range (years 1677-2262), else
+``bad_timestamp``.
+
+The per-device sequence state (what makes a resend ack ``duplicate`` and write nothing)
+lives in a :class:`~cloud.stores.ledger.SqliteLedger` file beside the ingest
+(``ledger_path``), with the dead letters; replicas on one host share it, replicas on other
+hosts keep their own and rely on the overwrite. ``accepted`` counts the points of the
+requests InfluxDB answered 2xx; when a later request of a batch fails, the ledger keeps
+the seqs that landed and the resend writes only the rest.
 
 Transient failures (connection refused or reset, timeouts, 5xx, 429) are retried with
 exponential backoff, obeying ``Retry-After``, up to ``max_retries``; then
@@ -40,7 +51,7 @@ from cloud.stores.base import (
     StoreRejected,
     StoreUnavailable,
 )
-from cloud.stores.ledger import LedgerBacked, SqliteLedger
+from cloud.stores.ledger import LedgerBacked, SinkOutcome, SqliteLedger
 from pymigrate.clock import Clock, WallClock
 from pymigrate.lineproto import escape_key, escape_measurement
 from pymigrate.types import AggInfo, Priority, Reading
@@ -49,10 +60,38 @@ __all__ = ["InfluxStore", "reading_lines"]
 
 _INT_FIELDS = ("seq", "priority", "quality", "uncert_ms", "raw_ts_ms", "agg_window_end_ms",
                "agg_count")
+NS_PER_MS = 1_000_000
+# InfluxDB's time range in ns is int64 (less a few reserved values): ms that fit after * 1e6
+MIN_TS_MS = -9_223_372_036_853
+MAX_TS_MS = 9_223_372_036_853
+
+
+def point_ns(r: Reading) -> int:
+    """The point timestamp of a reading: its millisecond plus ``seq mod 1e6`` ns."""
+    return r.ts_ms * NS_PER_MS + r.seq % NS_PER_MS
+
+
+def check_points(readings: Sequence[Reading]) -> None:
+    """Refuse what cannot be its own point (module docstring) before anything is sent."""
+    for r in readings:
+        if not MIN_TS_MS <= r.ts_ms <= MAX_TS_MS:
+            raise StoreRejected(f"timestamp {r.ts_ms} ms of seq {r.seq} is outside InfluxDB's"
+                                " range (years 1677-2262)", reason="bad_timestamp")
+    seqs = [r.seq for r in readings]
+    if not seqs or max(seqs) - min(seqs) < NS_PER_MS:
+        return  # offsets within one batch are all distinct
+    seen: dict[tuple[str, str, str, str, int], int] = {}
+    for r in readings:
+        a = r.agg
+        key = (r.device_id, r.sensor, a.fn if a else "", a.rule if a else "", point_ns(r))
+        other = seen.setdefault(key, r.seq)
+        if other != r.seq:
+            raise StoreRejected(f"seqs {other} and {r.seq} of {r.sensor} share a millisecond"
+                                " and a point timestamp", reason="influx_point_collision")
 
 
 def reading_lines(readings: Sequence[Reading], measurement: str = "readings") -> list[str]:
-    """Line-protocol points (precision ms) for readings, one per reading."""
+    """Line-protocol points (precision ns, :func:`point_ns`) for readings, one each."""
     meas = escape_measurement(measurement)
     out: list[str] = []
     append = out.append
@@ -72,7 +111,7 @@ def reading_lines(readings: Sequence[Reading], measurement: str = "readings") ->
             line += f",raw_ts_ms={r.raw_ts_ms}i"
         if a is not None:
             line += f",agg_window_end_ms={a.window_end_ms}i,agg_count={a.count}i"
-        append(f"{line} {r.ts_ms}")
+        append(f"{line} {r.ts_ms * NS_PER_MS + r.seq % NS_PER_MS}")
     return out
 
 
@@ -184,25 +223,32 @@ class InfluxStore(LedgerBacked):
             delay = min(self.max_backoff_s, delay * 2)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _write_lines(self, lines: list[str]) -> None:
+    async def _write_lines(self, lines: list[str]) -> tuple[int, Exception | None]:
+        """POST ``lines`` in requests of ``max_lines``; returns how many landed, and the
+        error that stopped it (None when all did)."""
         if self.version == 1:
             path = "/write"
-            params = {"db": self.db, "precision": "ms"}
+            params = {"db": self.db, "precision": "ns"}
             if self.rp:
                 params["rp"] = self.rp
         else:
             path = "/api/v2/write"
-            params = {"org": self.org, "bucket": self.bucket, "precision": "ms"}
+            params = {"org": self.org, "bucket": self.bucket, "precision": "ns"}
         for i in range(0, len(lines), self.max_lines):
             body = "\n".join(lines[i:i + self.max_lines]).encode()
-            await self._request("POST", path, dict(params), body)
+            try:
+                await self._request("POST", path, dict(params), body)
+            except (StoreRejected, StoreUnavailable) as exc:
+                return i, exc
+        return len(lines), None
 
     async def influxql(self, q: str) -> list[dict[str, Any]]:
-        """Run an InfluxQL query; returns the first statement's series (name/columns/values)."""
+        """Run an InfluxQL query; returns the first statement's series (name/columns/values),
+        times in epoch nanoseconds."""
         import json
 
         db = self.db if self.version == 1 else self.bucket
-        data = await self._request("GET", "/query", {"db": db, "q": q, "epoch": "ms"})
+        data = await self._request("GET", "/query", {"db": db, "q": q, "epoch": "ns"})
         doc = json.loads(data)
         if "error" in doc:
             raise StoreUnavailable(f"InfluxQL error: {doc['error']}")
@@ -212,8 +258,12 @@ class InfluxStore(LedgerBacked):
         return list(results[0].get("series") or [])
 
     # -- Store ------------------------------------------------------------------------------
-    async def _sink(self, readings: list[Reading]) -> None:
-        await self._write_lines(reading_lines(readings, self.measurement))
+    async def _sink(self, readings: list[Reading]) -> SinkOutcome:
+        check_points(readings)
+        landed, error = await self._write_lines(reading_lines(readings, self.measurement))
+        if error is not None and landed == 0:
+            raise error  # nothing landed: the batch fails whole
+        return SinkOutcome(readings[:landed], error=error)
 
     def _where(self, device_id: str, sensor: str | None, start_ms: int | None,
                end_ms: int | None) -> str:
@@ -243,7 +293,7 @@ class InfluxStore(LedgerBacked):
                                   ints["agg_window_end_ms"] or 0, ints["agg_count"] or 0)
                 out.append(Reading(
                     device_id=str(row["device"]), sensor=str(row["sensor"]),
-                    ts_ms=int(row["time"]), value=float(row["value"]),
+                    ts_ms=int(row["time"]) // NS_PER_MS, value=float(row["value"]),
                     priority=Priority(ints["priority"] or 0), seq=ints["seq"] or 0,
                     raw_ts_ms=ints["raw_ts_ms"], quality=ints["quality"] or 0,
                     uncert_ms=ints["uncert_ms"] or 0, agg=agg))

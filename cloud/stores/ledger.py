@@ -5,8 +5,16 @@ multi-statement transactions (InfluxDB, Timestream).
 whole batch: read the device's state, write to the time-series database, save the state,
 commit. Replicas on one host sharing the file serialize there like PostgreSQL's
 ``FOR UPDATE``. The state is saved only after the database accepted the points, so a
-crash in between makes a resend write again; those stores overwrite the same series
-and timestamp, so that is harmless (idempotent) rather than a duplicate.
+crash in between makes a resend write again; those stores overwrite the same point
+(series and timestamp, the timestamp carrying the seq: see the stores), so that is
+harmless (idempotent) rather than a duplicate.
+
+The ledger follows what the database really holds (:class:`LedgerBacked`): a store's
+``_sink`` reports which readings landed, which the database refused one by one (each
+becomes a dead letter with its reason, in the same ledger transaction as the state), and
+the error that stopped it part way. When a later request of a batch fails, the state
+still records the readings of the requests that landed, so the ledger never says "not
+stored" about stored data; the device's resend writes only the rest.
 """
 
 from __future__ import annotations
@@ -19,20 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import msgspec
 
 from cloud.dedup import IdempotencyState
 from cloud.stores._sqlite import SqliteStateFile, now_ms, open_sqlite
 from cloud.stores.base import (
     Admit,
+    StoreRejected,
     StoreUnavailable,
     WriteResult,
     plan_write,
     require_finite,
+    seq_runs,
     validate,
 )
 from pymigrate.types import Reading
 
-__all__ = ["LedgerTxn", "SqliteLedger"]
+__all__ = ["LedgerBacked", "LedgerTxn", "SinkOutcome", "SqliteLedger"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -59,9 +70,14 @@ class LedgerTxn:
     def __init__(self, state: IdempotencyState) -> None:
         self.state = state
         self.saved: IdempotencyState | None = None
+        self.dead: list[tuple[str, str, str, bytes]] = []
 
     def save(self, state: IdempotencyState | None) -> None:
         self.saved = state
+
+    def dead_letter(self, device_id: str, batch_id: str, reason: str, payload: bytes) -> None:
+        """A dead letter committed with the state (or not at all)."""
+        self.dead.append((device_id, batch_id, reason, payload))
 
 
 class SqliteLedger(SqliteStateFile):
@@ -101,6 +117,11 @@ class SqliteLedger(SqliteStateFile):
                         " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state,"
                         " updated_ms = excluded.updated_ms",
                         (device_id, txn.saved.to_bytes(), now_ms()))
+                if txn.dead:
+                    t = now_ms()
+                    await db.executemany(
+                        "INSERT INTO dead_letters (device_id, batch_id, reason, payload,"
+                        " received_ms) VALUES (?,?,?,?,?)", [(*d, t) for d in txn.dead])
                 await db.execute("COMMIT")
             except BaseException:
                 try:
@@ -111,6 +132,21 @@ class SqliteLedger(SqliteStateFile):
 
 
 
+class SinkOutcome(msgspec.Struct):
+    """What a store's ``_sink`` did with the readings it was handed: ``stored`` landed,
+    ``rejected`` were refused one by one as ``(reading, reason code, detail)``, and
+    ``error`` (if any) stopped it part way (the rest did not land, or may not have)."""
+
+    stored: list[Reading]
+    rejected: list[tuple[Reading, str, str]] = msgspec.field(default_factory=list)
+    error: Exception | None = None
+
+
+def rejected_payload(r: Reading, detail: str) -> bytes:
+    """The dead-letter payload of one refused reading: the reading and why (JSON)."""
+    return msgspec.json.encode({"reading": r, "detail": detail})
+
+
 class LedgerBacked:
     """What a store without transactions of its own (InfluxDB, Timestream) shares: the
     idempotency step and dead letters live in a :class:`SqliteLedger`, and ``write``
@@ -118,7 +154,7 @@ class LedgerBacked:
 
     ledger: SqliteLedger
 
-    async def _sink(self, readings: list[Reading]) -> None:
+    async def _sink(self, readings: list[Reading]) -> SinkOutcome:
         raise NotImplementedError
 
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
@@ -126,13 +162,33 @@ class LedgerBacked:
         validate(device_id, readings)
         require_finite(readings)
         async with self.ledger.transaction(device_id) as txn:
+            before = txn.state.to_bytes()
             plan = plan_write(txn.state, readings, admit)
-            if plan.write:
-                await self._sink(plan.write)
-            txn.save(plan.state)
+            out = await self._sink(plan.write) if plan.write else SinkOutcome([])
+            if out.error is None and out.rejected and not out.stored and not plan.skipped:
+                # the database refused every reading: the batch as a whole is rejected
+                # (the ingest dead-letters its payload); nothing to commit
+                r, reason, detail = out.rejected[0]
+                raise StoreRejected(f"{len(out.rejected)} readings refused, e.g. seq {r.seq}:"
+                                    f" {detail}", reason=reason)
+            for r, reason, detail in out.rejected:
+                txn.dead_letter(device_id, batch_id, reason, rejected_payload(r, detail))
+            if out.error is None:
+                txn.save(plan.state)
+            else:  # record exactly what landed (or was dead-lettered), then fail
+                handled = [r.seq for r in out.stored if r.device_id == device_id]
+                handled += [r.seq for r, _, _ in out.rejected if r.device_id == device_id]
+                state = None
+                if handled:
+                    state = IdempotencyState.from_bytes(before)
+                    for a, b in seq_runs(handled):
+                        state.add_range(a, b)
+                txn.save(state)
+        if out.error is not None:
+            raise out.error
         # a replacing gateway policy cannot delete the other copy here (see config)
-        return WriteResult(written=len(plan.write), duplicates=plan.duplicates,
-                           gateway_dropped=plan.skipped)
+        return WriteResult(written=len(out.stored), duplicates=plan.duplicates,
+                           gateway_dropped=plan.skipped, rejected=len(out.rejected))
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
                           payload: bytes, *, peer: str = "") -> None:

@@ -1,7 +1,9 @@
 """AWS Timestream store: record mapping and a writer on the AWS SDK (boto3).
 
-Tested against moto's Timestream mock only: the real service cannot be reached from the
-development machines. ``boto3`` is imported lazily (a dev/optional dependency).
+Install with ``pip install 'pymigrate-iot[timestream]'`` (boto3 is imported lazily).
+Tested against moto's Timestream mock plus a fake client that answers
+``RejectedRecordsException`` the way the AWS API reference documents it: the real
+service cannot be reached from the development machines.
 
 Record mapping (one multi-measure record per reading)::
 
@@ -9,16 +11,32 @@ Record mapping (one multi-measure record per reading)::
     MeasureName     "reading"  (MeasureValueType MULTI)
     MeasureValues   value DOUBLE, seq/priority/quality/uncert_ms BIGINT
                     [, raw_ts_ms BIGINT] [, agg_window_end_ms, agg_count BIGINT]
-    Time            ts_ms, TimeUnit MILLISECONDS
+    Time            ts_ms * 1e6 + seq mod 1e6, TimeUnit NANOSECONDS
     Version         seq
 
-Timestream upserts on (dimensions, measure name, time): the same record written again
-is accepted and changes nothing; a *different* record there wins only with a higher
-version, so with ``Version = seq`` a later reading of the same series and instant
-replaces an earlier one (the "last" policy). The per-device sequence state and the dead
-letters live in a :class:`~cloud.stores.ledger.SqliteLedger` beside the ingest.
-``WriteRecords`` takes at most 100 records per call; throttling and 5xx are retried by
-the SDK (``standard`` retry mode), then reported as an outage.
+Every reading its own record: Timestream identifies a record by dimensions, measure
+name and time, so the time carries a sub-millisecond offset from the sequence number
+(as the InfluxDB store does): two readings of one sensor in one millisecond are two
+records, a resent reading is the same record (accepted, changes nothing). Queries read
+``to_milliseconds(time)``.
+
+Never losing a backlog: a table created here (``create = true``) has magnetic-store
+writes enabled, so records older than the memory-store retention (a device that was
+offline for days) are still accepted; ``memory_retention_h`` and
+``magnetic_retention_days`` set the two retentions; an existing table is updated to them.
+``WriteRecords`` takes at most 100 records per call; pages are written in order. A
+``RejectedRecordsException`` lists the refused records one by one (``RecordIndex``,
+``Reason``, ``ExistingVersion``): each becomes a dead letter (its reading as JSON, its
+reason: ``timestream_too_old`` outside the retention windows, ``timestream_version`` a
+version conflict, else ``timestream_rejected_record``) and the page's other records are
+written again (identical records: a no-op if AWS already stored them, as it does), so
+they are stored whatever the partial-success semantics. A batch whose every record is
+refused is rejected as a whole. Throttling and 5xx are retried by the SDK (``standard``
+retry mode), then reported as an outage; when a later page fails that way, the ledger
+keeps the pages that were stored (:class:`~cloud.stores.ledger.LedgerBacked`) and the
+device's resend writes only the rest. Version conflicts in the *magnetic* store are
+reported by AWS asynchronously to ``rejected_data_bucket`` (S3) when set, never in the
+response.
 """
 
 from __future__ import annotations
@@ -31,13 +49,24 @@ from cloud.stores.base import (
     StoreRejected,
     StoreUnavailable,
 )
-from cloud.stores.ledger import LedgerBacked, SqliteLedger
+from cloud.stores.ledger import LedgerBacked, SinkOutcome, SqliteLedger
 from pymigrate.types import AggInfo, Priority, Reading
 
-__all__ = ["MAX_RECORDS", "TimestreamStore", "to_record"]
+__all__ = ["MAX_RECORDS", "TimestreamStore", "reject_reason", "to_record"]
 
 MAX_RECORDS = 100
+NS_PER_MS = 1_000_000
 _REJECT_CODES = {"RejectedRecordsException", "ValidationException"}
+
+
+def reject_reason(rejected: dict[str, Any]) -> str:
+    """Reason code of one ``RejectedRecords`` entry (module docstring)."""
+    text = str(rejected.get("Reason", "")).lower()
+    if rejected.get("ExistingVersion") is not None or "version" in text:
+        return "timestream_version"
+    if "retention" in text or ("time" in text and ("range" in text or "window" in text)):
+        return "timestream_too_old"
+    return "timestream_rejected_record"
 
 
 def _int(name: str, v: int) -> dict[str, str]:
@@ -59,8 +88,8 @@ def to_record(r: Reading) -> dict[str, Any]:
         values += [_int("agg_window_end_ms", r.agg.window_end_ms),
                    _int("agg_count", r.agg.count)]
     return {"Dimensions": dims, "MeasureName": "reading", "MeasureValueType": "MULTI",
-            "MeasureValues": values, "Time": str(r.ts_ms), "TimeUnit": "MILLISECONDS",
-            "Version": r.seq}
+            "MeasureValues": values, "Time": str(r.ts_ms * NS_PER_MS + r.seq % NS_PER_MS),
+            "TimeUnit": "NANOSECONDS", "Version": r.seq}
 
 
 def from_row(row: dict[str, str | None]) -> Reading:
@@ -91,11 +120,15 @@ class TimestreamStore(LedgerBacked):
 
     def __init__(self, database: str, table: str, *, region: str = "us-east-1",
                  ledger_path: str | Path = "timestream-ledger.db", create: bool = False,
-                 write_client: Any = None, query_client: Any = None,
-                 max_attempts: int = 5) -> None:
+                 memory_retention_h: int = 24, magnetic_retention_days: int = 3650,
+                 rejected_data_bucket: str = "", write_client: Any = None,
+                 query_client: Any = None, max_attempts: int = 5) -> None:
         self.database, self.table, self.region = database, table, region
         self.ledger = SqliteLedger(ledger_path)
         self.create = create
+        self.memory_retention_h = memory_retention_h
+        self.magnetic_retention_days = magnetic_retention_days
+        self.rejected_data_bucket = rejected_data_bucket
         self.max_attempts = max_attempts
         self._write = write_client
         self._query = query_client
@@ -114,16 +147,39 @@ class TimestreamStore(LedgerBacked):
         if self.create:
             await self._call(self._ensure)
 
+    def table_properties(self) -> dict[str, Any]:
+        """Retention and magnetic-store write settings for CreateTable / UpdateTable."""
+        magnetic: dict[str, Any] = {"EnableMagneticStoreWrites": True}
+        if self.rejected_data_bucket:
+            magnetic["MagneticStoreRejectedDataLocation"] = {"S3Configuration": {
+                "BucketName": self.rejected_data_bucket,
+                "ObjectKeyPrefix": f"{self.database}/{self.table}/"}}
+        return {"RetentionProperties": {
+                    "MemoryStoreRetentionPeriodInHours": self.memory_retention_h,
+                    "MagneticStoreRetentionPeriodInDays": self.magnetic_retention_days},
+                "MagneticStoreWriteProperties": magnetic}
+
     def _ensure(self) -> None:
         w = self._write
+        missing = w.exceptions.ResourceNotFoundException
         try:
-            w.create_database(DatabaseName=self.database)
-        except w.exceptions.ConflictException:
-            pass
+            w.describe_database(DatabaseName=self.database)
+        except missing:
+            try:
+                w.create_database(DatabaseName=self.database)
+            except w.exceptions.ConflictException:
+                pass  # a replica made it meanwhile
+        props = self.table_properties()
         try:
-            w.create_table(DatabaseName=self.database, TableName=self.table)
-        except w.exceptions.ConflictException:
-            pass
+            w.describe_table(DatabaseName=self.database, TableName=self.table)
+        except missing:
+            try:
+                w.create_table(DatabaseName=self.database, TableName=self.table, **props)
+                return
+            except w.exceptions.ConflictException:
+                pass
+        # it exists: make it take a backlog too (and hold the configured retentions)
+        w.update_table(DatabaseName=self.database, TableName=self.table, **props)
 
     async def close(self) -> None:
         await self.ledger.close()
@@ -143,13 +199,48 @@ class TimestreamStore(LedgerBacked):
         except BotoCoreError as exc:
             raise StoreUnavailable(f"Timestream unreachable: {exc}") from exc
 
-    def _write_all(self, records: list[dict[str, Any]]) -> None:
-        for i in range(0, len(records), MAX_RECORDS):
-            self._write.write_records(DatabaseName=self.database, TableName=self.table,
-                                      Records=records[i:i + MAX_RECORDS])
+    def _write_page(self, records: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+        """Write one page; returns the records refused one by one as (index, reason code,
+        detail). The others are written again after a rejection (module docstring)."""
+        from botocore.exceptions import ClientError
 
-    async def _sink(self, readings: list[Reading]) -> None:
-        await self._call(self._write_all, [to_record(r) for r in readings])
+        refused: dict[int, tuple[str, str]] = {}
+        todo = list(range(len(records)))
+        for _ in range(2):
+            try:
+                self._write.write_records(DatabaseName=self.database, TableName=self.table,
+                                          Records=[records[i] for i in todo])
+                return [(i, *refused[i]) for i in sorted(refused)]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "RejectedRecordsException":
+                    raise
+                listed = exc.response.get("RejectedRecords") or []
+                if not listed:
+                    raise
+                for rej in listed:
+                    i = todo[int(rej.get("RecordIndex", 0))]
+                    refused[i] = (reject_reason(rej), str(rej.get("Reason", "")))
+                todo = [i for i in todo if i not in refused]
+                if not todo:
+                    break
+        return [(i, *refused[i]) for i in sorted(refused)]
+
+    async def _sink(self, readings: list[Reading]) -> SinkOutcome:
+        records = [to_record(r) for r in readings]
+        stored: list[Reading] = []
+        rejected: list[tuple[Reading, str, str]] = []
+        for p in range(0, len(records), MAX_RECORDS):
+            page = readings[p:p + MAX_RECORDS]
+            try:
+                refused = await self._call(self._write_page, records[p:p + MAX_RECORDS])
+            except (StoreUnavailable, StoreRejected) as exc:
+                if not stored and not rejected:
+                    raise  # nothing landed: the batch fails whole
+                return SinkOutcome(stored, rejected, error=exc)
+            out = {i for i, _, _ in refused}
+            rejected += [(page[i], reason, detail) for i, reason, detail in refused]
+            stored += [r for i, r in enumerate(page) if i not in out]
+        return SinkOutcome(stored, rejected)
 
     def _select(self, what: str, device_id: str | None, sensor: str | None = None,
                 start_ms: int | None = None, end_ms: int | None = None) -> str:

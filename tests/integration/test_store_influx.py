@@ -136,3 +136,24 @@ async def test_outage_and_recovery_lose_nothing(tmp_path: Path) -> None:
             await store.close()
     finally:
         srv.cleanup()
+
+
+async def test_same_millisecond_readings_each_stored(influxd: InfluxServer,
+                                                     tmp_path: Path) -> None:
+    """Bursts: several readings of one sensor in one millisecond are each their own point
+    (timestamp offset from the seq), accepted counts them, and a resend changes nothing;
+    checked reading by reading against what was sent."""
+    store = await factory(influxd, tmp_path)()
+    try:
+        svc = IngestService(store)
+        rs = [Reading("d", f"s{i % 2}", T0 + (i // 6) * 1000, i * 0.5, seq=i + 1)
+              for i in range(600)]  # each sensor: 3 readings per millisecond
+        ack = await svc.handle(incoming(payload("d", rs)))
+        assert (ack.status, ack.accepted) == ("ok", 600)
+        again = await svc.handle(incoming(payload("d", rs)))
+        assert (again.status, again.duplicates) == ("duplicate", 600)
+        got = await store.query("d")
+        assert sorted(got, key=lambda r: r.seq) == rs
+        assert await store.count("d") == 600
+    finally:
+        await store.close()
