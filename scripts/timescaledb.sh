@@ -21,7 +21,9 @@ log() { echo "timescaledb: $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 
 pkglibdir="/usr/lib/postgresql/$pgv/lib"
-if [ ! -f "$pkglibdir/timescaledb-$version.so" ]; then
+stamp="$pkglibdir/timescaledb-$version.pymigrate-build"  # our (patched) build is installed
+built=0
+if [ ! -f "$pkglibdir/timescaledb-$version.so" ] || [ ! -f "$stamp" ]; then
   [ -f "$tarball" ] || { log "tarball not found: $tarball (set TIMESCALEDB_TARBALL)"; exit 1; }
   need=()
   for pkg in "postgresql-server-dev-$pgv" cmake gcc make libssl-dev; do
@@ -35,6 +37,12 @@ if [ ! -f "$pkglibdir/timescaledb-$version.so" ]; then
   log "building $version from $tarball (about 2 min)"
   rm -rf "$build_dir" && mkdir -p "$build_dir"
   tar -xzf "$tarball" -C "$build_dir" --strip-components=1
+  # PostgreSQL 15.20 refuses to drop the portal TimescaleDB's job runner creates and never
+  # runs ("cannot drop portal "" while it is being set up"), so every background job
+  # (compression, retention and continuous-aggregate policies) fails; mark it done first.
+  job_c="$build_dir/tsl/src/bgw_policy/job.c"
+  sed -i 's/^\([[:space:]]*\)PortalDrop(portal, false);/\1portal->status = PORTAL_DONE;\n\1PortalDrop(portal, false);/' "$job_c"
+  grep -q 'portal->status = PORTAL_DONE;' "$job_c" || { log "patch of $job_c did not apply"; exit 1; }
   (
     cd "$build_dir"
     ./bootstrap -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF -DWARNINGS_AS_ERRORS=OFF \
@@ -42,6 +50,8 @@ if [ ! -f "$pkglibdir/timescaledb-$version.so" ]; then
     make -C build -j2 install >&2
   )
   rm -rf "$build_dir"
+  touch "$stamp"
+  built=1
 fi
 
 conf="/etc/postgresql/$pgv/$cluster"
@@ -63,6 +73,8 @@ HBA
 fi
 if ! pg_lsclusters -h "$pgv" "$cluster" 2>/dev/null | awk '{print $4}' | grep -q online; then
   pg_ctlcluster --skip-systemctl-redirect "$pgv" "$cluster" start >&2
+elif [ "$built" = 1 ]; then  # a new build: load it
+  pg_ctlcluster --skip-systemctl-redirect "$pgv" "$cluster" restart >&2
 fi
 for _ in $(seq 1 30); do
   pg_isready -q -h 127.0.0.1 -p "$port" -U postgres -d postgres && break
