@@ -313,9 +313,11 @@ def bench_store(kind: str, args: argparse.Namespace, payloads: dict[str, list[by
 async def _drop_schema(dsn: str, schema: str) -> None:
     import asyncpg
 
+    from cloud.stores.timescale import drop_schema
+
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await drop_schema(conn, schema)  # TimescaleDB's background jobs may be running
     finally:
         await conn.close()
 

@@ -211,6 +211,32 @@ async def read_hourly(conn: Conn, ts: str, schema: str, device_id: str, sensor: 
     return [tuple(r) for r in await conn.fetch(sql + " ORDER BY sensor, bucket_ms", *args)]
 
 
+async def drop_schema(conn: Conn, schema: str, *, attempts: int = 20) -> None:
+    """Drop a schema holding a hypertable (tests, benchmarks): its background jobs are
+    deleted first, and a drop that races a job still running is tried again."""
+    import asyncio
+
+    import asyncpg
+
+    for attempt in range(attempts):
+        try:
+            if await conn.fetchval("SELECT count(*) FROM pg_extension"
+                                   " WHERE extname = 'timescaledb'"):
+                await conn.execute(
+                    "SELECT delete_job(j.job_id) FROM timescaledb_information.jobs j"
+                    " LEFT JOIN timescaledb_information.continuous_aggregates c"
+                    " ON c.materialization_hypertable_schema = j.hypertable_schema"
+                    " AND c.materialization_hypertable_name = j.hypertable_name"
+                    " WHERE j.hypertable_schema = $1 OR c.view_schema = $1", schema)
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            return
+        except (asyncpg.InternalServerError, asyncpg.LockNotAvailableError,
+                asyncpg.DeadlockDetectedError, asyncpg.QueryCanceledError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def compress_all(conn: Conn, ts: str, schema: str) -> int:
     """Compress every chunk not compressed yet (what the policy does when chunks age);
     returns how many were compressed."""

@@ -52,7 +52,7 @@ def tsdb_dsn() -> str:
 async def _drop(dsn: str, schema: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await tsdb.drop_schema(conn, schema)  # its background jobs may be running
     finally:
         await conn.close()
 
