@@ -31,6 +31,13 @@ def test_defaults() -> None:
     ({"postgres": {"dsn": 5}}, "cloud.postgres.dsn"),
     ({"postgres": {"pool_min": 5, "pool_max": 2}}, "cloud.postgres.pool_max"),
     ({"postgres": {"bulk": "insert"}}, "cloud.postgres.bulk"),
+    ({"postgres": {"timescale": "yes"}}, "cloud.postgres.timescale"),
+    ({"postgres": {"chunk_interval_h": 0}}, "cloud.postgres.chunk_interval_h"),
+    ({"postgres": {"compress_after_h": -1}}, "cloud.postgres.compress_after_h"),
+    ({"postgres": {"retention_days": -2}}, "cloud.postgres.retention_days"),
+    ({"timestream": {"memory_retention_h": 0}}, "cloud.timestream.memory_retention_h"),
+    ({"timestream": {"magnetic_retention_days": 80000}},
+     "cloud.timestream.magnetic_retention_days"),
     ({"influx": {"version": 3}}, "cloud.influx.version"),
     ({"influx": {"version": 2}}, "cloud.influx.org"),
     ({"listeners": ["coap", "http"]}, "cloud.listeners[1]"),
@@ -59,17 +66,31 @@ def test_build_each_store(tmp_path: Path) -> None:
         "dsn": "postgresql://h/db", "schema": "iot", "pool_max": 8, "bulk": "unnest"}}))
     assert isinstance(pg, PostgresStore) and (pg.schema, pg.pool_max, pg.bulk) == (
         "iot", 8, "unnest")
+    assert pg.timescale == "auto" and pg.timescale_options.compress_after_ms == 7 * 86_400_000
+    pg = build_store(parse_cloud_config({"store": "postgres", "postgres": {
+        "timescale": "on", "chunk_interval_h": 6, "compress_after_h": 48,
+        "retention_days": 30, "continuous_aggregate": False}}))
+    assert isinstance(pg, PostgresStore) and pg.timescale == "on"
+    o = pg.timescale_options
+    assert (o.chunk_interval_ms, o.compress_after_ms, o.retention_ms, o.aggregate) == (
+        6 * 3_600_000, 48 * 3_600_000, 30 * 86_400_000, False)
     inf = build_store(parse_cloud_config({"store": "influx", "influx": {
         "url": "http://i:8086/", "version": 2, "org": "o", "bucket": "b", "token": "t"}}))
     assert isinstance(inf, InfluxStore) and (inf.url, inf.version, inf.bucket) == (
         "http://i:8086", 2, "b")
-    ts = build_store(parse_cloud_config({"store": "timestream",
-                                         "timestream": {"table": "r2"}}))
+    ts = build_store(parse_cloud_config({"store": "timestream", "timestream": {
+        "table": "r2", "memory_retention_h": 12, "magnetic_retention_days": 400}}))
     assert isinstance(ts, TimestreamStore) and ts.table == "r2"
+    assert ts.table_properties()["RetentionProperties"] == {
+        "MemoryStoreRetentionPeriodInHours": 12, "MagneticStoreRetentionPeriodInDays": 400}
+    assert ts.table_properties()["MagneticStoreWriteProperties"] == {
+        "EnableMagneticStoreWrites": True}
     with pytest.raises(ValueError):
         PostgresStore("postgresql://h/db", schema="bad; drop")
     with pytest.raises(ValueError):
         PostgresStore("postgresql://h/db", bulk="fast")
+    with pytest.raises(ValueError):
+        PostgresStore("postgresql://h/db", timescale="maybe")
 
 
 def test_build_ingest(tmp_path: Path) -> None:
