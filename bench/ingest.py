@@ -28,11 +28,12 @@ Stores: SQLite (a temp file; replicas share it), PostgreSQL (``--dsn``, a throwa
 schema dropped afterwards; pool of 4 per replica, COPY into ``readings``,
 ``timescale = "off"``), TimescaleDB (``--tsdb-dsn``: the cluster ``make timescaledb``
 starts; the same store with ``timescale = "on"``: a hypertable with compression and the
-hourly continuous aggregate), InfluxDB 1.x (a private ``influxd`` started on free
-loopback ports). On the PostgreSQL stores each run also reports ``bytes_per_reading``
-(the table with its indexes and TOAST, per reading); on TimescaleDB the chunks are then
-compressed (what the compression policy does once chunks age) and
-``compressed_bytes_per_reading`` is measured the same way. A store that cannot be reached
+hourly continuous aggregate; no compression policy during the run, since the data is
+months old and the policy would compress the chunks while they are written), InfluxDB 1.x
+(a private ``influxd`` started on free loopback ports). On the PostgreSQL stores each run
+also reports ``bytes_per_reading`` (the table with its indexes and TOAST, per reading); on
+TimescaleDB the chunks are then compressed (what the compression policy does once chunks
+age) and ``compressed_bytes_per_reading`` is measured the same way. A store that cannot be reached
 is reported as skipped with the reason.
 """
 
@@ -139,9 +140,13 @@ def _make_store(spec: dict[str, Any]) -> Any:
         return SqliteStore(spec["path"])
     if kind in ("postgres", "timescale"):
         from cloud.stores.postgres import PostgresStore
+        from cloud.stores.timescale import TimescaleOptions
 
+        # no compression policy during the run: the data is months old and the policy
+        # would compress chunks while they are written; compressed after the run instead
         return PostgresStore(spec["dsn"], schema=spec["schema"], pool_max=spec["pool"],
-                             timescale="on" if kind == "timescale" else "off")
+                             timescale="on" if kind == "timescale" else "off",
+                             timescale_options=TimescaleOptions(compress_after_ms=0))
     from cloud.stores.influx import InfluxStore
 
     return InfluxStore(spec["url"], db=spec["db"], ledger_path=spec["ledger"])

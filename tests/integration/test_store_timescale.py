@@ -294,3 +294,24 @@ async def test_continuous_aggregate_is_exact_with_late_readings(
         assert _rows(got) == _expected(first + late, 15 * 60_000)
     finally:
         await store.close()
+
+
+def test_ingest_benchmark_reports_timescale_beside_postgres(
+        tsdb_dsn: str, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench ingest --stores postgres,timescale` (small): a hypertable, bytes
+    per reading before and after compression, exactly once reading by reading."""
+    import json
+
+    from bench import ingest
+
+    rc = ingest.main(["--readings", "4000", "--batch", "1000", "--devices", "2",
+                      "--stores", "postgres,timescale", "--replicas", "1", "--no-race",
+                      "--dsn", postgres_dsn, "--tsdb-dsn", tsdb_dsn])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    (pg,), (ts,) = res["postgres"]["runs"], res["timescale"]["runs"]
+    assert pg["hypertable"] is False and ts["hypertable"] is True
+    for run in (pg, ts):
+        assert run["exactly_once"] and run["stored"] == 4000 and run["readings_per_s"] > 0
+        assert run["bytes_per_reading"] > 0
+    assert 0 < ts["compressed_bytes_per_reading"] < ts["bytes_per_reading"]
