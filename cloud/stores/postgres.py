@@ -57,15 +57,24 @@ from asyncpg.exceptions._base import DataError as _ClientDataError
 
 from cloud.dedup import IdempotencyState
 from cloud.stores import timescale as tsdb
+from cloud.stores._pg_ledger import (
+    PG_LEDGER_SCHEMA,
+    pg_completeness,
+    pg_digests,
+    pg_gap_runs,
+    pg_replace_out,
+    pg_save_ledger,
+)
+from cloud.stores._sqlite import stream_key
 from cloud.stores.base import (
     Admit,
     AggregateRow,
     StoreRejected,
     StoreUnavailable,
     WriteResult,
-    plan_write,
     validate,
 )
+from cloud.stores.completeness import BatchMeta, StreamReport, plan_batch
 from cloud.stores.sqlite import row_to_reading
 from pymigrate.errors import ConfigError
 from pymigrate.types import Reading
@@ -83,20 +92,21 @@ _COLS = ("seq", "sensor", "ts_ms", "value", "priority", "quality", "uncert_ms", 
 _TYPES = ("bigint", "text", "bigint", "double precision", "smallint", "integer", "integer",
           "bigint", "text", "text", "bigint", "integer")
 _COLLIST = ", ".join(_COLS)
-_ALLCOLS = ("device_id", *_COLS, "received_ms")
+_ALLCOLS = ("device_id", "instance", *_COLS, "received_ms")
 _CREATE_STAGING = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ("
                    + ", ".join(f"{c} {t}" for c, t in zip(_COLS, _TYPES))
                    + ") ON COMMIT DELETE ROWS")
-_INSERT_STAGED = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms)"
-                  f" SELECT $1, {_COLLIST}, $2 FROM {_STAGING} ON CONFLICT DO NOTHING")
+_INSERT_STAGED = (f"INSERT INTO readings (device_id, instance, {_COLLIST}, received_ms)"
+                  f" SELECT $1, $3, {_COLLIST}, $2 FROM {_STAGING} ON CONFLICT DO NOTHING")
 # a hypertable's key holds ts_ms: also skip a (device_id, seq) stored at another time
-_INSERT_STAGED_HT = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms)"
-                     f" SELECT $1, {_COLLIST}, $2 FROM {_STAGING} s WHERE NOT EXISTS"
-                     " (SELECT 1 FROM readings r WHERE r.device_id = $1 AND r.seq = s.seq)"
-                     " ON CONFLICT DO NOTHING")
+_INSERT_STAGED_HT = (f"INSERT INTO readings (device_id, instance, {_COLLIST}, received_ms)"
+                     f" SELECT $1, $3, {_COLLIST}, $2 FROM {_STAGING} s WHERE NOT EXISTS"
+                     " (SELECT 1 FROM readings r WHERE r.device_id = $1 AND r.instance = $3"
+                     " AND r.seq = s.seq) ON CONFLICT DO NOTHING")
 _INSERT_UNNEST = (
-    f"INSERT INTO readings (device_id, {_COLLIST}, received_ms) SELECT $1, u.*, $2 FROM unnest("
-    + ", ".join(f"${i + 3}::{t}[]" for i, t in enumerate(_TYPES))
+    f"INSERT INTO readings (device_id, instance, {_COLLIST}, received_ms)"
+    " SELECT $1, $3, u.*, $2 FROM unnest("
+    + ", ".join(f"${i + 4}::{t}[]" for i, t in enumerate(_TYPES))
     + ") AS u ON CONFLICT DO NOTHING")
 _INSERT_ONE = (f"INSERT INTO readings (device_id, {_COLLIST}, received_ms) VALUES ("
                + ", ".join(f"${i + 1}" for i in range(len(_COLS) + 2))
@@ -154,11 +164,29 @@ CREATE TABLE IF NOT EXISTS dead_letters (
             " chunk_time_interval => 86400000::bigint, if_not_exists => TRUE)")
 
 
+async def _m2_streams(conn: Conn, ctx: dict[str, Any]) -> None:
+    """Agent instances (streams) and the completeness ledger (cloud.stores.completeness)."""
+    # the current key says whether this is a hypertable (whose keys must hold ts_ms)
+    cols = await conn.fetchval(
+        "SELECT string_agg(a.attname, ',') FROM pg_index i JOIN pg_attribute a"
+        " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+        " WHERE i.indrelid = 'readings'::regclass AND i.indisprimary")
+    ts_key = "ts_ms" in str(cols or "").split(",")
+    key = "device_id, instance, seq, ts_ms" if ts_key else "device_id, instance, seq"
+    await conn.execute("ALTER TABLE readings ADD COLUMN IF NOT EXISTS instance text"
+                       " NOT NULL DEFAULT ''")
+    await conn.execute("ALTER TABLE readings DROP CONSTRAINT IF EXISTS readings_pkey")
+    await conn.execute(f"ALTER TABLE readings ADD PRIMARY KEY ({key})")
+    await conn.execute("ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS peer text")
+    await conn.execute(PG_LEDGER_SCHEMA)
+
+
 Migration = Callable[[Conn, dict[str, Any]], Awaitable[None]]
 
 #: (version, name, step); append new versions, never edit applied ones
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "readings, idempotency, dead_letters (hypertable when timescaledb)", _m1_schema),
+    (2, "agent instances in readings; completeness ledger", _m2_streams),
 ]
 
 
@@ -282,23 +310,31 @@ class PostgresStore:
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
                     *, admit: Admit | None = None, meta: Any = None) -> WriteResult:
         validate(device_id, readings)
+        meta = meta or BatchMeta()
+        inst = meta.instance
+        key = stream_key(device_id, inst)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                state, first = await self._lock_state(conn, device_id)
-                plan = plan_write(state, readings, admit)
+                state, first = await self._lock_state(conn, key)
+                now = _now_ms()
+                plan = await plan_batch(
+                    state, readings, meta, admit, now_ms=now,
+                    digests=lambda f: pg_digests(conn, device_id, inst, f),
+                    gap_runs=lambda lo, hi: pg_gap_runs(conn, device_id, inst, lo, hi))
                 written = 0
                 if plan.delete:
-                    await conn.executemany(
-                        "DELETE FROM readings WHERE device_id = $1 AND seq = $2", plan.delete)
+                    await pg_replace_out(conn, plan.delete, now)
                 if plan.write:
                     # a device without a state row on a hypertable: nothing vouches that
                     # its seqs are new at other timestamps (state lost): check each
                     written = await self._insert(conn, device_id, plan.write,
-                                                 guard=first and self.hypertable)
+                                                 guard=first and self.hypertable,
+                                                 instance=inst)
                 if plan.state is not None:
                     await conn.execute(
                         "UPDATE idempotency SET state = $2, updated_ms = $3 WHERE device_id = $1",
-                        device_id, plan.state.to_bytes(), _now_ms())
+                        key, plan.state.to_bytes(), now)
+                await pg_save_ledger(conn, device_id, batch_id, meta, plan, now)
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise StoreRejected(f"PostgreSQL refused the data: {exc}",
                                 reason=f"pg_{exc.sqlstate}") from exc
@@ -311,7 +347,13 @@ class PostgresStore:
                                    batch_id=batch_id) from exc
         return WriteResult(written=written,
                            duplicates=plan.duplicates + len(plan.write) - written,
-                           gateway_dropped=plan.skipped, replaced=len(plan.delete))
+                           gateway_dropped=len(plan.skipped), replaced=len(plan.delete),
+                           conflicts=plan.conflicted, gaps=len(plan.gaps), late=plan.late)
+
+    async def completeness(self, device_id: str | None = None) -> list[StreamReport]:
+        """The completeness report of every stream (of one device)."""
+        async with self.pool.acquire() as conn:
+            return await pg_completeness(conn, device_id)
 
     async def _lock_state(self, conn: Conn, device_id: str) -> tuple[IdempotencyState, bool]:
         """The device's state, locked; True when its row had to be created."""
@@ -329,7 +371,7 @@ class PostgresStore:
         return IdempotencyState.from_bytes(bytes(blob)), False
 
     async def _insert(self, conn: Conn, device_id: str, rs: list[Reading], *,
-                      guard: bool = False) -> int:
+                      guard: bool = False, instance: str = "") -> int:
         """Insert ``rs``; returns rows written. ``guard``: go straight to the staged
         insert that skips any stored (device_id, seq)."""
         now = _now_ms()
@@ -343,9 +385,9 @@ class PostgresStore:
             return written
         if self.bulk == "unnest" and not guard:
             cols: list[list[Any]] = [list(c) for c in zip(*(_row(r) for r in own))]
-            status = await conn.execute(_INSERT_UNNEST, device_id, now, *cols)
+            status = await conn.execute(_INSERT_UNNEST, device_id, now, instance, *cols)
             return written + int(status.rsplit(" ", 1)[1])
-        records = [(device_id, *_row(r), now) for r in own]
+        records = [(device_id, instance, *_row(r), now) for r in own]
         if not guard:
             try:
                 # the idempotency state (locked) says these are new: COPY straight in;
@@ -358,19 +400,20 @@ class PostgresStore:
             except asyncpg.UniqueViolationError:
                 self.copy_fallbacks += 1
         await conn.execute(_CREATE_STAGING)
-        await conn.copy_records_to_table(_STAGING, records=[r[1:-1] for r in records],
+        await conn.copy_records_to_table(_STAGING, records=[r[2:-1] for r in records],
                                          columns=_COLS)
         # one staged insert per transaction; ON COMMIT DELETE ROWS empties the table
         status = await conn.execute(
-            _INSERT_STAGED_HT if self.hypertable else _INSERT_STAGED, device_id, now)
+            _INSERT_STAGED_HT if self.hypertable else _INSERT_STAGED, device_id, now, instance)
         return written + int(status.rsplit(" ", 1)[1])
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
                           payload: bytes, *, peer: str = "") -> None:
         try:
             await self.pool.execute(
-                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms)"
-                " VALUES ($1, $2, $3, $4, $5)", device_id, batch_id, reason, payload, _now_ms())
+                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms,"
+                " peer) VALUES ($1, $2, $3, $4, $5, $6)", device_id, batch_id, reason, payload,
+                _now_ms(), peer)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"dead-letter write failed: {exc}") from exc
 
@@ -380,9 +423,9 @@ class PostgresStore:
             limit)
         return [(r[0] or "", r[1] or "", r[2]) for r in rows]
 
-    async def idempotency_state(self, device_id: str) -> IdempotencyState:
+    async def idempotency_state(self, device_id: str, instance: str = "") -> IdempotencyState:
         blob = await self.pool.fetchval("SELECT state FROM idempotency WHERE device_id = $1",
-                                        device_id)
+                                        stream_key(device_id, instance))
         return IdempotencyState() if blob is None else IdempotencyState.from_bytes(bytes(blob))
 
     async def query(self, device_id: str, sensor: str | None = None,

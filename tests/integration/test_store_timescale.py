@@ -315,3 +315,9 @@ def test_ingest_benchmark_reports_timescale_beside_postgres(
         assert run["exactly_once"] and run["stored"] == 4000 and run["readings_per_s"] > 0
         assert run["bytes_per_reading"] > 0
     assert 0 < ts["compressed_bytes_per_reading"] < ts["bytes_per_reading"]
+
+
+async def test_completeness_ledger_on_a_hypertable(tsdb_dsn: str,
+                                                   schemas: list[tuple[str, str]]) -> None:
+    await contract.check_completeness_ledger(
+        factory(tsdb_dsn, _schema(schemas, tsdb_dsn), timescale="on"), "dev-l")

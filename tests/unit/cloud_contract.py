@@ -122,3 +122,39 @@ async def check_malformed_dead_lettered(make: StoreFactory, dev: str) -> None:
         assert ok.status == "ok" and await store.count(dev) == 10
     finally:
         await store.close()
+
+
+async def check_completeness_ledger(make: StoreFactory, dev: str) -> None:
+    """Streams, conflicts, gap records and late chunks, and the completeness report."""
+    from pymigrate.types import Gap, Reading
+    from tests.unit.cloud_helpers import stream_payload
+
+    store = await make()
+    try:
+        svc = IngestService(store)
+        a = make_readings(dev, 120)
+        b = [Reading(dev, r.sensor, r.ts_ms + 3, r.value + 500, seq=r.seq) for r in a]
+        for inst, rs in (("a" * 16, a), ("b" * 16, b)):  # two agents, one device id
+            for _ in range(2):
+                ack = await svc.handle(incoming(stream_payload(dev, rs, inst, instance=inst)))
+                assert ack.status in ("ok", "duplicate") and ack.count == 120
+        assert await store.count(dev) == 240
+        clone = [Reading(dev, r.sensor, r.ts_ms, r.value + 1, seq=r.seq) for r in a[:50]]
+        ack = await svc.handle(incoming(stream_payload(dev, clone, "c1")))
+        assert ack.status == "conflict" and ack.conflicts == 50
+        more = make_readings(dev, 30, seq0=121)
+        kept = [r for r in more if r.seq % 2]
+        runs = [(r.seq, r.seq) for r in more if not r.seq % 2]
+        gap = Gap(runs[0][0], runs[-1][1], len(runs), "evicted", 0, runs, "budget")
+        ack = await svc.handle(incoming(stream_payload(dev, kept, "g1", gaps=[gap], hwm=160)))
+        assert ack.status == "ok" and ack.gaps == 1
+        late = [r for r in more if r.seq == 122]  # was in flight when it was evicted
+        assert (await svc.handle(incoming(stream_payload(dev, late, "l1")))).status == "ok"
+        reports = {r.instance: r for r in await store.completeness(dev)}
+        ra, rb = reports["a" * 16], reports["b" * 16]
+        assert (ra.max_seq, ra.stored, ra.gaps, ra.unexplained, ra.conflicts) == (
+            160, 120 + len(kept) + 1, {"evicted": len(runs) - 1}, 10, 50)
+        assert ra.unexplained_runs == [(151, 160)]
+        assert (rb.stored, rb.unexplained, rb.conflicts, rb.duplicates) == (120, 0, 0, 0)
+    finally:
+        await store.close()

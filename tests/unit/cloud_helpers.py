@@ -98,3 +98,12 @@ class InstantClock:
 
     async def sleep_until(self, deadline: float) -> None:
         self.slept.append(deadline)
+
+
+def stream_payload(device: str, rs: Sequence[Reading], batch_id: str, *,
+                   instance: str = "a" * 16, gaps: Sequence[Any] = (), hwm: int = 0,
+                   chunk: int = 50) -> bytes:
+    """An envelope v4 of one agent instance (stream), with gap records."""
+    chunks = [seal_chunk(list(rs[i:i + chunk])) for i in range(0, len(rs), chunk)]
+    top = max([hwm, *(r.seq for r in rs)], default=hwm)
+    return encode_batch(Batch(device, batch_id, chunks, 1, instance, 1, top, list(gaps)))

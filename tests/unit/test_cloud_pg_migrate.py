@@ -38,6 +38,9 @@ class FakeConn:
             return "public"
         if "timescaledb_information.hypertables" in sql:
             return 0  # the setup step has its own integration tests
+        if "FROM pg_index" in sql:  # the primary key's columns (m2 keeps ts_ms in it)
+            ht = any("create_hypertable" in s for s in self.sql)
+            return "device_id,seq,ts_ms" if ht else "device_id,seq"
         raise AssertionError(sql)
 
     async def fetch(self, sql: str, *args: Any) -> list[tuple[int]]:
@@ -66,8 +69,10 @@ def _ddl(conn: FakeConn) -> str:
 async def test_plain_table_without_timescale() -> None:
     conn = FakeConn()
     facts = await migrate(conn)
-    assert facts == {"applied": [1], "timescale": None, "hypertable": False}
+    assert facts == {"applied": [1, 2], "timescale": None, "hypertable": False}
     assert "PRIMARY KEY (device_id, seq)" in _ddl(conn)
+    # version 2: each agent instance is its own stream of sequence numbers
+    assert "ALTER TABLE readings ADD PRIMARY KEY (device_id, instance, seq)" in conn.sql
     assert not any("create_hypertable" in s for s in conn.sql)
     assert conn.sql[0].startswith("SELECT pg_advisory_xact_lock(")
 
@@ -76,6 +81,7 @@ async def test_hypertable_with_timescale() -> None:
     conn = FakeConn(installed="tsdb", preloaded=True)
     await migrate(conn, timescale="tsdb")
     assert "PRIMARY KEY (device_id, seq, ts_ms)" in _ddl(conn)  # must hold the time column
+    assert "ALTER TABLE readings ADD PRIMARY KEY (device_id, instance, seq, ts_ms)" in conn.sql
     (ht,) = [s for s in conn.sql if "create_hypertable" in s]
     assert ht.startswith("SELECT tsdb.create_hypertable('readings', 'ts_ms'")
     assert "chunk_time_interval => 86400000" in ht

@@ -183,3 +183,7 @@ async def test_sqlite_errors_mid_transaction(tmp_path: Path) -> None:
         assert not s.db.in_transaction
     finally:
         await s.close()
+
+
+async def test_completeness_ledger(tmp_path: Path) -> None:
+    await contract.check_completeness_ledger(factory(tmp_path / "c.db"), "dev-l")
