@@ -90,8 +90,11 @@ def check_points(readings: Sequence[Reading]) -> None:
                                 " and a point timestamp", reason="influx_point_collision")
 
 
-def reading_lines(readings: Sequence[Reading], measurement: str = "readings") -> list[str]:
-    """Line-protocol points (precision ns, :func:`point_ns`) for readings, one each."""
+def reading_lines(readings: Sequence[Reading], measurement: str = "readings",
+                  instance: str = "") -> list[str]:
+    """Line-protocol points (precision ns, :func:`point_ns`) for readings, one each;
+    ``instance`` (the agent's stream id) becomes a tag, so two agents configured with one
+    device id never overwrite each other's points."""
     meas = escape_measurement(measurement)
     out: list[str] = []
     append = out.append
@@ -102,6 +105,8 @@ def reading_lines(readings: Sequence[Reading], measurement: str = "readings") ->
         tags = tags_cache.get(tk)
         if tags is None:
             tags = f"{meas},device={escape_key(r.device_id)},sensor={escape_key(r.sensor)}"
+            if instance:
+                tags += f",instance={escape_key(instance)}"
             if a is not None:
                 tags += f",agg_fn={escape_key(a.fn or '-')},agg_rule={escape_key(a.rule or '-')}"
             tags_cache[tk] = tags
@@ -258,9 +263,10 @@ class InfluxStore(LedgerBacked):
         return list(results[0].get("series") or [])
 
     # -- Store ------------------------------------------------------------------------------
-    async def _sink(self, readings: list[Reading]) -> SinkOutcome:
+    async def _sink(self, readings: list[Reading], instance: str = "") -> SinkOutcome:
         check_points(readings)
-        landed, error = await self._write_lines(reading_lines(readings, self.measurement))
+        landed, error = await self._write_lines(reading_lines(readings, self.measurement,
+                                                              instance))
         if error is not None and landed == 0:
             raise error  # nothing landed: the batch fails whole
         return SinkOutcome(readings[:landed], error=error)

@@ -30,18 +30,26 @@ import aiosqlite
 import msgspec
 
 from cloud.dedup import IdempotencyState
-from cloud.stores._sqlite import SqliteStateFile, now_ms, open_sqlite
+from cloud.stores._sqlite import (
+    LEDGER_SCHEMA,
+    SqliteStateFile,
+    _runs_dec,
+    now_ms,
+    open_sqlite,
+    runs_blob,
+    stream_key,
+)
 from cloud.stores.base import (
     Admit,
     StoreRejected,
     StoreUnavailable,
     WriteResult,
-    plan_write,
     require_finite,
     seq_runs,
     validate,
 )
-from pymigrate.types import Reading
+from cloud.stores.completeness import BatchMeta, StreamReport, plan_batch, runs_union
+from pymigrate.types import Gap, Reading
 
 __all__ = ["LedgerBacked", "LedgerTxn", "SinkOutcome", "SqliteLedger"]
 
@@ -60,6 +68,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   received_ms INTEGER NOT NULL,
   peer TEXT
 );
+CREATE TABLE IF NOT EXISTS stored_runs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  device_id TEXT NOT NULL,
+  instance TEXT NOT NULL,
+  runs BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stored_runs_stream ON stored_runs (device_id, instance);
 """
 
 
@@ -91,8 +106,27 @@ class SqliteLedger(SqliteStateFile):
 
     async def open(self) -> None:
         self._db = await open_sqlite(self.path, busy_timeout_ms=self.busy_timeout_ms,
-                                     schema=_SCHEMA)
+                                     schema=_SCHEMA + LEDGER_SCHEMA)
         await self._migrate_ledger()
+
+    async def _stored(self, device_id: str, instance: str, seqs: Sequence[int]) -> None:
+        """Record which sequence numbers landed in the time-series database (inside the
+        write transaction): what the completeness report counts as stored."""
+        runs = seq_runs(list(seqs))
+        if runs:
+            await self.db.execute("INSERT INTO stored_runs (device_id, instance, runs) "
+                                  "VALUES (?,?,?)", (device_id, instance, runs_blob(runs)))
+
+    async def _stored_runs(self, device_id: str, instance: str) -> list[tuple[int, int]]:
+        rows = await self.db.execute_fetchall(
+            "SELECT runs FROM stored_runs WHERE device_id = ? AND instance = ?",
+            (device_id, instance))
+        return runs_union(*(_runs_dec.decode(r[0]) for r in rows))
+
+    async def _legacy_streams(self, device_id: str | None) -> list[tuple[str, str]]:
+        where, args = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
+        return [(str(d), str(i)) for d, i in await self.db.execute_fetchall(
+            f"SELECT DISTINCT device_id, instance FROM stored_runs {where}", args)]
 
     async def close(self) -> None:
         if self._db is not None:
@@ -154,17 +188,24 @@ class LedgerBacked:
 
     ledger: SqliteLedger
 
-    async def _sink(self, readings: list[Reading]) -> SinkOutcome:
+    async def _sink(self, readings: list[Reading], instance: str = "") -> SinkOutcome:
         raise NotImplementedError
 
     async def write(self, device_id: str, batch_id: str, readings: Sequence[Reading],
                     *, admit: Admit | None = None, meta: Any = None) -> WriteResult:
         validate(device_id, readings)
         require_finite(readings)
-        async with self.ledger.transaction(device_id) as txn:
+        meta = meta if isinstance(meta, BatchMeta) else BatchMeta()
+        inst = meta.instance
+        led = self.ledger
+        async with led.transaction(stream_key(device_id, inst)) as txn:
             before = txn.state.to_bytes()
-            plan = plan_write(txn.state, readings, admit)
-            out = await self._sink(plan.write) if plan.write else SinkOutcome([])
+            now = now_ms()
+            plan = await plan_batch(
+                txn.state, readings, meta, admit, now_ms=now,
+                digests=lambda f: led._digests(device_id, inst, f),
+                gap_runs=lambda lo, hi: led._gap_runs(device_id, inst, lo, hi))
+            out = await self._sink(plan.write, inst) if plan.write else SinkOutcome([])
             if out.error is None and out.rejected and not out.stored and not plan.skipped:
                 # the database refused every reading: the batch as a whole is rejected
                 # (the ingest dead-letters its payload); nothing to commit
@@ -173,8 +214,16 @@ class LedgerBacked:
                                     f" {detail}", reason=reason)
             for r, reason, detail in out.rejected:
                 txn.dead_letter(device_id, batch_id, reason, rejected_payload(r, detail))
+            refused = seq_runs([r.seq for r, _, _ in out.rejected if r.device_id == device_id])
+            if refused:  # dead-lettered one by one: the ledger names them
+                plan.gaps.append(Gap(refused[0][0], refused[-1][1],
+                                     sum(b - a + 1 for a, b in refused), "rejected", now,
+                                     refused, out.rejected[0][1]))
+            await led._stored(device_id, inst, [r.seq for r in out.stored
+                                                if r.device_id == device_id])
             if out.error is None:
                 txn.save(plan.state)
+                await led._save_ledger(device_id, batch_id, meta, plan, now)
             else:  # record exactly what landed (or was dead-lettered), then fail
                 handled = [r.seq for r in out.stored if r.device_id == device_id]
                 handled += [r.seq for r, _, _ in out.rejected if r.device_id == device_id]
@@ -188,7 +237,13 @@ class LedgerBacked:
             raise out.error
         # a replacing gateway policy cannot delete the other copy here (see config)
         return WriteResult(written=len(out.stored), duplicates=plan.duplicates,
-                           gateway_dropped=plan.skipped, rejected=len(out.rejected))
+                           gateway_dropped=len(plan.skipped), rejected=len(out.rejected),
+                           conflicts=plan.conflicted, gaps=len(plan.gaps), late=plan.late)
+
+    async def completeness(self, device_id: str | None = None) -> list[StreamReport]:
+        """The completeness report of every stream (of one device), from the ledger."""
+        async with self.ledger._lock:
+            return await self.ledger.completeness(device_id)
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
                           payload: bytes, *, peer: str = "") -> None:
@@ -197,5 +252,5 @@ class LedgerBacked:
     async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
         return await self.ledger.dead_letters(limit)
 
-    async def idempotency_state(self, device_id: str) -> IdempotencyState:
-        return await self.ledger.idempotency_state(device_id)
+    async def idempotency_state(self, device_id: str, instance: str = "") -> IdempotencyState:
+        return await self.ledger.idempotency_state(device_id, instance)

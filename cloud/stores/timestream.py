@@ -73,9 +73,12 @@ def _int(name: str, v: int) -> dict[str, str]:
     return {"Name": name, "Value": str(v), "Type": "BIGINT"}
 
 
-def to_record(r: Reading) -> dict[str, Any]:
-    """The Timestream ``WriteRecords`` record of one reading (module docstring)."""
+def to_record(r: Reading, instance: str = "") -> dict[str, Any]:
+    """The Timestream ``WriteRecords`` record of one reading (module docstring);
+    ``instance`` (the agent's stream id) is a dimension when set."""
     dims = [{"Name": "device_id", "Value": r.device_id}, {"Name": "sensor", "Value": r.sensor}]
+    if instance:
+        dims.append({"Name": "instance", "Value": instance})
     values: list[dict[str, str]] = [
         {"Name": "value", "Value": repr(float(r.value)), "Type": "DOUBLE"},
         _int("seq", r.seq), _int("priority", int(r.priority)), _int("quality", r.quality),
@@ -225,8 +228,8 @@ class TimestreamStore(LedgerBacked):
                     break
         return [(i, *refused[i]) for i in sorted(refused)]
 
-    async def _sink(self, readings: list[Reading]) -> SinkOutcome:
-        records = [to_record(r) for r in readings]
+    async def _sink(self, readings: list[Reading], instance: str = "") -> SinkOutcome:
+        records = [to_record(r, instance) for r in readings]
         stored: list[Reading] = []
         rejected: list[tuple[Reading, str, str]] = []
         for p in range(0, len(records), MAX_RECORDS):

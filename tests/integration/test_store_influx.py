@@ -157,3 +157,9 @@ async def test_same_millisecond_readings_each_stored(influxd: InfluxServer,
         assert await store.count("d") == 600
     finally:
         await store.close()
+
+
+async def test_completeness_ledger(influxd: InfluxServer, tmp_path: Path) -> None:
+    """Beside the InfluxDB points, the ledger keeps streams, digests, gaps, conflicts and
+    what landed; two agents sharing an id are told apart by the ``instance`` tag."""
+    await contract.check_completeness_ledger(factory(influxd, tmp_path), "dev-l")
