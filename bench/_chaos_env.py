@@ -202,3 +202,36 @@ class Proc:
         rc = p.returncode
         self._reap()
         return rc
+
+
+def proc_rss_bytes(pid: int) -> int:
+    """Resident set size of a live process from /proc (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def mount_tmpfs(path: Path, size_bytes: int) -> str | None:
+    """Mount a tmpfs of ``size_bytes`` on ``path`` (a real filesystem that fills up).
+    Returns None when mounted, else the reason it cannot be (not root, no mount)."""
+    if os.geteuid() != 0:
+        return "not root: cannot mount a tmpfs (the full-filesystem fault is skipped)"
+    path.mkdir(parents=True, exist_ok=True)
+    exe = shutil.which("mount")
+    if exe is None:
+        return "no mount(8)"
+    r = subprocess.run([exe, "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs",
+                        str(path)], capture_output=True, text=True, timeout=10, check=False)
+    if r.returncode != 0:
+        return f"mount tmpfs failed: {r.stderr.strip()[:200]}"
+    return None
+
+
+def umount(path: Path) -> None:
+    exe = shutil.which("umount")
+    if exe is not None:
+        subprocess.run([exe, str(path)], capture_output=True, timeout=30, check=False)
