@@ -302,7 +302,8 @@ def audit(truth: Truth, streams: list[StreamTruth], store: Store,
         "streams": len(per_stream),
         "ts_abs_error_ms": {"p50": pct(0.5), "p99": pct(0.99),
                             "max": ts_err[-1] if ts_err else None,
-                            "over_5s": sum(1 for e in ts_err if e > 5000)},
+                            "over_5s": sum(1 for e in ts_err if e > 5000),
+                            "over_1h": sum(1 for e in ts_err if e > 3_600_000)},
         "per_stream": per_stream,
     }
     res["ledger"] = compare_ledger(per_stream, ledger, store.count_star)

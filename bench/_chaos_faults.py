@@ -75,11 +75,15 @@ async def link_throttle(run: ChaosRun, r: random.Random) -> dict[str, Any]:
 
 
 async def clock_jump_8d(run: ChaosRun, r: random.Random) -> dict[str, Any]:
-    """Restart an agent with its wall clock 8 days off (``PYMIGRATE_CLOCK_OFFSET_MS``, the
-    project's clock hook), let it run, then restart it on the right time (a jump back)."""
-    d = r.choice(run.active_devices())
-    sign = r.choice((1, -1))
+    """While a device is offline (its link blackholed, so data is buffered across the
+    jump), restart its agent with the wall clock 8 days off (``PYMIGRATE_CLOCK_OFFSET_MS``,
+    the project's clock hook), let it run, then restart it on the right time (a jump back),
+    then reconnect it."""
+    d = r.choice(run.proxied_devices())
+    sign = -1 if run.faults["clock_jump_8d"] % 2 else 1  # forward first, then backward
     async with d.lock:
+        run.proxy.cut(d.name, mode="blackhole")
+        await asyncio.sleep(r.uniform(2.0, 4.0) * run.pace)
         d.offset_ms = sign * EIGHT_DAYS_MS
         await d.proc.terminate(20)
         d.start()
@@ -87,6 +91,7 @@ async def clock_jump_8d(run: ChaosRun, r: random.Random) -> dict[str, Any]:
         d.offset_ms = 0
         await d.proc.terminate(20)
         d.start()
+        run.proxy.restore(d.name)
     return {"device": d.name, "offset_ms": sign * EIGHT_DAYS_MS}
 
 

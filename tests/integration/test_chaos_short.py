@@ -94,3 +94,23 @@ async def test_chaos_poison_keeps_agent_up() -> None:
     assert res["fault_results"]["poison"][0]["agent_survived"], res["fault_results"]
     assert res["tags"]["poison_after"]["stored"] == 20, res["tags"]
     _assert_accounted(res)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: the uploader's retention (retry.retention_s, 7 days) compares wall-clock "
+    "time with each chunk's created_ms; after the device clock jumps 8 days forward, "
+    "chunks buffered seconds earlier are given up as 'expired' (critical ones included), "
+    "and readings taken before the first time sync are stored 8 days off"))
+async def test_chaos_clock_jump_8d_gives_nothing_up() -> None:
+    _services()
+    from bench.chaos import run_chaos
+
+    res = await run_chaos(minutes=0.3, seed=2, devices=2, min_each=1, drain_s=15.0,
+                          pace=0.5, kinds=("clock_jump_8d",))
+    assert res["faults"]["clock_jump_8d"] == 1, res["faults_skipped"]
+    _assert_accounted(res)
+    assert res["fault_results"]["clock_jump_8d"][0]["offset_ms"] > 0
+    assert res["gaps_by_reason"] == {}, res["gaps_by_reason"]
+    # (seconds of error are expected: readings queued while the agent restarts are stamped
+    # when it takes them; days are not)
+    assert res["ts_abs_error_ms"]["over_1h"] == 0, res["ts_abs_error_ms"]
