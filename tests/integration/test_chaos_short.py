@@ -40,7 +40,6 @@ def _assert_accounted(res: dict[str, Any]) -> None:
 
 async def test_chaos_short_every_seq_accounted() -> None:
     _services()
-    require_service("Mosquitto", "127.0.0.1", 1883)
     from bench.chaos import FAULTS, run_chaos
 
     kinds = tuple(k for k in FAULTS if k not in KNOWN_BAD)
