@@ -108,6 +108,27 @@ async def quota_fill(run: ChaosRun, r: random.Random) -> dict[str, Any]:
     return {"device": d.name, "readings": run.burst_n}
 
 
+async def offline_kill9_cycles(run: ChaosRun, r: random.Random) -> dict[str, Any]:
+    """Five ``kill -9`` cycles of an offline agent that must evict: the small-budget
+    device's link is blackholed, and five times a LOW burst goes in and the agent is
+    SIGKILLed a moment later and restarted; then the link comes back (issue 16's test)."""
+    small = [x for x in run.proxied_devices() if x.small]
+    if not small:
+        raise Skip("no small-budget device")
+    d = small[0]
+    async with d.lock:
+        run.proxy.cut(d.name, mode="blackhole")
+        for _ in range(5):
+            await run.burst(d, run.burst_n // 5, "bulk")
+            await asyncio.sleep(r.uniform(1.0, 2.0))
+            await d.proc.kill9()
+            await asyncio.sleep(0.3)
+            d.start()
+            await asyncio.sleep(1.0)
+        run.proxy.restore(d.name)
+    return {"device": d.name, "cycles": 5, "readings": 5 * (run.burst_n // 5)}
+
+
 async def buffer_corrupt(run: ChaosRun, r: random.Random) -> dict[str, Any]:
     """Cut the link, SIGKILL the agent, flip a byte in its oldest chunk, restart."""
     big = [x for x in run.proxied_devices() if not x.small and not x.tmpfs]
@@ -300,5 +321,5 @@ async def blackhole_reset_kill9(run: ChaosRun, r: random.Random) -> dict[str, An
 
 FAULTS = {f.__name__: f for f in (
     agent_kill9, broker_restart, ingest_restart, link_cut, link_throttle, clock_jump_8d,
-    quota_fill, buffer_corrupt, disk_full, poison, twin_agents, cloud_reject,
+    quota_fill, offline_kill9_cycles, buffer_corrupt, disk_full, poison, twin_agents, cloud_reject,
     blackhole_reset_kill9)}
