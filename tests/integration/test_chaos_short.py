@@ -19,7 +19,9 @@ from tests.conftest import require_binary, require_service
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KNOWN_BAD = ("disk_full", "poison")
-OWN_TEST = ("offline_kill9_cycles",)  # too long to share the short run's minute
+# five kill -9 cycles take too long for the short run's minute; the same "done when" of
+# issue 16 is tests/integration/test_completeness_kill9.py (CoAP, replay source)
+OWN_TEST = ("offline_kill9_cycles",)
 
 
 def _services() -> None:
@@ -60,21 +62,6 @@ async def test_chaos_short_every_seq_accounted() -> None:
     # two agents sharing one device id: two streams, each stored once
     twin = [s for s in res["per_stream"] if s["agent"] in ("d00", "d00b")]
     assert len(twin) == 2 and twin[0]["instance"] != twin[1]["instance"], twin
-
-
-async def test_five_kill9_cycles_of_an_offline_agent_that_must_evict() -> None:
-    """Issue 16's "done when": after five kill -9 cycles of an offline agent that must
-    evict, then a drain, every seq is stored once or in a gap, with an eviction gap, and
-    the ledger's ``stored`` matches the store."""
-    require_binary("mosquitto")
-    from bench.chaos import run_chaos
-
-    res = await run_chaos(minutes=0.3, seed=4, devices=1, min_each=1, burst=15000,
-                          drain_s=20.0, pace=0.5, kinds=OWN_TEST)
-    assert res["faults"]["offline_kill9_cycles"] == 1, res["faults_skipped"]
-    _assert_accounted(res)
-    assert res["gaps_by_reason"].get("evicted", 0) > 0, res["gaps_by_reason"]
-    assert res["stored_once"] + sum(res["gaps_by_reason"].values()) == res["issued_seqs"]
 
 
 @pytest.mark.xfail(strict=True, reason=(
