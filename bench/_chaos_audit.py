@@ -298,6 +298,8 @@ def audit(truth: Truth, streams: list[StreamTruth], store: Store,
         "numbered_not_produced": sum(max(0, accepted_by_dev[d] - produced_by_dev[d])
                                      for d in accepted_by_dev),
         "corrupted_by_harness": len(truth.corrupted),
+        # damaged on the device after a copy had already reached the cloud (ack lost)
+        "corrupted_but_stored": sum(1 for k in truth.corrupted if content[k]),
         "dead_letters": dict(store.dead_letters),
         "streams": len(per_stream),
         "ts_abs_error_ms": {"p50": pct(0.5), "p99": pct(0.99),

@@ -136,12 +136,25 @@ async def buffer_corrupt(run: ChaosRun, r: random.Random) -> dict[str, Any]:
     async with d.lock:
         run.proxy.cut(d.name, mode="reset")
         await asyncio.sleep(r.uniform(2.5, 4.0) * run.pace)
+        # a sealed chunk must be there to damage (bounded wait)
+        await wait_until(lambda: _has_chunk(d.buffer_path), 10, step=0.25)
         await d.proc.kill9()
         hit = await asyncio.to_thread(_corrupt, run, d)
         d.start()
         await asyncio.sleep(1.0)
         run.proxy.restore(d.name)
     return {"device": d.name, "chunk": hit}
+
+
+def _has_chunk(db: Path) -> bool:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
+        try:
+            return con.execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
 
 
 def _corrupt(run: ChaosRun, d: Device) -> int | None:
