@@ -596,6 +596,6 @@ def main(argv: list[str] | None = None) -> int:
                    "pace": a.pace, "tmpfs_kb": a.tmpfs_kb, "poison_kb": a.poison_kb,
                    "faults": list(kinds), "store": "sqlite"}, res)
     print(json.dumps({"fault_log": fault_log}), file=sys.stderr)
-    ok = (res["unexplained"] == 0 and res["duplicates"] == 0
+    ok = (res["unexplained"] == 0 and res["still_buffered"] == 0 and res["duplicates"] == 0
           and res["content_duplicates"] == 0 and res["ledger"]["agrees"])
     return 0 if ok else 1
