@@ -127,6 +127,20 @@ class Deduplicator:
         Each kept reading is remembered; a duplicate inside the same call is dropped too.
         ``admitted`` (optional) collects the fingerprints of the kept readings.
         """
+        return self._filter(readings, [self._fingerprint(r) for r in readings]
+                            if self._cap else [], admitted)
+
+    def filter_keyed(self, readings: Sequence[Reading], key: int,
+                     admitted: list[int] | None = None) -> list[Reading]:
+        """:meth:`filter` for readings whose identity is their source message ``key``
+        (stamped on arrival): reading ``i`` of the message is fingerprinted from
+        (key, i, sensor), so the same message delivered again is dropped whole."""
+        fps = [xxhash.xxh3_64_intdigest(f"{key}\x00{i}\x00{r.sensor}".encode())
+               for i, r in enumerate(readings)] if self._cap else []
+        return self._filter(readings, fps, admitted)
+
+    def _filter(self, readings: Sequence[Reading], fps: list[int],
+                admitted: list[int] | None) -> list[Reading]:
         if not self._cap:
             self._seen += len(readings)
             return list(readings)
@@ -134,8 +148,7 @@ class Deduplicator:
         self._expire(now - self.config.window_s)
         out: list[Reading] = []
         dup: Reading | None = None
-        for r in readings:
-            fp = self._fingerprint(r)
+        for r, fp in zip(readings, fps):
             if self._add(fp, now):
                 out.append(r)
                 if admitted is not None:

@@ -155,7 +155,8 @@ class IngestStage:
         admitted: list[int] | None = (
             [] if batch.ack is not None or not batch.local_clock else None)
         if readings:
-            fresh = self.dedup.filter(readings, admitted)
+            fresh = (self.dedup.filter(readings, admitted) if batch.msg_key is None
+                     else self.dedup.filter_keyed(readings, batch.msg_key, admitted))
             self.counts["duplicates_dropped"] += len(readings) - len(fresh)
             corrected = self.timesync.correct(fresh) if batch.local_clock else fresh
             valid = self.validator.filter(corrected)

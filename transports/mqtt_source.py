@@ -21,7 +21,9 @@ Ack = Callable[[], Awaitable[None]]
 
 
 class MqttSubscriber:
-    """``async with sub.session() as messages: async for topic, payload, ack in messages``."""
+    """``async with sub.session() as messages: async for topic, payload, ack, mid in
+    messages`` (``mid``: the packet identifier, which a broker keeps when it redelivers
+    an unacknowledged message to a persistent session)."""
 
     def __init__(self, host: str, port: int, topics: list[str], *, qos: int = 1,
                  client_id: str = "", username: str = "", password: str = "",
@@ -32,7 +34,7 @@ class MqttSubscriber:
         self.persistent = persistent and bool(client_id)
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncIterator[tuple[str, bytes, Ack]]]:
+    async def session(self) -> AsyncIterator[AsyncIterator[tuple[str, bytes, Ack, int]]]:
         client = aiomqtt.Client(
             self.host, self.port, identifier=self.client_id or None,
             username=self.username, password=self.password,
@@ -48,7 +50,8 @@ class MqttSubscriber:
         except aiomqtt.MqttError as exc:
             raise TransportError(f"MQTT source {self.host}:{self.port}: {exc}") from exc
 
-    async def _iterate(self, client: aiomqtt.Client) -> AsyncIterator[tuple[str, bytes, Ack]]:
+    async def _iterate(self, client: aiomqtt.Client
+                       ) -> AsyncIterator[tuple[str, bytes, Ack, int]]:
         paho: Any = client._client
         try:
             async for msg in client.messages:
@@ -61,6 +64,6 @@ class MqttSubscriber:
                         paho.ack(mid, qos)
                     await asyncio.sleep(0)
 
-                yield str(msg.topic), bytes(payload), ack
+                yield str(msg.topic), bytes(payload), ack, int(mid or 0)
         except aiomqtt.MqttError as exc:
             raise TransportError(f"MQTT source connection lost: {exc}") from exc

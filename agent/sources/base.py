@@ -25,6 +25,9 @@ class SourceBatch(msgspec.Struct):
     ack: Callable[[], Awaitable[None]] | None = None
     rejects: list[tuple[str, str]] = msgspec.field(default_factory=list)
     local_clock: bool = True
+    # identity of the source message when its readings were stamped on arrival (a
+    # redelivery would otherwise look new to the edge dedup): fingerprints derive from it
+    msg_key: int | None = None
 
 
 class Emit(Protocol):

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import msgspec
 import structlog
+import xxhash
 
 from agent.config import MqttSource
 from agent.sources.base import Emit, SourceBatch
@@ -184,6 +185,11 @@ def detect_format(data: bytes) -> str:
     return "unknown"
 
 
+def message_key(topic: str, mid: int, payload: bytes) -> int:
+    """Identity of one MQTT message as a broker redelivers it (same packet identifier)."""
+    return xxhash.xxh3_64_intdigest(f"{topic}\x00{mid}\x00".encode() + payload)
+
+
 def parse_payload(data: bytes, *, fmt: str, topic: str, device_id: str, now_ms: int,
                   max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
                   ) -> tuple[list[Reading], list[tuple[str, str]]]:
@@ -227,14 +233,18 @@ class MqttSourceStage:
                 async with self.sub.session() as messages:
                     self.connected.set()
                     delay = 0.5
-                    async for topic, payload, ack in messages:
+                    async for topic, payload, ack, mid in messages:
                         self.messages += 1
                         rs, rejects = parse_payload(payload, fmt=self.cfg.format, topic=topic,
                                                     device_id=self.device_id,
                                                     now_ms=self.clock.time_ms(),
                                                     max_bytes=self.cfg.max_payload_bytes)
+                        stamped = not payload_has_time(payload)
+                        # readings stamped on arrival differ at each delivery: the edge
+                        # dedup knows a redelivery by the message (topic, packet id, body)
+                        key = message_key(topic, mid, payload) if stamped and mid else None
                         await emit(SourceBatch(rs, ack=ack, rejects=rejects,
-                                               local_clock=not payload_has_time(payload)))
+                                               local_clock=stamped, msg_key=key))
             except TransportError as exc:
                 self.connected.clear()
                 log.warning("mqtt source disconnected", error=str(exc), retry_in_s=delay)
