@@ -43,3 +43,19 @@ async def test_redelivery_after_a_crash_is_not_stored_twice(tmp_path: Path) -> N
         await _until(lambda: agent.uploader.stats()["readings_acked"] >= 5)
         seqs = await _seqs(store, "dev-1")
     assert seqs == list(range(1, 36))  # 30 + 5 new, each once
+
+
+def test_a_message_stamped_on_arrival_is_known_by_its_identity() -> None:
+    from agent.dedup import DedupConfig, Deduplicator
+    from agent.sources.mqtt import message_key
+    from pymigrate.clock import VirtualClock
+
+    d = Deduplicator(DedupConfig(), clock=VirtualClock())
+    body = b'{"temp": 21.5}'
+    first = [Reading("dev-1", "temp", 1_000, 21.5)]
+    again = [Reading("dev-1", "temp", 1_750, 21.5)]  # stamped later on redelivery
+    fps: list[int] = []
+    assert d.filter_keyed(first, message_key("t/1", 7, body), fps) == first and len(fps) == 1
+    assert d.filter_keyed(again, message_key("t/1", 7, body)) == []  # same message
+    assert d.filter_keyed(again, message_key("t/1", 8, body)) == again  # a new message
+    assert d.filter(again) == again  # content alone would not have caught it
