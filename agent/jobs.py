@@ -31,7 +31,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -57,6 +57,9 @@ from transports.jobs_security import (
     resolve_secrets,
     verify,
 )
+
+if TYPE_CHECKING:
+    from agent.firmware import FirmwareUpdater
 
 log = structlog.get_logger("pymigrate.agent.jobs")
 
@@ -108,7 +111,8 @@ class JobsClient:
                  hooks: Mapping[str, Hook] | None = None, check_delay_s: float = 5.0,
                  health_interval_s: float = 30.0, soak_reports: int = 4,
                  heartbeat_s: float = 0.0, verify_key: Ed25519PublicKey | None = None,
-                 secrets_file: str | Path | None = None) -> None:
+                 secrets_file: str | Path | None = None,
+                 firmware: FirmwareUpdater | None = None) -> None:
         self.device_id = device_id
         self.channel = channel
         self.apply_config = apply_config
@@ -124,6 +128,7 @@ class JobsClient:
         self.heartbeat_s = heartbeat_s  # > 0: report health this often (last-seen health)
         self.verify_key = verify_key  # None: signatures are not checked (allow_unsigned)
         self.secrets_file = Path(secrets_file) if secrets_file else None
+        self.firmware = firmware  # runs "firmware" command jobs (agent.firmware)
         self.untrusted: dict[str, int] = {}  # refused notifications by reason
         self.interrupted = 0
         self._queue: asyncio.Queue[JobNotify] = asyncio.Queue()
@@ -246,6 +251,17 @@ class JobsClient:
     # -- apply / rollback -----------------------------------------------------------
     async def _apply(self, msg: JobNotify) -> None:
         seen = self._done.get(msg.job_id)
+        if (self.firmware is not None and msg.doc is not None and msg.doc.type == "command"
+                and msg.doc.hook == "firmware" and "firmware" not in self.hooks):
+            if seen is not None and seen["status"] != "applying" and (
+                    seen["attempt"] == msg.attempt or seen["status"] == "succeeded"):
+                await self._send(JobResult(self.device_id, msg.job_id, seen["status"],
+                                           msg.attempt, False, seen.get("reason", "")))
+                return
+            # "applying" here is not a crash to undo: the firmware updater knows from its
+            # own state whether to resume the download or check health after the restart
+            await self._apply_firmware(msg, msg.doc)
+            return
         if seen is not None and seen["status"] == "applying":
             # this device stopped mid-apply (crash, power loss): the previous config was
             # saved before the mark, restore it and let the coordinator retry
@@ -288,6 +304,37 @@ class JobsClient:
                                retriable=retriable)
             return
         self.applied += 1
+        await self._check_and_soak(msg, doc)
+
+    async def _apply_firmware(self, msg: JobNotify, doc: JobDocument) -> None:
+        from agent.firmware import FirmwareError, phase_progress
+
+        assert self.firmware is not None
+        await self._send(JobStart(self.device_id, msg.job_id, msg.attempt))
+        self._remember(msg.job_id, msg.attempt, "applying")
+
+        async def report(phase: str, done: int, total: int) -> None:
+            try:
+                await self._send(JobUpdate(self.device_id, msg.job_id, msg.attempt,
+                                           phase_progress(phase, done, total), phase=phase,
+                                           bytes_done=done, bytes_total=total))
+            except Exception as exc:  # progress is best effort; the result is not
+                log.warning("firmware progress not sent", job=msg.job_id, error=repr(exc))
+
+        try:
+            await self.firmware.apply(msg.job_id, doc.args, report)
+        except FirmwareError as exc:
+            if exc.rolled_back:
+                self.rolled_back += 1
+            log.warning("firmware job did not complete", job=msg.job_id, reason=exc.reason,
+                        detail=str(exc))
+            await self._result(msg, "rejected" if exc.refused else "failed",
+                               reason=f"firmware:{exc.reason}", retriable=exc.retriable)
+            return
+        self.applied += 1
+        await self._check_and_soak(msg, doc)
+
+    async def _check_and_soak(self, msg: JobNotify, doc: JobDocument) -> None:
         await self.clock.sleep(self.check_delay_s)
         try:
             h: Health = await _maybe_await(self.health())
@@ -333,6 +380,11 @@ class JobsClient:
     async def _do(self, doc: JobDocument, *, rollback: bool, content: str = "",
                   mark: Callable[[], None] | None = None) -> None:
         if doc.type == "command":
+            if (doc.hook == "firmware" and self.firmware is not None
+                    and "firmware" not in self.hooks):
+                if rollback:
+                    await self.firmware.rollback(doc.args)
+                return
             if mark is not None:
                 mark()
             await _maybe_await(self.hooks[doc.hook](doc.args, rollback))

@@ -52,6 +52,24 @@ class JobDocument(msgspec.Struct, frozen=True, omit_defaults=True):
     args: dict[str, Any] = {}
 
 
+class FirmwareArtifact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``args`` of a ``firmware`` command job: where the image is, what it must be,
+    and ``sig``, the release key's Ed25519 signature over the rest
+    (``transports.jobs_security.sign``). The signature binds version, size and sha256, so
+    a device installs only images the release key signed, whatever the job channel."""
+
+    version: str
+    url: str
+    size: int
+    sha256: str
+    sig: str = ""
+
+
+def firmware_document(artifact: FirmwareArtifact) -> JobDocument:
+    """The job document of a firmware update (``hook = "firmware"``)."""
+    return JobDocument(type="command", hook="firmware", args=msgspec.to_builtins(artifact))
+
+
 class JobNotify(msgspec.Struct, frozen=True, tag="notify", tag_field="kind"):
     """Coordinator -> device: run (op=apply), undo (op=rollback) or drop (op=cancel) a job.
 
@@ -93,6 +111,9 @@ class JobUpdate(msgspec.Struct, frozen=True, tag="update", tag_field="kind"):
     health: Health | None = None
     v: int = VERSION
     refused: str = ""
+    phase: str = ""  # firmware: download / verify / install / health
+    bytes_done: int = 0  # firmware download: bytes on the device so far
+    bytes_total: int = 0
 
 
 class JobResult(msgspec.Struct, frozen=True, tag="result", tag_field="kind"):
