@@ -138,6 +138,23 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status_interval_s: float = 5.0  # `pymigrate run` progress line period
 
 
+class FirmwareConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[jobs.firmware]``: firmware jobs (``agent.firmware``): signed images fetched over
+    HTTP(S), installed by a hook command (see configs/fleet/firmware/ab-slot.sh)."""
+
+    enabled: bool = False
+    verify_key: str = ""  # release key (Ed25519 public, PEM) that signs firmware images
+    install_cmd: list[str] = msgspec.field(default_factory=list)  # + the image path
+    health_cmd: list[str] = msgspec.field(default_factory=list)  # after install / restart
+    rollback_cmd: list[str] = msgspec.field(default_factory=list)
+    dir: str = "firmware"  # download directory, under device.data_dir when relative
+    max_bytes: int = 64 * 1024 * 1024  # byte budget: larger images are refused
+    health_delay_s: float = 5.0  # wait after the install before the health check
+    cmd_timeout_s: float = 300.0  # a hook command running longer fails (killed)
+    download_retries: int = 5  # resumed attempts after a broken download
+    ca_file: str = ""  # HTTPS: CA bundle for the artifact server (default: system CAs)
+
+
 class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``[jobs]``: the fleet jobs client (MQTT job topics of ``pymigrate fleet``)."""
 
@@ -157,6 +174,7 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     verify_key: str = ""  # Ed25519 public key (PEM) of the coordinator: jobs must be signed
     allow_unsigned: bool = False  # accept unsigned jobs (only without verify_key; tests)
     secrets_file: str = ""  # TOML NAME = "value" resolving ${secret:NAME} in config jobs
+    firmware: FirmwareConfig = msgspec.field(default_factory=FirmwareConfig)
 
 
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -272,6 +290,19 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("jobs.verify_key", "fleet jobs need the coordinator's Ed25519 public"
                           " key (PEM) to verify job signatures; set allow_unsigned = true only"
                           " on a trusted test network")
+    fw = cfg.jobs.firmware
+    if fw.enabled and not fw.verify_key:
+        raise ConfigError("jobs.firmware.verify_key", "firmware jobs need the release key"
+                          " (Ed25519 public key, PEM) that signs firmware images")
+    if fw.enabled and not fw.install_cmd:
+        raise ConfigError("jobs.firmware.install_cmd", "firmware jobs need an install hook"
+                          " command, e.g. [\"/usr/lib/pymigrate/ab-slot.sh\", \"install\"]")
+    if fw.max_bytes < 1:
+        raise ConfigError("jobs.firmware.max_bytes", "must be >= 1 (bytes)")
+    _at_least(fw.health_delay_s, 0.0, "jobs.firmware.health_delay_s")
+    _at_least(fw.cmd_timeout_s, 0.1, "jobs.firmware.cmd_timeout_s")
+    if fw.download_retries < 0:
+        raise ConfigError("jobs.firmware.download_retries", "must be >= 0")
     if cfg.jobs.key_file and not cfg.jobs.cert_file:
         raise ConfigError("jobs.cert_file", "a key_file needs its cert_file")
     if cfg.pipeline.queue_size < 1:

@@ -183,13 +183,28 @@ class Agent:
             if not result.ok:
                 raise JobError(f"config refused: {result.error}", reason="invalid_config")
 
+        firmware = None
+        if j.firmware.enabled:
+            from agent.firmware import FirmwareUpdater
+            from transports._common import client_tls_context
+
+            f = j.firmware
+            firmware = FirmwareUpdater(
+                self.config.data_path(f.dir),
+                verify_key=load_public_key(f.verify_key, key="jobs.firmware.verify_key"),
+                install_cmd=f.install_cmd, health_cmd=f.health_cmd,
+                rollback_cmd=f.rollback_cmd, clock=self.clock, max_bytes=f.max_bytes,
+                health_delay_s=f.health_delay_s, cmd_timeout_s=f.cmd_timeout_s,
+                download_retries=f.download_retries,
+                ssl_ctx=client_tls_context("jobs.firmware", f.ca_file, "", "")
+                if f.ca_file else None)
         self.jobs = JobsClient(self.device_id, channel=hub.link(self.device_id),
                                apply_config=apply_config, health=self.health,
                                clock=self.clock, config_path=self.config.source_file,
                                check_delay_s=j.check_delay_s,
                                health_interval_s=j.health_interval_s,
                                heartbeat_s=j.heartbeat_s, verify_key=verify_key,
-                               secrets_file=j.secrets_file or None)
+                               secrets_file=j.secrets_file or None, firmware=firmware)
         await hub.start()
         try:
             await self.jobs.start()

@@ -131,7 +131,8 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(args, "show_devices", False):
                 out.setdefault("device_progress", {})[rec.rollout_id] = [
                     {"device_id": r.device_id, "state": DeviceState(r.state).name.lower(),
-                     "attempts": r.attempts, "progress": _progress(r.state, r.progress)}
+                     "attempts": r.attempts, "progress": _progress(r.state, r.progress),
+                     **({"phase": r.detail} if r.detail else {})}
                     for r in sorted(states, key=lambda x: x.device_id)]
             total = sum(counts.values())
             done = sum(n for s, n in counts.items() if DeviceState(s) in TERMINAL)
@@ -218,6 +219,10 @@ def check_document(spec: RolloutSpec) -> None:
             check_config_content(spec.document.content)
         except SecretError as exc:
             raise ConfigError("rollout.document.content", str(exc)) from exc
+    elif spec.document.hook == "firmware":
+        from cloud.fleet.firmware import check_firmware_document
+
+        check_firmware_document(spec.document)
 
 
 async def _create(args: argparse.Namespace) -> dict[str, Any]:
@@ -443,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         with_broker(s, True, True)
         s.add_argument("--rollout", required=True, help="rollout id")
         s.set_defaults(cmd=cmd)
+    s = sub.add_parser("sign-firmware",
+                       help="print the signed [rollout.document] of a firmware image")
+    s.add_argument("image", help="firmware image file")
+    s.add_argument("--key", required=True, help="release Ed25519 private key (PEM)")
+    s.add_argument("--url", required=True, help="http(s) URL devices download the image from")
+    s.add_argument("--version", required=True, help="firmware version")
     s = sub.add_parser("keygen", help="create an Ed25519 key pair (job or control signing)")
     s.add_argument("--out", default=".", help="directory for NAME.key and NAME.pub")
     s.add_argument("--name", default="fleet-signing", help="file name stem")
@@ -462,6 +473,12 @@ def main(argv: list[str]) -> int:
             _print(_dry_run(args))
         elif args.command == "keygen":
             _print(_keygen(args))
+        elif args.command == "sign-firmware":
+            from cloud.fleet.firmware import sign_firmware
+
+            doc = sign_firmware(args.image, url=args.url, version=args.version,
+                                key_file=args.key)
+            _print({"document": msgspec.to_builtins(doc)})
         elif args.command == "serve":
             return asyncio.run(serve(args))
         else:

@@ -126,6 +126,7 @@ class Coordinator:
         self._dirty_devices: set[int] = set()
         self._targets: list[tuple[str, list[str], int]] = []
         self._progress: dict[tuple[str, str], float] = {}
+        self._detail: dict[tuple[str, str], str] = {}  # firmware phase + bytes per device
         self._outbox: list[OutboxRecord] = []
         self._next_outbox_id = 1
         self._out: asyncio.Queue[OutboxRecord] = asyncio.Queue()
@@ -287,6 +288,7 @@ class Coordinator:
         self._dirty.clear()
         self._pending.clear()
         self._progress.clear()
+        self._detail.clear()
         # restore() may re-send rollbacks: those are new outbox rows, committed first
         fresh, self._outbox = self._outbox, []
         unsent = await self.store.load_outbox()
@@ -494,6 +496,11 @@ class Coordinator:
             if r is not None and idx is not None and r.on_progress(idx, msg.progress):
                 self._progress[(msg.job_id, device_id)] = r.device_progress(idx)
                 self._flush_evt.set()
+        if (isinstance(msg, JobUpdate) and msg.job_id is not None and msg.phase
+                and msg.job_id in self.core.rollouts):
+            self._detail[(msg.job_id, device_id)] = (
+                f"{msg.phase[:16]} {max(0, msg.bytes_done)}/{max(0, msg.bytes_total)}")
+            self._flush_evt.set()
         if isinstance(msg, JobUpdate | JobResult) and msg.health is not None:
             idx = self.registry.get_index(device_id)
             if idx is not None:
@@ -613,12 +620,14 @@ class Coordinator:
             devs, self._dirty_devices = self._dirty_devices, set()
             targets, self._targets = self._targets, []
             progress, self._progress = self._progress, {}
+            detail, self._detail = self._detail, {}
             outbox, self._outbox = self._outbox, []
             for rid in dirty:  # keep the exported gauges current without a scan
                 self.metrics.set_states(rid, self.core.rollouts[rid].counts)
             batch = Batch(recs, [self._record(self.core.rollouts[rid]) for rid in dirty],
                           [self.registry.row(i) for i in devs], targets,
-                          [(r, d, p) for (r, d), p in progress.items()], outbox)
+                          [(r, d, p) for (r, d), p in progress.items()], outbox,
+                          [(r, d, x) for (r, d), x in detail.items()])
             self._io += 1
             try:
                 if batch:
@@ -629,6 +638,7 @@ class Coordinator:
                 self._dirty_devices |= devs
                 self._targets[:0] = targets
                 self._progress = {**progress, **self._progress}
+                self._detail = {**detail, **self._detail}
                 self._outbox[:0] = outbox
                 restore = getattr(self.channel, "restore_acks", None)
                 if callable(restore):

@@ -50,6 +50,7 @@ class DeviceStateRow(NamedTuple):
     attempts: int
     since_ms: int
     progress: float = 0.0
+    detail: str = ""  # last reported phase and bytes, e.g. "download 150000/300000"
 
 
 class OutboxRecord(NamedTuple):
@@ -72,9 +73,12 @@ class Batch(msgspec.Struct):
     progress: list[tuple[str, str, float]] = msgspec.field(default_factory=list)
     outbox: list[OutboxRecord] = msgspec.field(default_factory=list)
 
+    #: (rollout_id, device_id, "phase done/total") reported by devices (firmware jobs)
+    detail: list[tuple[str, str, str]] = msgspec.field(default_factory=list)
+
     def __bool__(self) -> bool:
         return bool(self.transitions or self.rollouts or self.devices or self.targets
-                    or self.progress or self.outbox)
+                    or self.progress or self.outbox or self.detail)
 
 
 class LeaseLost(FleetError):

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS {s}.transitions (id BIGSERIAL PRIMARY KEY, rollout_id
   attempt SMALLINT NOT NULL, reason TEXT NOT NULL, at_ms BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS transitions_rollout ON {s}.transitions (rollout_id);
 ALTER TABLE {s}.device_state ADD COLUMN IF NOT EXISTS progress REAL NOT NULL DEFAULT 0;
+ALTER TABLE {s}.device_state ADD COLUMN IF NOT EXISTS detail TEXT NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS {s}.outbox (id BIGINT PRIMARY KEY, device_id TEXT NOT NULL,
   payload BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL,
@@ -169,8 +170,9 @@ class PostgresFleetStore:
 
     async def load_device_states(self, rollout_id: str) -> list[DeviceStateRow]:
         async with self.pool.acquire() as con:
-            rows = await con.fetch(f"SELECT device_id, state, attempts, since_ms, progress FROM"
-                                   f" {self.s}.device_state WHERE rollout_id=$1", rollout_id)
+            rows = await con.fetch(f"SELECT device_id, state, attempts, since_ms, progress,"
+                                   f" detail FROM {self.s}.device_state WHERE rollout_id=$1",
+                                   rollout_id)
         return [DeviceStateRow(*tuple(r)) for r in rows]
 
     async def state_counts(self, rollout_id: str) -> dict[int, int]:
@@ -217,6 +219,9 @@ class PostgresFleetStore:
             if batch.progress:
                 await con.executemany(f"UPDATE {s}.device_state SET progress=$3 WHERE"
                                       " rollout_id=$1 AND device_id=$2", batch.progress)
+            if batch.detail:
+                await con.executemany(f"UPDATE {s}.device_state SET detail=$3 WHERE"
+                                      " rollout_id=$1 AND device_id=$2", batch.detail)
             if batch.rollouts:
                 await con.executemany(
                     f"INSERT INTO {s}.rollouts VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"

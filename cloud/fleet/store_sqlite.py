@@ -97,6 +97,9 @@ class SqliteFleetStore:
         if "progress" not in cols:  # state files written before progress was stored
             await self._db.execute("ALTER TABLE fleet_device_state ADD COLUMN progress REAL"
                                    " NOT NULL DEFAULT 0")
+        if "detail" not in cols:  # ... and before the phase / bytes detail was
+            await self._db.execute("ALTER TABLE fleet_device_state ADD COLUMN detail TEXT"
+                                   " NOT NULL DEFAULT ''")
         await self._db.commit()
 
     async def close(self) -> None:
@@ -149,7 +152,8 @@ class SqliteFleetStore:
 
     async def load_device_states(self, rollout_id: str) -> list[DeviceStateRow]:
         async with self.db.execute(
-                "SELECT device_id, state, attempts, since_ms, progress FROM fleet_device_state"
+                "SELECT device_id, state, attempts, since_ms, progress, detail"
+                " FROM fleet_device_state"
                 " WHERE rollout_id=?", (rollout_id,)) as cur:
             return [DeviceStateRow(*row) for row in await cur.fetchall()]
 
@@ -199,6 +203,10 @@ class SqliteFleetStore:
                 await db.executemany("UPDATE fleet_device_state SET progress=? WHERE"
                                      " rollout_id=? AND device_id=?",
                                      [(p, r, d) for r, d, p in batch.progress])
+            if batch.detail:
+                await db.executemany("UPDATE fleet_device_state SET detail=? WHERE"
+                                     " rollout_id=? AND device_id=?",
+                                     [(x, r, d) for r, d, x in batch.detail])
             if batch.rollouts:
                 await db.executemany(_UPSERT_ROLLOUT, [_rollout_row(r) for r in batch.rollouts])
             if batch.devices:

@@ -9,21 +9,18 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.firmware import FirmwareUpdater
 from agent.jobs import JobsClient
 from cloud.fleet.channel import MemoryJobBus
 from pymigrate.clock import VirtualClock, WallClock
-from tests.conftest import free_port
+from tests.support import artifact
 from transports.jobs_protocol import (
     FirmwareArtifact,
     Health,
@@ -38,61 +35,10 @@ from transports.jobs_protocol import (
 from transports.jobs_security import sign
 
 pytestmark = pytest.mark.integration
+HOOK = artifact.HOOK
+server = artifact.server  # fixture: loopback HTTP artifact server
 
-HOOK = str(Path(__file__).resolve().parents[2] / "configs/fleet/firmware/ab-slot.sh")
 IMAGE = os.urandom(300_000)
-
-
-@dataclass
-class ArtifactServer:
-    """Serves ``body`` at /fw.bin with Range; ``drop_once`` cuts the first full GET after
-    half the bytes (Content-Length promised the whole file)."""
-
-    body: bytes
-    drop_once: bool = False
-    ranges: list[str] = field(default_factory=list)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        rng = request.headers.get("Range", "")
-        self.ranges.append(rng)
-        m = re.fullmatch(r"bytes=(\d+)-", rng)
-        start = int(m.group(1)) if m else 0
-        resp = web.StreamResponse(status=206 if m else 200)
-        resp.content_length = len(self.body) - start
-        if m:
-            resp.headers["Content-Range"] = f"bytes {start}-{len(self.body) - 1}/{len(self.body)}"
-        await resp.prepare(request)
-        if self.drop_once and not m:
-            self.drop_once = False
-            await resp.write(self.body[: len(self.body) // 2])
-            assert request.transport is not None
-            request.transport.close()  # the link dies mid-body
-            return resp
-        await resp.write(self.body[start:])
-        await resp.write_eof()
-        return resp
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[Callable[..., Any]]:
-    runners: list[web.AppRunner] = []
-
-    async def start(body: bytes, **kw: Any) -> ArtifactServer:
-        srv = ArtifactServer(body, **kw)
-        app = web.Application()
-        app.router.add_get("/fw.bin", srv.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        srv.url = f"http://127.0.0.1:{port}/fw.bin"
-        return srv
-
-    yield start
-    for r in runners:
-        await r.cleanup()
 
 
 class Coordinator:
@@ -101,23 +47,31 @@ class Coordinator:
     def __init__(self) -> None:
         self.bus = MemoryJobBus()
         self.got: list[Message] = []
+        self.arrived = asyncio.Event()
 
     async def start(self) -> None:
         async def handler(dev: str, kind: str, payload: bytes) -> None:
             self.got.append(decode(kind, payload))
+            self.arrived.set()
 
         await self.bus.start(handler)
 
     async def send(self, msg: JobNotify) -> None:
         await self.bus.send(msg.device_id, "notify", encode(msg))
 
-    async def result(self, timeout: float = 8.0) -> JobResult:
-        async with asyncio.timeout(timeout):
+    async def wait(self, pred: Callable[[Message], bool]) -> Message:
+        async with asyncio.timeout(8):
             while True:
-                found = [m for m in self.got if isinstance(m, JobResult)]
+                found = [m for m in self.got if pred(m)]
                 if found:
                     return found[-1]
-                await asyncio.sleep(0.01)
+                self.arrived.clear()
+                await self.arrived.wait()
+
+    async def result(self) -> JobResult:
+        res = await self.wait(lambda m: isinstance(m, JobResult))
+        assert isinstance(res, JobResult)
+        return res
 
     def updates(self) -> list[JobUpdate]:
         return [m for m in self.got if isinstance(m, JobUpdate) and m.phase]
@@ -259,10 +213,10 @@ async def test_after_a_restart_the_installed_image_is_health_checked_not_refetch
     c = await device(tmp_path, co, first)
     doc = firmware_document(artifact(srv.url))
     await co.send(JobNotify("fw-5", "dev1", "apply", 0, doc))
+    # "health" is reported once the install hook returned and "installed" is on disk
+    await co.wait(lambda m: isinstance(m, JobUpdate) and m.phase == "health")
     state = tmp_path / "data" / "firmware" / "state.json"
-    async with asyncio.timeout(8):
-        while not (state.exists() and json.loads(state.read_text())["phase"] == "installed"):
-            await asyncio.sleep(0.01)
+    assert json.loads(state.read_text())["phase"] == "installed"
     await c.stop()  # the install hook restarted the device
     assert not [m for m in co.got if isinstance(m, JobResult)]
     c = await device(tmp_path, co, updater(tmp_path))  # the agent after the restart
