@@ -60,7 +60,8 @@ IMAGE_BYTES = 256 * 1024  # firmware image size served to each device
 
 def _artifact(key: Ed25519PrivateKey, url: str, body: bytes, version: str) -> dict[str, Any]:
     art = FirmwareArtifact(version, url, len(body), hashlib.sha256(body).hexdigest())
-    return msgspec.to_builtins(sign(art, key))
+    doc: dict[str, Any] = msgspec.to_builtins(sign(art, key))
+    return doc
 
 
 async def run(opts: Options) -> Report:
