@@ -73,6 +73,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--advance-fraction", type=float, default=1.0,
                    help="gate: advance once this fraction of a wave executed (1.0: certain)")
+    from bench.fleet_aws import add_args, run_aws
+
+    add_args(p)
     args = p.parse_args(argv)
     results: dict[str, Any] = {}
     for n in args.devices:
@@ -84,6 +87,9 @@ def main(argv: list[str]) -> int:
             "status", "reason", "simulated_minutes_to_complete", "wall_seconds", "states",
             "gates", "rollback_waves", "peak_notifications_per_minute")}
         main_run["min_minutes_at_rate_cap"] = round(n / args.rate, 1)
+        if args.backend == "aws-iot-jobs":  # the same spec through AWS IoT Jobs (moto)
+            main_run["aws_iot_jobs"] = run_aws(n, args.failure, spec_for(args, f"aws-{n}"),
+                                               args.seed)
         results[str(n)] = main_run
     emit("fleet", vars(args), results)
     return 0

@@ -9,8 +9,12 @@ Mapping of a :class:`~cloud.fleet.spec.RolloutSpec` (AWS IoT API reference, Crea
 * pacing: ``jobExecutionsRolloutConfig.maximumPerMinute`` = the spec's
   ``max_notifications_per_min`` (AWS allows 1..1000);
 * failure gate: ``abortConfig`` (CANCEL when FAILED / TIMED_OUT executions pass
-  ``(1 - success_threshold)`` x 100 % after ``min_executed`` things) - AWS enforces it,
-  and :class:`AwsRollout` checks the same gate itself from the executions it reads back;
+  ``(1 - success_threshold)`` x 100 % of the executed things, judged once
+  ``max(min_executed, advance_fraction x wave)`` things executed: AWS's percentage is of
+  the executed things, so judging it early would abort on a few unlucky first results).
+  AWS enforces it; :class:`AwsRollout` also gates each wave itself from the executions it
+  reads back, like the built-in engine: the wave fails once it can no longer reach
+  ``success_threshold``, and passes when every execution is final;
 * per-device timeout: ``timeoutConfig.inProgressTimeoutInMinutes`` =
   ``ceil(device_timeout_s / 60)``;
 * progress: ``ListJobExecutionsForJob`` (paginated) counted by status;
@@ -57,12 +61,13 @@ class AwsJobsError(PyMigrateError):
 
 
 def job_request(spec: RolloutSpec, job_id: str, targets: list[str],
-                document: dict[str, Any]) -> dict[str, Any]:
-    """The CreateJob parameters of one wave of ``spec``."""
+                document: dict[str, Any], wave_size: int = 0) -> dict[str, Any]:
+    """The CreateJob parameters of one wave (``wave_size`` things) of ``spec``."""
     gate = spec.gate
     threshold = round(max(0.0, min(100.0, (1.0 - gate.success_threshold) * 100)), 2)
+    judge = max(1, gate.min_executed, math.ceil(wave_size * min(1.0, gate.advance_fraction)))
     criteria = [{"failureType": ft, "action": "CANCEL", "thresholdPercentage": threshold,
-                 "minNumberOfExecutedThings": max(1, gate.min_executed)}
+                 "minNumberOfExecutedThings": judge}
                 for ft in ("FAILED", "TIMED_OUT")]
     return {
         "jobId": job_id,
@@ -135,10 +140,11 @@ class AwsJobsBackend:
     async def create_job(self, spec: RolloutSpec, job_id: str, things: Sequence[str],
                          document: dict[str, Any]) -> dict[str, Any]:
         """Create one job; returns the CreateJob request sent."""
-        req = job_request(spec, job_id, await self.targets(job_id, things), document)
+        req = job_request(spec, job_id, await self.targets(job_id, things), document,
+                          len(things))
         await self._call("create_job", **req)
         self.jobs_created += 1
-        log.info("aws iot job created", job=job_id, things=len(things))
+        log.debug("aws iot job created", job=job_id, things=len(things))
         return req
 
     async def executions(self, job_id: str) -> dict[str, str]:
@@ -217,8 +223,9 @@ class AwsRollout:
             self.status.update(ex)
             done = [s for t in wave if (s := ex.get(t, "QUEUED")) in TERMINAL]
             bad = sum(1 for s in done if s in FAILED)
-            if len(done) >= gate.min_executed and bad / max(1, len(done)) > \
-                    1.0 - gate.success_threshold:
+            # like the built-in gate: fail once the wave can no longer reach the threshold
+            allowed = (1.0 - gate.success_threshold) * len(wave)
+            if bad > allowed and (len(done) >= gate.min_executed or len(done) == len(wave)):
                 return f"wave gate: {bad} of {len(done)} executions failed in {job_id}"
             if len(done) == len(wave):
                 return ""

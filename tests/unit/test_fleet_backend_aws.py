@@ -86,7 +86,7 @@ async def test_rollout_runs_one_job_per_wave_with_pacing_abort_and_timeout(iot: 
     crit = job["abortConfig"]["criteriaList"]
     assert {c["failureType"] for c in crit} == {"FAILED", "TIMED_OUT"}
     assert all(c["action"] == "CANCEL" and c["thresholdPercentage"] == 10.0
-               and c["minNumberOfExecutedThings"] == 5 for c in crit)
+               and c["minNumberOfExecutedThings"] == 10 for c in crit)  # half the wave
     assert len(iot.list_job_executions_for_job(jobId="fw-21-w1")["executionSummaries"]) == 20
     doc = json.loads(iot.get_job_document(jobId="fw-21-w0")["document"])
     assert doc["operation"] == "apply" and doc["document"]["args"] == {"version": "2.1"}
