@@ -51,7 +51,7 @@ class _Devices:
 async def _run(n: int, failure: float, spec: RolloutSpec, seed: int) -> dict[str, Any]:
     import boto3
     from moto import mock_aws
-    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.iot.models import iot_backends
 
     from cloud.fleet.backend_aws import AwsJobsBackend, AwsRollout

@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
-from moto.core import DEFAULT_ACCOUNT_ID
+from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.iot.models import iot_backends
 
 from cloud.fleet.backend_aws import AwsJobsBackend, AwsRollout, job_request
