@@ -223,7 +223,10 @@ class JobsClient:
                     await self._rollback(msg)
             except Exception as exc:  # report, never die: the coordinator decides
                 log.error("job handling failed", job=msg.job_id, error=repr(exc))
-                await self._result(msg, "failed", reason="internal", retriable=True)
+                try:
+                    await self._result(msg, "failed", reason="internal", retriable=True)
+                except Exception as exc2:  # the link is down or refused it: keep serving
+                    log.error("job failure not reported", job=msg.job_id, error=repr(exc2))
 
     # -- state ----------------------------------------------------------------------
     def _load_state(self) -> dict[str, dict[str, Any]]:
