@@ -174,6 +174,9 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     verify_key: str = ""  # Ed25519 public key (PEM) of the coordinator: jobs must be signed
     allow_unsigned: bool = False  # accept unsigned jobs (only without verify_key; tests)
     secrets_file: str = ""  # TOML NAME = "value" resolving ${secret:NAME} in config jobs
+    #: "pymigrate": <prefix>/jobs/<device>/... of `pymigrate fleet serve`; "aws-iot": the
+    #: AWS IoT Jobs reserved topics $aws/things/<device id>/jobs/... (transports.jobs_aws)
+    protocol: str = "pymigrate"
     firmware: FirmwareConfig = msgspec.field(default_factory=FirmwareConfig)
 
 
@@ -286,7 +289,11 @@ def _check(cfg: AgentConfig) -> None:
     if not 1 <= v.max_sensor_len <= 65535:
         raise ConfigError("validation.max_sensor_len", f"must be in 1..65535, got "
                           f"{v.max_sensor_len}")
-    if cfg.jobs.enabled and not cfg.jobs.verify_key and not cfg.jobs.allow_unsigned:
+    if cfg.jobs.protocol not in ("pymigrate", "aws-iot"):
+        raise ConfigError("jobs.protocol", f"must be 'pymigrate' or 'aws-iot', got "
+                          f"{cfg.jobs.protocol!r}")
+    if (cfg.jobs.enabled and cfg.jobs.protocol == "pymigrate" and not cfg.jobs.verify_key
+            and not cfg.jobs.allow_unsigned):
         raise ConfigError("jobs.verify_key", "fleet jobs need the coordinator's Ed25519 public"
                           " key (PEM) to verify job signatures; set allow_unsigned = true only"
                           " on a trusted test network")

@@ -171,10 +171,24 @@ class Agent:
             return
         verify_key = (load_public_key(j.verify_key, key="jobs.verify_key") if j.verify_key
                       else None)
-        hub = MqttDeviceHub(j.host, j.port, prefix=j.prefix, client_id=f"{self.device_id}-jobs",
-                            username=j.username or None, password=j.password or None,
-                            will_device=self.device_id, clock=self.clock,
-                            tls=tls_context("jobs", j.ca_file, j.cert_file, j.key_file))
+        hub: Any
+        if j.protocol == "aws-iot":  # AWS IoT Jobs reserved topics, thing = device id
+            from transports.jobs_aws import AwsJobsLink
+
+            hub = link = AwsJobsLink(j.host, j.port, self.device_id,
+                                     client_id=f"{self.device_id}-jobs",
+                                     username=j.username or None,
+                                     password=j.password or None, clock=self.clock,
+                                     tls=tls_context("jobs", j.ca_file, j.cert_file,
+                                                     j.key_file))
+            verify_key = None  # AWS IoT authenticates the topics; images stay signed
+        else:
+            hub = MqttDeviceHub(j.host, j.port, prefix=j.prefix,
+                                client_id=f"{self.device_id}-jobs",
+                                username=j.username or None, password=j.password or None,
+                                will_device=self.device_id, clock=self.clock,
+                                tls=tls_context("jobs", j.ca_file, j.cert_file, j.key_file))
+            link = hub.link(self.device_id)
 
         async def apply_config(path: Path) -> None:
             from agent.reload import reload_agent
@@ -198,7 +212,7 @@ class Agent:
                 download_retries=f.download_retries,
                 ssl_ctx=client_tls_context("jobs.firmware", f.ca_file, "", "")
                 if f.ca_file else None)
-        self.jobs = JobsClient(self.device_id, channel=hub.link(self.device_id),
+        self.jobs = JobsClient(self.device_id, channel=link,
                                apply_config=apply_config, health=self.health,
                                clock=self.clock, config_path=self.config.source_file,
                                check_delay_s=j.check_delay_s,

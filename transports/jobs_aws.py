@@ -89,6 +89,7 @@ class AwsJobsLink:
         self._locks: dict[str, asyncio.Lock] = {}
         self._delivered: set[tuple[str, int]] = set()  # (jobId, executionNumber) handed on
         self._final: set[str] = set()  # jobs this link reported terminal
+        self._closed = False
         self.dropped = 0  # messages with no AWS equivalent (health without a job)
         self.rejected: dict[str, int] = {}  # AWS rejections by code
 
@@ -136,11 +137,15 @@ class AwsJobsLink:
             await self._update(msg.job_id, _STATUS[msg.status], details)
 
     async def close(self) -> None:
-        """Disconnect; fail whoever waits for an answer."""
+        """Disconnect (once); fail whoever waits for an answer."""
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(TransportError("AWS IoT Jobs link closed"))
-        await self._session.close()
+        if not self._closed:
+            self._closed = True
+            await self._session.close()
+
+    stop = close  # the supervisor stops links and hubs alike
 
     # -- requests -------------------------------------------------------------------
     async def _update(self, job_id: str, status: str, details: dict[str, str]) -> None:

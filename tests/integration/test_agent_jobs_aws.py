@@ -135,3 +135,70 @@ async def test_expected_version_resync_and_rejections_named(tmp_path: Path) -> N
             assert link.dropped == 1  # a health report has no AWS topic
         finally:
             await link.close()
+
+
+AGENT = """
+[device]
+id = "gw-7"
+data_dir = "{data}"
+
+[[sources]]
+type = "weather"
+sensors = 2
+interval_s = 0.05
+
+[retry]
+profile = "{profile}"
+
+[jobs]
+enabled = true
+protocol = "aws-iot"
+host = "127.0.0.1"
+port = {port}
+check_delay_s = 0.05
+heartbeat_s = 0
+
+[log]
+level = "warning"
+"""
+
+
+async def test_real_agent_with_protocol_aws_iot_applies_a_config_job(tmp_path: Path) -> None:
+    from agent.config import load_agent_config
+    from agent.supervisor import Agent
+    from cloud.ingest import IngestService
+    from cloud.stores import SqliteStore
+    from tests.support.loopback import LoopbackUplink
+
+    async with private_mosquitto(tmp_path) as port, AwsJobsEmulator(port) as aws:
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(AGENT.format(data=tmp_path / "var", port=port, profile="unmetered"))
+        store = SqliteStore(tmp_path / "cloud.db")
+        await store.open()
+        agent = Agent(load_agent_config(cfg), uplinks=[LoopbackUplink(IngestService(store),
+                                                                      "gw-7")])
+        run = asyncio.create_task(agent.run(), name="test[agent]")
+        try:
+            await asyncio.wait_for(agent.started.wait(), 10)
+            await until(lambda: any(t.endswith("/start-next") for t, _ in aws.requests))
+            new = AGENT.format(data=tmp_path / "var", port=port, profile="metered")
+            await aws.add_job("gw-7", "cfg-2", {"operation": "apply",
+                                                "document": {"type": "config",
+                                                             "content": new}})
+            await until(lambda: aws.execution("gw-7", "cfg-2")["status"] == "SUCCEEDED")
+            assert agent.config.retry.profile == "metered"  # applied live
+        finally:
+            agent.request_stop()
+            await asyncio.wait_for(run, 30)
+            await store.close()
+
+
+def test_jobs_protocol_is_checked() -> None:
+    from agent.config import parse_agent_config
+    from pymigrate.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config({"jobs": {"protocol": "greengrass"}})
+    assert info.value.key == "jobs.protocol"
+    # AWS IoT authenticates the job topics: no coordinator verify key needed
+    assert parse_agent_config({"jobs": {"enabled": True, "protocol": "aws-iot"}}).jobs.enabled
