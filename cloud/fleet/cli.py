@@ -225,6 +225,30 @@ def check_document(spec: RolloutSpec) -> None:
         check_firmware_document(spec.document)
 
 
+async def _aws_rollout(args: argparse.Namespace) -> dict[str, Any]:
+    """Run a rollout spec through AWS IoT Jobs (targets: the spec's group in the store)."""
+    from cloud.fleet.backend_aws import AwsJobsBackend, AwsRollout
+
+    spec = parse_spec(load_spec_file(args.spec))
+    check_document(spec)
+
+    async def things(store: FleetStore) -> list[str]:
+        reg = Registry()
+        reg.load_rows(await store.load_devices())
+        for g in await store.load_groups():
+            reg.add_group(g)
+        return [reg.ids[i] for i in reg.resolve(spec.group)]
+
+    targets = await _with_store(args.store, things)
+    if not targets:
+        raise ConfigError("rollout.group", f"group {spec.group!r} has no devices in "
+                          f"{args.store}")
+    backend = AwsJobsBackend.from_environment(region=args.region, profile=args.profile)
+    res = await AwsRollout(backend, spec, targets, poll_s=args.poll_s).run()
+    return {"backend": backend.name, "aws_jobs_created": backend.jobs_created,
+            **msgspec.to_builtins(res)}
+
+
 async def _create(args: argparse.Namespace) -> dict[str, Any]:
     spec = parse_spec(load_spec_file(args.spec))
     check_document(spec)
@@ -448,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
         with_broker(s, True, True)
         s.add_argument("--rollout", required=True, help="rollout id")
         s.set_defaults(cmd=cmd)
+    s = sub.add_parser("aws-rollout",
+                       help="run a rollout spec through AWS IoT Jobs (backend aws-iot-jobs)")
+    with_store(s)
+    s.add_argument("--spec", required=True, help="rollout spec file (TOML or JSON)")
+    s.add_argument("--region", default="", help="AWS region (default: the AWS config chain)")
+    s.add_argument("--profile", default="", help="AWS profile (default: the AWS config chain)")
+    s.add_argument("--poll-s", type=float, default=30.0,
+                   help="seconds between reads of the job executions (default 30)")
     s = sub.add_parser("sign-firmware",
                        help="print the signed [rollout.document] of a firmware image")
     s.add_argument("image", help="firmware image file")
@@ -483,7 +515,8 @@ def main(argv: list[str]) -> int:
             return asyncio.run(serve(args))
         else:
             fn = {"status": _status, "add-devices": _add_devices, "add-group": _add_group,
-                  "create-rollout": _create}.get(args.command, _control)
+                  "create-rollout": _create, "aws-rollout": _aws_rollout}.get(
+                      args.command, _control)
             _print(asyncio.run(fn(args)))
     except ConfigError as exc:  # a bad option value or file: usage error
         sys.stderr.write(f"pymigrate fleet {args.command}: {exc}\n")

@@ -127,3 +127,35 @@ def test_job_request_clamps_pacing_to_the_aws_range() -> None:
     assert req["jobExecutionsRolloutConfig"] == {"maximumPerMinute": 1000}
     assert req["timeoutConfig"] == {"inProgressTimeoutInMinutes": 1}
     assert req["targetSelection"] == "SNAPSHOT"
+
+
+async def test_cli_aws_rollout_targets_the_spec_group_from_the_store(
+        iot: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from cloud.fleet.cli import main
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    things = make_things(iot, 12)
+    devs = tmp_path / "devices.json"
+    devs.write_text(json.dumps([{"device_id": t, "attrs": {"site": "lab" if i % 2 else "x"}}
+                                for i, t in enumerate(things)]))
+    db = str(tmp_path / "fleet.db")
+    assert await asyncio.to_thread(main, ["add-devices", "--store", db, "--file",
+                                          str(devs)]) == 0
+    assert await asyncio.to_thread(main, ["add-group", "--store", db, "--name", "lab",
+                                          "--select", "site=lab"]) == 0
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "group": "lab",  # (a firmware spec must be signed)
+                                "document": {"type": "config", "content": "v = 2\n"}}))
+    capsys.readouterr()
+    devices = FakeDevices()
+    run = asyncio.create_task(asyncio.to_thread(
+        main, ["aws-rollout", "--store", db, "--spec", str(spec), "--poll-s", "0.01"]))
+    while not run.done():
+        devices.step()
+        await asyncio.sleep(0.005)
+    assert run.result() == 0
+    text = capsys.readouterr().out  # unconfigured structlog also writes to stdout here
+    out = json.loads(text[text.index("{\n"):])
+    assert out["status"] == "completed" and out["aws_jobs_created"] >= 1
+    assert {t for _, t in devices.seen} == set(things[1::2])  # only the group's things
