@@ -19,12 +19,17 @@ class SourceBatch(msgspec.Struct):
     time-sync model applies to them. Timestamps that came with the data (a replayed file,
     a sensor payload with its own ``ts``) are kept as given: the gateway's clock model
     says nothing about them.
+
+    ``sampled`` marks a live sample of a sensor polled on a schedule: when the disk is
+    full it is dropped (counted, reason ``disk_full``) instead of held, since holding it
+    would only make newer samples wait behind it. Other batches are held (backpressure).
     """
 
     readings: list[Reading]
     ack: Callable[[], Awaitable[None]] | None = None
     rejects: list[tuple[str, str]] = msgspec.field(default_factory=list)
     local_clock: bool = True
+    sampled: bool = False
 
 
 class Emit(Protocol):
