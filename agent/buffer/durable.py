@@ -609,8 +609,11 @@ class DurableBuffer:
             await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('age_ms', ?)",
                              (age,))
             await evict.expire(db, self._ledger, self._ttl, now_ms, fx, age_ms=age)
-            floor = plan.floor if plan.floor < len(Priority) else Priority.HIGH
-            await self._fit(db, fx, floor, free, now_ms)
+            incoming = plan.floor < len(Priority)
+            floor = plan.floor if incoming else Priority.HIGH
+            # the disk's limit makes room for incoming data only: a commit without new
+            # readings (a flush, a restart) evicts nothing for a disk others filled
+            await self._fit(db, fx, floor, free if incoming else None, now_ms)
 
         await self._txn(body)
         await self._ensure_ballast(free)
@@ -625,7 +628,9 @@ class DurableBuffer:
             wal = footprint.file_bytes(Path(f"{self._path}-wal"))
             room = free - self._cfg.disk_reserve_bytes - max(0, lay.wal_limit - wal)
             on_disk = footprint.file_bytes(self._path)
-            disk_limit = on_disk + room - footprint.HEADROOM
+            # the file never shrinks: evicting only frees pages inside it for new rows,
+            # so on a full disk keep HEADROOM of them free, no more
+            disk_limit = on_disk + max(0, room) - footprint.HEADROOM
             if disk_limit < limit:
                 limit, reason = disk_limit, "disk_full"
         self._effective = min(self._cfg.budget_bytes,
@@ -1009,9 +1014,9 @@ class DurableBuffer:
         s.effective_budget_bytes = self._effective
         free = footprint.disk_free(self._path.parent)
         # full: a commit failed for lack of room, or the filesystem has less free than
-        # the reserve left for others (it is evicting to make room)
-        s.disk_full = self._disk_full or (free is not None
-                                          and free < self._cfg.disk_reserve_bytes)
+        # the reserve left for others (plus the ballast, once it was given back)
+        short = self._cfg.disk_reserve_bytes + (0 if self._ballast else self._layout.ballast)
+        s.disk_full = self._disk_full or (free is not None and free < short)
         s.ballast = self._ballast
         s.payload_bytes = led.total_bytes
         s.in_flight = len(led.inflight)

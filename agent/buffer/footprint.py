@@ -11,7 +11,7 @@ Layout of a budget ``B`` (see :class:`Layout`):
 * WAL: checkpointed automatically once it holds ``wal_limit / 2`` of frames and truncated
   back to ``wal_limit`` (``journal_size_limit``), so it stays within ``wal_limit`` plus one
   transaction; ``wal_limit = clamp(B / 16, 64 KiB, 4 MiB)``.
-* ballast: ``wal_limit / 2`` bytes of zeros, given back to SQLite when the disk is full
+* ballast: ``wal_limit`` bytes of zeros, given back to SQLite when the disk is full
   (so a restart on a full disk, or a delete that frees space, still has room for its WAL)
   and made again once space returns.
 * sidecars: 12 KiB.
@@ -58,7 +58,7 @@ class Layout:
     @classmethod
     def of(cls, budget: int, page_size: int = 4096) -> Layout:
         wal = min(WAL_MAX, max(WAL_MIN, budget // 16))
-        ballast = wal // 2
+        ballast = wal
         db_cap = budget - wal - ballast - SIDECARS
         return cls(budget, page_size, wal, ballast, max(db_cap, 16 * page_size))
 
