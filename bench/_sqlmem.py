@@ -4,10 +4,9 @@ connection's page cache, schema and statements included. tracemalloc cannot see 
 
 from __future__ import annotations
 
+import _sqlite3
 import ctypes
 import functools
-
-import _sqlite3
 
 
 @functools.cache

@@ -143,6 +143,10 @@ def _files_size(d: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in d.glob(pattern) if not p.name.endswith(".seq"))
 
 
+def _blocks(d: Path, pattern: str) -> int:
+    return sum(p.stat().st_blocks * 512 for p in d.glob(pattern))
+
+
 def _attributable(snapshot: tracemalloc.Snapshot) -> int:
     me = os.path.abspath(__file__)
     snap = snapshot.filter_traces([tracemalloc.Filter(False, me),
@@ -181,7 +185,7 @@ async def day(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     s = buf.stats()
     readings = sum(s.readings_pending.values())
     await buf.close()
-    state_bytes = sum(p.stat().st_blocks * 512 for p in tmp.glob("day.db*"))
+    state_bytes = _blocks(tmp, "day.db*")
     closed = _files_size(tmp, "day.db*")
     return {
         "bytes_on_disk_24h": s.bytes_on_disk,

@@ -636,8 +636,8 @@ class DurableBuffer:
         self._effective = min(self._cfg.budget_bytes,
                               lay.budget - lay.target + max(limit, 0))
         for _ in range(4):
-            pc = int(list(await db.execute_fetchall("PRAGMA page_count"))[0][0])
-            fl = int(list(await db.execute_fetchall("PRAGMA freelist_count"))[0][0])
+            pc = int(next(iter(await db.execute_fetchall("PRAGMA page_count")))[0])
+            fl = int(next(iter(await db.execute_fetchall("PRAGMA freelist_count")))[0])
             excess = (pc - fl) * lay.page_size - limit
             if excess <= 0:
                 return
