@@ -28,6 +28,10 @@ def _header(path: Path) -> bytes:
         return f.read(100)[40:72]  # schema cookie, format, cache size, user_version ...
 
 
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(os.stat(p).st_blocks * 512 for p in path.iterdir() if p.is_file())
 
@@ -142,7 +146,7 @@ async def test_schema_is_not_written_when_current(tmp_path: Path) -> None:
     before = _header(path)
     async with opened(path) as buf:
         assert buf.stats().readings_pending["normal"] == 5
-        assert not os.path.exists(f"{path}-shm")  # exclusive locking: no -shm file
+        assert not _exists(Path(f"{path}-shm"))  # exclusive locking: no -shm file
     assert _header(path) == before  # header (schema cookie, version) as it was
 
 
