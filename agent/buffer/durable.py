@@ -122,6 +122,7 @@ class DurableBuffer:
         self._effective = config.budget_bytes
         self._disk_full = False
         self._staging_pending = False  # staging left from a crash, not yet sealed
+        self._disk_free: Callable[[Path], int | None] = footprint.disk_free
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -129,7 +130,7 @@ class DurableBuffer:
         """Open (creating or migrating) the database; move aside and salvage a bad one."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self._path.exists() or self._path.stat().st_size == 0
-        free = footprint.disk_free(self._path.parent)
+        free = self._disk_free(self._path.parent)
         if free is not None and free < self._layout.wal_limit and \
                 footprint.drop_ballast(self._path):
             # a restart on a full disk: the WAL needs room for its first frames
@@ -313,6 +314,11 @@ class DurableBuffer:
             schema.write_instance_file(self._path, self._instance)
         except OSError as exc:  # a full disk: the copy in the database is what counts
             log.warning("buffer.instance_file_failed", error=str(exc))
+
+    def watch_disk(self, free: Callable[[Path], int | None]) -> None:
+        """Replace the free-space probe (default: ``statvfs`` of the data directory), e.g.
+        by a simulated device's storage quota."""
+        self._disk_free = free
 
     @property
     def instance(self) -> str:
@@ -600,7 +606,7 @@ class DurableBuffer:
     async def _commit_plan(self, plan: Plan, *, clear_all_staging: bool = False) -> None:
         now_ms = self._clock.time_ms()
         age = self.age_ms()
-        free = await asyncio.to_thread(footprint.disk_free, self._path.parent)
+        free = await asyncio.to_thread(self._disk_free, self._path.parent)
 
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
             await write_plan(db, plan, self._ledger, fx, now_ms=now_ms, born_ms=age,
@@ -660,7 +666,7 @@ class DurableBuffer:
         self._ballast_try = now
         lay = self._layout
         if free is None:
-            free = await asyncio.to_thread(footprint.disk_free, self._path.parent)
+            free = await asyncio.to_thread(self._disk_free, self._path.parent)
         if free is None or free < 2 * lay.ballast + lay.wal_limit + self._cfg.disk_reserve_bytes:
             return
         self._ballast = await asyncio.to_thread(footprint.make_ballast, self._path, lay.ballast)
@@ -1012,7 +1018,7 @@ class DurableBuffer:
         s.state_bytes = footprint.usage(self._path)
         s.budget_bytes = self._cfg.budget_bytes
         s.effective_budget_bytes = self._effective
-        free = footprint.disk_free(self._path.parent)
+        free = self._disk_free(self._path.parent)
         # full: a commit failed for lack of room, or the filesystem has less free than
         # the reserve left for others (plus the ballast, once it was given back)
         short = self._cfg.disk_reserve_bytes + (0 if self._ballast else self._layout.ballast)

@@ -1,8 +1,9 @@
-"""``storage-exhaustion``: a device stays offline until its disk fills. The buffer file is
-capped for real (SQLite ``max_page_count``: writes past it fail with SQLITE_FULL, as on a
-full disk) below the configured byte budget, so the agent hits the disk limit and evicts
-by its documented policy: lowest priority first, oldest first, critical last. When the
-link returns, what was kept is delivered."""
+"""``storage-exhaustion``: a device stays offline until its disk fills. The disk is a
+768 KiB quota on the whole state directory (database, WAL, sidecars: the buffer sees
+``quota - files`` as its free space, as it sees ``statvfs`` on a real disk), below the
+configured byte budget, so the agent hits the disk limit and evicts by its documented
+policy: lowest priority first, oldest first, critical last. The state directory's peak
+is checked against the quota. When the link returns, what was kept is delivered."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from simulators.scenarios import Options, base_checks
 from simulators.sensors import WeatherGen
 
 NAME = "storage-exhaustion"
-SUMMARY = "offline until the disk (a real 768 KiB file cap) fills; eviction by priority"
+SUMMARY = "offline until the disk (768 KiB for all state files) fills; eviction by priority"
 DEFAULTS = {"devices": 1, "hours": 24}
 SHORT = {"devices": 1, "hours": 6}
 QUOTA = 768 * 1024
@@ -51,5 +52,8 @@ def check(rep: Report) -> list[str]:
     if ev.get("high", 0) and not ev.get("normal", 0):
         bad.append("high data evicted while normal data was kept")
     if not any(k.startswith("disk_full") for k in rep.evicted):
-        bad.append("the file cap was never hit (no disk_full eviction)")
+        bad.append("the disk never filled (no disk_full eviction)")
+    if rep.peak_state_dir_bytes > QUOTA:
+        bad.append(f"the state directory reached {rep.peak_state_dir_bytes} B, over the "
+                   f"{QUOTA} B disk")
     return bad
