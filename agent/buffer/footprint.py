@@ -10,7 +10,7 @@ Layout of a budget ``B`` (see :class:`Layout`):
 
 * WAL: checkpointed automatically once it holds ``wal_limit / 2`` of frames and truncated
   back to ``wal_limit`` (``journal_size_limit``), so it stays within ``wal_limit`` plus one
-  transaction; ``wal_limit = clamp(B / 16, 64 KiB, 4 MiB)``.
+  transaction; ``wal_limit = clamp(B / 16, 64 KiB, 1 MiB)``.
 * ballast: ``wal_limit`` bytes of zeros, given back to SQLite when the disk is full
   (so a restart on a full disk, or a delete that frees space, still has room for its WAL)
   and made again once space returns.
@@ -41,7 +41,7 @@ KIB = 1024
 SIDECARS = 12 * KIB
 HEADROOM = 32 * KIB
 WAL_MIN = 64 * KIB
-WAL_MAX = 4 * 1024 * KIB
+WAL_MAX = 1024 * KIB
 MIN_BUDGET = 256 * KIB
 
 
