@@ -641,17 +641,16 @@ class DurableBuffer:
                 limit, reason = disk_limit, "disk_full"
         self._effective = min(self._cfg.budget_bytes,
                               lay.budget - lay.target + max(limit, 0))
-        for _ in range(4):
-            pc = int(next(iter(await db.execute_fetchall("PRAGMA page_count")))[0])
-            fl = int(next(iter(await db.execute_fetchall("PRAGMA freelist_count")))[0])
-            excess = (pc - fl) * lay.page_size - limit
-            if excess <= 0:
-                return
-            left = await evict.make_room(db, excess, floor=floor, reason=reason, fx=fx,
-                                         codec=self._codec, degrader=self._degrader,
-                                         busy=set(self._ledger.inflight), now_ms=now_ms)
-            if left >= excess:
-                return  # nothing more may go (e.g. critical only): SQLite's cap decides
+        pc = int(next(iter(await db.execute_fetchall("PRAGMA page_count")))[0])
+        fl = int(next(iter(await db.execute_fetchall("PRAGMA freelist_count")))[0])
+        excess = (pc - fl) * lay.page_size - limit
+        if excess > 0:
+            # one pass, by payload bytes: a page frees only once all its rows are gone, so
+            # re-measuring here would evict more than needed; what is left over is taken
+            # by the next commit, within HEADROOM (max_page_count is the hard stop)
+            await evict.make_room(db, excess, floor=floor, reason=reason, fx=fx,
+                                  codec=self._codec, degrader=self._degrader,
+                                  busy=set(self._ledger.inflight), now_ms=now_ms)
 
     async def _ensure_ballast(self, free: int | None = None) -> None:
         """Make the ballast file when it is missing and the disk has room to spare."""

@@ -347,7 +347,8 @@ class _AlwaysFullBuffer:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def append(self, readings: list[Reading], *, state: object = None) -> list[Reading]:
+    async def append(self, readings: list[Reading], *, state: object = None,
+                     dedup: bytes = b"") -> list[Reading]:
         self.calls += 1
         from pymigrate.errors import BufferFull
 
