@@ -1,10 +1,10 @@
 """A constrained device: the real agent with a storage quota, a battery and a clock of its own.
 
-* **Storage quota** (:class:`StorageQuota`): the buffer sees it as its disk's free space
-  (quota minus every file of the state directory, the WAL included), as it sees
-  ``statvfs`` on a real disk, and evicts by its policy for a full disk (reason
-  ``disk_full``). The data directory's real size (database, WAL, sidecars) is measured
-  at every sample
+* **Storage quota** (:class:`StorageQuota`): for the whole state directory, enforced by
+  SQLite itself on the buffer file (``PRAGMA max_page_count`` = the quota less the WAL
+  limit, ballast and sidecars): past it a write fails with ``SQLITE_FULL`` exactly
+  as on a full disk, and the buffer's disk-full path (evict by policy, retry) takes over.
+  The data directory's real size (database, WAL, sidecar) is measured at every sample
   and its peak reported, so the quota is checked, not assumed.
 * **Memory budget**: measured with :mod:`tracemalloc` by the fleet runner (Python heap;
   SQLite's page cache is fixed by ``buffer.cache_kib`` and reported alongside).
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.buffer.footprint import SIDECARS
 from agent.config import AgentConfig
 from agent.supervisor import Agent
 from pymigrate.clock import VirtualClock
@@ -110,10 +111,7 @@ class Battery:
 
 
 class StorageQuota:
-    """A simulated disk of ``quota_bytes`` for the agent's state directory, plus its
-    measurement. The buffer sees the quota as its free space (``quota`` minus every file
-    in the directory: database, WAL, sidecars, ballast), the way it sees ``statvfs`` on a
-    real disk, so it evicts for a full disk (reason ``disk_full``) and the WAL counts."""
+    """A hard size limit on the buffer file plus measurement of the data directory."""
 
     PAGE = 4096
 
@@ -122,16 +120,20 @@ class StorageQuota:
         self.peak_dir_bytes = 0
 
     async def apply(self, agent: Agent) -> None:
-        """Make the quota the buffer's disk."""
+        """Cap the buffer database at the quota (SQLite refuses to grow it further)."""
         if self.quota_bytes is None:
             return
-        quota = self.quota_bytes
-        data_dir = agent.config.data_path(agent.config.buffer.path).parent
-
-        def free(_path: Path) -> int:
-            return max(0, quota - dir_bytes(data_dir))
-
-        agent.buffer.watch_disk(free)
+        # the buffer's connection is private; a page limit is the one knob SQLite offers
+        # to make a file full before the disk is (max_page_count is per connection)
+        db = agent.buffer._db
+        if db is None:
+            raise RuntimeError("buffer not open")
+        # the quota holds every file of the state directory: the database gets what the
+        # WAL (its limit), the ballast and the sidecars leave of it
+        lay = agent.buffer.layout
+        room = self.quota_bytes - lay.wal_limit - lay.ballast - SIDECARS
+        pages = max(16, room // self.PAGE)
+        await db.execute(f"PRAGMA max_page_count = {pages}")
 
     def measure(self, path: Path) -> int:
         n = dir_bytes(path)
@@ -184,7 +186,6 @@ class SimDevice:
         self.agent = Agent(self.config, clock=self.clock, uplinks=[self.uplink],
                            sources=list(self.generators), on_event=self._event)
         self.incarnations += 1
-        await self.quota.apply(self.agent)  # before the buffer opens: it is its disk
         token = current_device.set(self.id)
         try:
             self.task = asyncio.create_task(self.agent.run(), name=f"device[{self.id}]")
@@ -195,6 +196,7 @@ class SimDevice:
         if self.task.done():
             started.cancel()
             self.task.result()  # raises the start failure
+        await self.quota.apply(self.agent)
 
     @staticmethod
     def _counts(agent: Agent) -> Counter[str]:

@@ -315,6 +315,11 @@ class DurableBuffer:
         except OSError as exc:  # a full disk: the copy in the database is what counts
             log.warning("buffer.instance_file_failed", error=str(exc))
 
+    @property
+    def layout(self) -> footprint.Layout:
+        """How the byte budget is shared out among the buffer's files."""
+        return self._layout
+
     def watch_disk(self, free: Callable[[Path], int | None]) -> None:
         """Replace the free-space probe (default: ``statvfs`` of the data directory), e.g.
         by a simulated device's storage quota."""

@@ -1,9 +1,10 @@
 """``storage-exhaustion``: a device stays offline until its disk fills. The disk is a
-768 KiB quota on the whole state directory (database, WAL, sidecars: the buffer sees
-``quota - files`` as its free space, as it sees ``statvfs`` on a real disk), below the
-configured byte budget, so the agent hits the disk limit and evicts by its documented
-policy: lowest priority first, oldest first, critical last. The state directory's peak
-is checked against the quota. When the link returns, what was kept is delivered."""
+768 KiB quota on the whole state directory: the buffer file is capped for real (SQLite
+``max_page_count``: writes past it fail with SQLITE_FULL, as on a full disk) at the quota
+less the WAL limit, ballast and sidecars, below the configured byte budget, so the agent
+hits the disk limit and evicts by its documented policy: lowest priority first, oldest
+first, critical last. The state directory's peak (WAL included) is checked against the
+quota. When the link returns, what was kept is delivered."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ async def run(opts: Options) -> Report:
     devices, hours = opts.resolved(DEFAULTS)
     groups = [Group("remote", devices, loss=0.0, latency_s=0.2, outages_h=((0.0, hours),))]
     spec = DeviceSpec(quota_bytes=QUOTA, config={
-        "buffer": {"budget_bytes": 4 * 1024 * 1024},
+        "buffer": {"budget_bytes": 1024 * 1024},
         "priorities": [{"match": "temperature*", "priority": "high"}]})
 
     def gens(dev: str, clock, n: int):  # type: ignore[no-untyped-def]
@@ -38,7 +39,7 @@ async def run(opts: Options) -> Report:
     finally:
         fleet.close()
     rep.extra["file_quota_bytes"] = QUOTA
-    rep.extra["budget_bytes"] = 4 * 1024 * 1024
+    rep.extra["budget_bytes"] = 1024 * 1024
     return rep
 
 
