@@ -1,8 +1,7 @@
 """A constrained device: the real agent with a storage quota, a battery and a clock of its own.
 
-* **Storage quota** (:class:`StorageQuota`): for the whole state directory, enforced by
-  SQLite itself on the buffer file (``PRAGMA max_page_count`` = the quota less the WAL
-  limit, ballast and sidecars): past it a write fails with ``SQLITE_FULL`` exactly
+* **Storage quota** (:class:`StorageQuota`): enforced by SQLite itself on the buffer file
+  (``PRAGMA max_page_count``): past the quota a write fails with ``SQLITE_FULL`` exactly
   as on a full disk, and the buffer's disk-full path (evict by policy, retry) takes over.
   The data directory's real size (database, WAL, sidecar) is measured at every sample
   and its peak reported, so the quota is checked, not assumed.
@@ -27,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.buffer.footprint import SIDECARS
 from agent.config import AgentConfig
 from agent.supervisor import Agent
 from pymigrate.clock import VirtualClock
@@ -128,11 +126,7 @@ class StorageQuota:
         db = agent.buffer._db
         if db is None:
             raise RuntimeError("buffer not open")
-        # the quota holds every file of the state directory: the database gets what the
-        # WAL (its limit), the ballast and the sidecars leave of it
-        lay = agent.buffer.layout
-        room = self.quota_bytes - lay.wal_limit - lay.ballast - SIDECARS
-        pages = max(16, room // self.PAGE)
+        pages = max(16, self.quota_bytes // self.PAGE)
         await db.execute(f"PRAGMA max_page_count = {pages}")
 
     def measure(self, path: Path) -> int:

@@ -1,10 +1,8 @@
-"""``storage-exhaustion``: a device stays offline until its disk fills. The disk is a
-768 KiB quota on the whole state directory: the buffer file is capped for real (SQLite
-``max_page_count``: writes past it fail with SQLITE_FULL, as on a full disk) at the quota
-less the WAL limit, ballast and sidecars, below the configured byte budget, so the agent
-hits the disk limit and evicts by its documented policy: lowest priority first, oldest
-first, critical last. The state directory's peak (WAL included) is checked against the
-quota. When the link returns, what was kept is delivered."""
+"""``storage-exhaustion``: a device stays offline until its disk fills. The buffer file is
+capped for real (SQLite ``max_page_count``: writes past it fail with SQLITE_FULL, as on a
+full disk) below the configured byte budget, so the agent hits the disk limit and evicts
+by its documented policy: lowest priority first, oldest first, critical last. When the
+link returns, what was kept is delivered."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ from simulators.scenarios import Options, base_checks
 from simulators.sensors import WeatherGen
 
 NAME = "storage-exhaustion"
-SUMMARY = "offline until the disk (768 KiB for all state files) fills; eviction by priority"
+SUMMARY = "offline until the disk (a real 768 KiB file cap) fills; eviction by priority"
 DEFAULTS = {"devices": 1, "hours": 24}
 SHORT = {"devices": 1, "hours": 6}
 QUOTA = 768 * 1024
@@ -24,7 +22,7 @@ async def run(opts: Options) -> Report:
     devices, hours = opts.resolved(DEFAULTS)
     groups = [Group("remote", devices, loss=0.0, latency_s=0.2, outages_h=((0.0, hours),))]
     spec = DeviceSpec(quota_bytes=QUOTA, config={
-        "buffer": {"budget_bytes": 1024 * 1024},
+        "buffer": {"budget_bytes": 4 * 1024 * 1024},
         "priorities": [{"match": "temperature*", "priority": "high"}]})
 
     def gens(dev: str, clock, n: int):  # type: ignore[no-untyped-def]
@@ -39,7 +37,7 @@ async def run(opts: Options) -> Report:
     finally:
         fleet.close()
     rep.extra["file_quota_bytes"] = QUOTA
-    rep.extra["budget_bytes"] = 1024 * 1024
+    rep.extra["budget_bytes"] = 4 * 1024 * 1024
     return rep
 
 
@@ -53,8 +51,5 @@ def check(rep: Report) -> list[str]:
     if ev.get("high", 0) and not ev.get("normal", 0):
         bad.append("high data evicted while normal data was kept")
     if not any(k.startswith("disk_full") for k in rep.evicted):
-        bad.append("the disk never filled (no disk_full eviction)")
-    if rep.peak_state_dir_bytes > QUOTA:
-        bad.append(f"the state directory reached {rep.peak_state_dir_bytes} B, over the "
-                   f"{QUOTA} B disk")
+        bad.append("the file cap was never hit (no disk_full eviction)")
     return bad
