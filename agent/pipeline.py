@@ -203,7 +203,7 @@ class IngestStage:
     async def _store(self, readings: list[Reading], state: tuple[str, bytes] | None = None,
                      dedup: bytes = b"", *, sampled: bool = False) -> bool:
         """Append to the buffer, holding on BufferFull; True once accepted."""
-        delay = 0.5
+        delay = 0.25
         while True:
             try:
                 accepted = await self.buffer.append(readings, state=state, dedup=dedup)
@@ -230,7 +230,7 @@ class IngestStage:
                     log.warning("ingest.holding", reason=exc.reason, count=len(readings),
                                 waits=self.counts["buffer_full_waits"], retry_in_s=delay)
                 await self._sleep_unless_stopping(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 5.0)
         self.counts["accepted"] += len(accepted)
         return True
 
