@@ -223,7 +223,9 @@ def make_registry(agent: Agent, *, process: bool = True) -> CollectorRegistry:
 def health(agent: Agent) -> dict[str, Any]:
     """The ``/health`` document: ``healthy`` is false when any stage task is not alive, or
     when the cloud refuses this device for a reason a resend cannot fix (``blocked``:
-    uplink -> reason, e.g. ``device_mismatch``; ``identity`` -> ``conflict``)."""
+    uplink -> reason, e.g. ``device_mismatch``; ``identity`` -> ``conflict``), or when the
+    buffer cannot store for lack of disk space (``blocked["buffer"] = "disk_full"``: the
+    agent keeps uploading and freeing space, ingest is held back)."""
     stages = agent.stages_alive()
     b = agent.buffer.stats()
     up = agent.uploader.stats()
@@ -231,11 +233,15 @@ def health(agent: Agent) -> dict[str, Any]:
     stopping = agent.stopping
     alive = bool(stages) and all(stages.values())
     blocked = dict(up.get("blocked", {}))
+    if b.disk_full:
+        blocked["buffer"] = "disk_full"
     healthy = alive and not blocked
     breakers = {n: str(u.get("breaker")) for n, u in up.get("uplinks", {}).items()}
     if not alive:
         state = ("stopping" if stopping else "failing" if agent.started.is_set()
                  else "starting")
+    elif blocked.get("buffer") == "disk_full":
+        state = "disk_full"  # nowhere to store: ingest held back until space returns
     elif blocked:
         state = "blocked"  # the cloud refuses us for a reason only a person can fix
     elif breakers and all(v == "open" for v in breakers.values()):
@@ -250,6 +256,10 @@ def health(agent: Agent) -> dict[str, Any]:
         "stages": stages,
         "backlog": {"chunks": b.chunks_pending, "readings": sum(b.readings_pending.values()),
                     "bytes": b.payload_bytes, "by_priority": dict(b.readings_pending)},
+        "storage": {"state_bytes": b.state_bytes, "budget_bytes": b.budget_bytes,
+                    "effective_budget_bytes": b.effective_budget_bytes,
+                    "disk_full": b.disk_full, "disk_full_errors": b.disk_full_errors,
+                    "evicted_readings": b.evicted_readings},
         "oldest_data_age_s": oldest_age_s(agent),
         "breakers": breakers,
         "blocked": blocked,

@@ -3,6 +3,12 @@
 
 It is one task consuming one bounded queue: a full queue slows the sources (backpressure).
 It sleeps on the queue or on the aggregator's next window deadline, never on a tick.
+
+When the buffer cannot store (a full disk), a batch is held and retried (its source stays
+un-acknowledged: an MQTT QoS 1 message is redelivered, a replay pauses behind the full
+queue), except a live sample (``SourceBatch.sampled``), which is dropped and counted
+(``dropped_disk_full``). Once a stop is requested, held batches are given up un-acked
+(counted as ``not_accepted_at_stop``) so the stop finishes within its deadline.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class IngestStage:
         self._has_rules = bool(aggregator.config.rules)
         self._tg: asyncio.TaskGroup | None = None
         self._slots = asyncio.Semaphore(max_pending)
+        self._stopping = asyncio.Event()
 
     async def restore(self) -> None:
         """Restore persisted state: the edge-dedup fingerprints of what sources may
@@ -102,6 +109,7 @@ class IngestStage:
                 await self._store(out)
 
     async def stop(self) -> None:
+        self._stopping.set()  # batches held on a full buffer give up (un-acked)
         await self.queue.put(_STOP)
 
     async def run(self) -> None:
@@ -162,26 +170,29 @@ class IngestStage:
             valid = self.validator.filter(corrected)
             prioritized = self.priorities.apply(valid)
             out = self.aggregator.process(prioritized) if self._has_rules else prioritized
-        await self._spawn(out, batch.ack, array("Q", admitted).tobytes() if admitted else b"")
+        await self._spawn(out, batch.ack, array("Q", admitted).tobytes() if admitted else b"",
+                          batch.sampled)
 
-    async def _spawn(self, readings: list[Reading], ack: Any, dedup: bytes = b"") -> None:
+    async def _spawn(self, readings: list[Reading], ack: Any, dedup: bytes = b"",
+                     sampled: bool = False) -> None:
         # the window state is snapshotted now, in processing order, so the blob written
         # with this batch reflects exactly the readings processed up to it
         snap = self.aggregator.snapshot() if self._has_rules else None
         if self._tg is None:  # called outside run(): do it inline
-            await self._accept(readings, ack, snap, dedup)
+            await self._accept(readings, ack, snap, dedup, sampled)
             return
         await self._slots.acquire()
-        self._tg.create_task(self._accept(readings, ack, snap, dedup),
+        self._tg.create_task(self._accept(readings, ack, snap, dedup, sampled),
                              name="agent[ingest-append]")
 
     async def _accept(self, readings: list[Reading], ack: Any, snap: bytes | None,
-                      dedup: bytes = b"") -> None:
+                      dedup: bytes = b"", sampled: bool = False) -> None:
         try:
             state = None if snap is None else (AGG_STATE_KEY, snap)
             if readings:
                 # the window state goes into the same transaction as the readings
-                await self._store(readings, state, dedup)
+                if not await self._store(readings, state, dedup, sampled=sampled):
+                    return  # not accepted: the source is not acknowledged
             elif state is not None or dedup:
                 await self.buffer.append([], state=state, dedup=dedup)
             if ack is not None:
@@ -190,22 +201,49 @@ class IngestStage:
             if self._tg is not None:
                 self._slots.release()
 
-    async def _store(self, readings: list[Reading],
-                     state: tuple[str, bytes] | None = None, dedup: bytes = b"") -> None:
-        delay = 0.5
+    async def _store(self, readings: list[Reading], state: tuple[str, bytes] | None = None,
+                     dedup: bytes = b"", *, sampled: bool = False) -> bool:
+        """Append to the buffer, holding on BufferFull; True once accepted."""
+        delay = 0.25
         while True:
             try:
                 accepted = await self.buffer.append(readings, state=state, dedup=dedup)
                 break
             except BufferFull as exc:
+                if sampled and exc.reason == "disk_full":
+                    self.counts["dropped_disk_full"] += len(readings)
+                    if self.counts["dropped_disk_full"] == len(readings) or \
+                            self.counts["buffer_full_waits"] % 100 == 0:
+                        log.warning("ingest.sample_dropped", reason="disk_full",
+                                    count=len(readings),
+                                    total=self.counts["dropped_disk_full"])
+                    self.counts["buffer_full_waits"] += 1
+                    return False
+                if self._stopping.is_set():
+                    self.counts["not_accepted_at_stop"] += len(readings)
+                    log.warning("ingest.not_accepted_at_stop", reason=exc.reason,
+                                count=len(readings))
+                    return False
                 # nothing accepted yet: hold the batch (the source stays un-acked and
                 # backpressured) and retry once eviction or the uploader freed space
                 self.counts["buffer_full_waits"] += 1
-                log.error("buffer full: holding readings", count=len(readings),
-                          error=str(exc), retry_in_s=delay)
-                await self.clock.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                if self.counts["buffer_full_waits"] % 100 == 1:  # loud, not a flood
+                    log.warning("ingest.holding", reason=exc.reason, count=len(readings),
+                                waits=self.counts["buffer_full_waits"], retry_in_s=delay)
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, 5.0)
         self.counts["accepted"] += len(accepted)
+        return True
+
+    async def _sleep_unless_stopping(self, delay: float) -> None:
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sleeper, stopper):
+                t.cancel()
+            await asyncio.gather(sleeper, stopper, return_exceptions=True)
 
     async def _persist_windows(self) -> None:
         if self._has_rules:

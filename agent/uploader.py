@@ -363,9 +363,12 @@ class Uploader:
     async def _screen(self, items: list[StoredChunkLike]) -> list[StoredChunkLike]:
         """Dead-letter expired/exhausted chunks; keep one device; isolate suspects."""
         cfg = self.cfg
-        wall = self.clock.time_ms()
-        expired = [i for i in items
-                   if cfg.retention_s > 0 and wall - i.created_ms > cfg.retention_s * 1000]
+        # age as the buffer measures it (its own monotonic clock, kept across runs), never
+        # the wall clock: a clock jump must not make data old. A buffer that does not
+        # measure age (no ``age_ms``) never expires anything here.
+        limit_ms = cfg.retention_s * 1000
+        expired = [i for i in items if limit_ms > 0
+                   and getattr(i, "age_ms", None) is not None and i.age_ms > limit_ms]  # type: ignore[attr-defined]
         gone = {i.id for i in expired}
         exhausted = [i for i in items if i.id not in gone and cfg.max_attempts > 0
                      and self._attempt_of(i) >= cfg.max_attempts]

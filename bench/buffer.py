@@ -10,10 +10,15 @@ Two measurements, both through the real :class:`agent.buffer.DurableBuffer` (SQL
 * the offline day: one device with N sensors at 1 Hz for 24 h of virtual time
   (864,000 readings for N=10) from a weather-like generator with 0.1 resolution, all
   kept in the buffer; ``bytes_on_disk_24h`` is database + WAL after the day (open chunks
-  flushed). ``buffer_peak_memory_bytes`` is the largest Python heap (tracemalloc)
-  allocated outside this benchmark file (the buffer, its codec, aiosqlite) sampled every
-  10 minutes of virtual time while ingesting and holding the day; ``traced_peak_bytes``
-  is tracemalloc's true peak of everything, the generator's current batch included.
+  flushed), ``state_bytes_24h`` every file the buffer keeps as allocated on disk (what
+  ``budget_bytes`` bounds). ``python_peak_memory_bytes`` is the largest Python heap
+  (tracemalloc) allocated outside this benchmark file (the buffer, its codec, aiosqlite)
+  sampled every 10 minutes of virtual time while ingesting and holding the day;
+  ``sqlite_peak_memory_bytes`` is SQLite's own allocator high-water mark over the day
+  (``sqlite3_memory_highwater`` through ctypes, on the library ``_sqlite3`` links: page
+  cache, schema, statements), which tracemalloc cannot see; ``buffer_peak_memory_bytes``
+  is their sum. ``traced_peak_bytes`` is tracemalloc's true peak of everything, the
+  generator's current batch included.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 
 from agent.buffer import BufferConfig, DurableBuffer
 from agent.codec import DEFAULT_CODEC
+from bench import _sqlmem
 from bench.common import emit
 from pymigrate.clock import VirtualClock, WallClock
 from pymigrate.types import Reading
@@ -137,6 +143,10 @@ def _files_size(d: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in d.glob(pattern) if not p.name.endswith(".seq"))
 
 
+def _blocks(d: Path, pattern: str) -> int:
+    return sum(p.stat().st_blocks * 512 for p in d.glob(pattern))
+
+
 def _attributable(snapshot: tracemalloc.Snapshot) -> int:
     me = os.path.abspath(__file__)
     snap = snapshot.filter_traces([tracemalloc.Filter(False, me),
@@ -150,6 +160,8 @@ async def day(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     weather = Weather(args.sensors, seed=3)
     step = args.day_batch_s
     tracemalloc.start()
+    sql_base = _sqlmem.used()
+    _sqlmem.highwater(reset=True)
     base = _attributable(tracemalloc.take_snapshot())
     tracemalloc.reset_peak()
     base_total = tracemalloc.get_traced_memory()[0]
@@ -168,10 +180,12 @@ async def day(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     peak = max(peak, _attributable(tracemalloc.take_snapshot()) - base)
     traced_peak = tracemalloc.get_traced_memory()[1] - base_total
     tracemalloc.stop()
+    sql_peak = _sqlmem.highwater() - sql_base
     elapsed = time.perf_counter() - t0
     s = buf.stats()
     readings = sum(s.readings_pending.values())
     await buf.close()
+    state_bytes = _blocks(tmp, "day.db*")
     closed = _files_size(tmp, "day.db*")
     return {
         "bytes_on_disk_24h": s.bytes_on_disk,
@@ -181,7 +195,12 @@ async def day(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "chunks_24h": s.chunks_pending,
         "bytes_per_reading": round(s.bytes_on_disk / max(readings, 1), 3),
         "payload_bytes_per_reading": round(s.payload_bytes / max(readings, 1), 3),
-        "buffer_peak_memory_bytes": peak,
+        "state_bytes_24h": s.state_bytes,
+        "state_bytes_24h_after_close": state_bytes,
+        "buffer_peak_memory_bytes": peak + sql_peak,
+        "python_peak_memory_bytes": peak,
+        "sqlite_peak_memory_bytes": sql_peak if _sqlmem.available() else None,
+        "sqlite_cache_kib": cfg.cache_kib,
         "traced_peak_bytes": traced_peak,
         "day_wall_seconds": round(elapsed, 2),
     }

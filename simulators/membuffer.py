@@ -24,6 +24,8 @@ class StoredChunk(msgspec.Struct, frozen=True):
     chunk: Chunk
     attempts: int
     created_ms: int
+    age_ms: int = 0  # set by take(): monotonic time since put (never the wall clock)
+    born: float = 0.0  # monotonic time of put
 
 
 class MemoryBuffer:
@@ -38,11 +40,14 @@ class MemoryBuffer:
         self.acked: list[StoredChunk] = []  # in ack order
         self.takes = 0
 
-    def put_nowait(self, chunk: Chunk, *, created_ms: int | None = None) -> int:
+    def put_nowait(self, chunk: Chunk, *, created_ms: int | None = None,
+                   age_ms: int = 0) -> int:
+        """Buffer ``chunk``; ``age_ms`` backdates it (as if buffered that long already)."""
         cid = self._next_id
         self._next_id += 1
         ms = self.clock.time_ms() if created_ms is None else created_ms
-        self._items[cid] = StoredChunk(cid, chunk, 0, ms)
+        born = self.clock.monotonic() - age_ms / 1000.0
+        self._items[cid] = StoredChunk(cid, chunk, 0, ms, born=born)
         self._notify()
         return cid
 
@@ -72,6 +77,8 @@ class MemoryBuffer:
                 break
             out.append(s)
             total += size
+        now = self.clock.monotonic()
+        out = [msgspec.structs.replace(s, age_ms=int((now - s.born) * 1000)) for s in out]
         self._inflight.update(s.id for s in out)
         return out
 

@@ -6,13 +6,19 @@ import math
 
 import msgspec
 
+from agent.buffer.footprint import MIN_BUDGET
 from agent.codec import CODECS, DEFAULT_CODEC
 from pymigrate.errors import ConfigError
 from pymigrate.types import Priority
 
 
 class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Time to live of buffered data per priority, in seconds; 0 or None keeps forever."""
+    """Time to live of buffered data per priority, in seconds; 0 or None keeps forever.
+
+    Age is counted on the buffer's own clock: monotonic time accumulated across runs and
+    kept in the database, so a jump of the real-time clock (an RTC reset, NTP stepping
+    after a week offline) never makes data old. Time the device is powered off does not
+    count."""
 
     critical: float | None = None
     high: float | None = None
@@ -28,6 +34,9 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Durable buffer settings; every field has a default.
 
+    ``budget_bytes`` bounds every file the buffer keeps (database, WAL, sidecars, ballast:
+    see :mod:`agent.buffer.footprint`); ``disk_reserve_bytes`` is left free on the
+    filesystem for others (the buffer evicts rather than take it).
     ``path`` is resolved against the data directory by the caller. ``commit_window_ms``
     and ``commit_max_readings`` shape group commit; ``chunk_max_readings`` and
     ``chunk_max_age_s`` decide when an open chunk is sealed. ``degrade_low_priority``
@@ -42,7 +51,8 @@ class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chunk_max_age_s: float = 60.0
     codec: str = DEFAULT_CODEC
     retention_s: Retention = msgspec.field(default_factory=Retention)
-    cache_kib: int = 512
+    cache_kib: int = 128
+    disk_reserve_bytes: int = 64 * 1024
     degrade_low_priority: bool = False
 
     def __post_init__(self) -> None:
@@ -51,8 +61,11 @@ class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
         if not self.path:
             raise bad("path", "must not be empty")
-        if self.budget_bytes < 64 * 1024:
-            raise bad("budget_bytes", f"must be at least 65536, got {self.budget_bytes}")
+        if self.budget_bytes < MIN_BUDGET:
+            raise bad("budget_bytes", f"must be at least {MIN_BUDGET} (the database, its WAL "
+                      f"and sidecars live in it), got {self.budget_bytes}")
+        if self.disk_reserve_bytes < 0:
+            raise bad("disk_reserve_bytes", f"must be >= 0, got {self.disk_reserve_bytes}")
         if not 0 <= self.commit_window_ms <= 10_000:
             raise bad("commit_window_ms", f"must be in 0..10000, got {self.commit_window_ms}")
         if self.commit_max_readings < 1:

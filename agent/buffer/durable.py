@@ -24,7 +24,7 @@ import aiosqlite
 import msgspec
 import structlog
 
-from agent.buffer import evict, gaps, schema
+from agent.buffer import evict, footprint, gaps, schema
 from agent.buffer.config import BufferConfig
 from agent.buffer.ledger import Effects, Key, Ledger, Removed
 from agent.buffer.plan import Append, OpenChunk, Plan, build_plan, write_plan
@@ -114,6 +114,15 @@ class DurableBuffer:
         self._new_instance = new_instance or schema.new_instance_id
         self._dedup: list[bytes] = []
         self.dedup_keep_ms = 600_000  # the agent sets its dedup window here
+        self._layout = footprint.Layout.of(config.budget_bytes)
+        self._age0 = 0  # the age clock when opened (ms, from meta 'age_ms')
+        self._mono0 = 0.0
+        self._ballast = False
+        self._ballast_try = -1e18  # monotonic time of the last attempt to make it
+        self._effective = config.budget_bytes
+        self._disk_full = False
+        self._staging_pending = False  # staging left from a crash, not yet sealed
+        self._disk_free: Callable[[Path], int | None] = footprint.disk_free
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -121,6 +130,11 @@ class DurableBuffer:
         """Open (creating or migrating) the database; move aside and salvage a bad one."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self._path.exists() or self._path.stat().st_size == 0
+        free = self._disk_free(self._path.parent)
+        if free is not None and free < self._layout.wal_limit and \
+                footprint.drop_ballast(self._path):
+            # a restart on a full disk: the WAL needs room for its first frames
+            log.warning("buffer.ballast_released", at="open", disk_free_bytes=free)
         try:
             self._db = await self._connect()
         except sqlite3.DatabaseError as exc:
@@ -148,15 +162,36 @@ class DurableBuffer:
         try:
             for p in schema.pragmas(self._cfg.cache_kib):
                 await db.execute(p)
-            await db.executescript(schema.SCHEMA)
+            rows = list(await db.execute_fetchall("PRAGMA page_size"))
+            self._layout = footprint.Layout.of(self._cfg.budget_bytes, int(rows[0][0]))
+            for p in self._layout.pragmas():
+                await db.execute(p)
             rows = list(await db.execute_fetchall("PRAGMA quick_check"))
             if [tuple(r) for r in rows] != [("ok",)]:
                 raise _Corrupt(f"integrity check failed: {[tuple(r) for r in rows[:3]]}")
-            await db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+            # after a crash the WAL may end where the disk is full: fold it into the
+            # database so the next write starts the WAL over in the space it has
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("PRAGMA wal_checkpoint(RESTART)")
+            rows = list(await db.execute_fetchall("PRAGMA user_version"))
+            if int(rows[0][0]) != schema.SCHEMA_VERSION:
+                # new or older: create/migrate. A current schema is not written to at all,
+                # so a restart on a full disk opens.
+                await self._migrate(db, int(rows[0][0]))
         except BaseException:
             await db.close()
             raise
         return db
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection, version: int) -> None:
+        await db.executescript(schema.SCHEMA)
+        cols = {str(r[1]) for r in await db.execute_fetchall("PRAGMA table_info(chunks)")}
+        if "born_ms" not in cols:
+            for stmt in schema.MIGRATIONS[2]:
+                await db.execute(stmt)
+        await db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+        log.info("buffer.schema_migrated", from_version=version, to=schema.SCHEMA_VERSION)
 
     async def _recover(self, exc: BaseException) -> None:
         aside = schema.move_aside(self._path, self._clock.time_ms())
@@ -175,6 +210,10 @@ class DurableBuffer:
     async def _load(self, fresh: bool) -> None:
         db = self._require_db()
         led = self._ledger
+        rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'age_ms'"))
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            self._age0 = int(rows[0][0])
+        self._mono0 = self._clock.monotonic()
         for p, n, cnt, nb in await db.execute_fetchall(
                 "SELECT priority, count(*), sum(count), sum(nbytes) FROM chunks GROUP BY 1"):
             if p not in range(len(Priority)):
@@ -188,7 +227,16 @@ class DurableBuffer:
         lost: list[tuple[str, Gap]] = []
         if fresh:  # a new or moved-aside database continues above the recorded high water
             lost = self._account_fresh_start()
-        await self._recover_staging()
+        try:
+            await self._recover_staging()
+        except (sqlite3.Error, OSError) as exc:
+            if not _is_disk_full(exc):
+                raise
+            # the staged readings are durable where they are; they are sealed before any
+            # new append is accepted (see _run), once there is room
+            self._staging_pending = True
+            self._disk_full = True
+            log.warning("buffer.staging_recovery_deferred", reason="disk_full")
         if lost:
             async def body(db: aiosqlite.Connection, fx: Effects) -> None:
                 await gaps.insert_gaps(db, lost, fx)
@@ -200,6 +248,13 @@ class DurableBuffer:
         rows = list(await db.execute_fetchall("SELECT count(*) FROM gaps"))
         led.gaps = int(rows[0][0]) if rows else 0
         await self._load_identity()
+        await self._ensure_ballast()
+
+    def age_ms(self) -> int:
+        """The buffer's own clock (ms): monotonic time accumulated over every run of this
+        buffer, kept in ``meta`` with each group commit. Retention measures age on it, so
+        no jump of the wall clock can make data old."""
+        return self._age0 + int((self._clock.monotonic() - self._mono0) * 1000)
 
     def _account_fresh_start(self) -> list[tuple[str, Gap]]:
         """A database that is new although numbering had begun (moved aside, deleted):
@@ -259,6 +314,16 @@ class DurableBuffer:
             schema.write_instance_file(self._path, self._instance)
         except OSError as exc:  # a full disk: the copy in the database is what counts
             log.warning("buffer.instance_file_failed", error=str(exc))
+
+    @property
+    def layout(self) -> footprint.Layout:
+        """How the byte budget is shared out among the buffer's files."""
+        return self._layout
+
+    def watch_disk(self, free: Callable[[Path], int | None]) -> None:
+        """Replace the free-space probe (default: ``statvfs`` of the data directory), e.g.
+        by a simulated device's storage quota."""
+        self._disk_free = free
 
     @property
     def instance(self) -> str:
@@ -369,7 +434,13 @@ class DurableBuffer:
     async def flush(self) -> None:
         """Seal every open chunk now (and commit anything pending)."""
         self._flush_req = True
-        await self._request()
+        try:
+            await self._request()
+        except BufferFull as exc:
+            if exc.reason != "disk_full":
+                raise
+            # the open chunks stay staged (durable): they are sealed once there is room
+            log.warning("buffer.flush_deferred", reason="disk_full", open_chunks=len(self._open))
 
     async def put_state(self, key: str, value: bytes) -> None:
         """Persist a small state blob; it rides on the next group commit."""
@@ -475,6 +546,9 @@ class DurableBuffer:
     async def _run(self, plan: Plan) -> None:
         """Commit a plan, making room on a full disk; settle its waiters."""
         try:
+            if self._staging_pending:  # first seal what an earlier run left staged
+                await self._recover_staging()
+                self._staging_pending = False
             await self._reserve(plan.next_seq)
             for attempt in range(_DISK_FULL_RETRIES + 1):
                 try:
@@ -487,10 +561,17 @@ class DurableBuffer:
                     if not await self._free_disk(need, plan.floor):
                         raise
         except Exception as exc:  # the writer must survive whatever one commit hits
+            full = _is_disk_full(exc)
             err = BufferFull(f"cannot store readings: {exc!r}",
-                             reason="disk_full" if _is_disk_full(exc) else "io_error")
-            log.error("buffer.append_failed", error=str(exc), readings=sum(
-                len(a.readings) for a in plan.callers))
+                             reason="disk_full" if full else "io_error")
+            if full and not self._disk_full:
+                log.error("buffer.disk_full", error=str(exc), readings=sum(
+                    len(a.readings) for a in plan.callers), hint="no room left even after "
+                    "eviction: ingest holds back until the uploader frees space")
+            elif not full:
+                log.error("buffer.append_failed", error=str(exc), readings=sum(
+                    len(a.readings) for a in plan.callers))
+            self._disk_full = self._disk_full or full
             for a in plan.callers:
                 if not a.fut.done():
                     a.fut.set_exception(err)
@@ -498,6 +579,9 @@ class DurableBuffer:
                 if not w.done():
                     w.set_exception(err)
             return
+        if self._disk_full:
+            self._disk_full = False
+            log.warning("buffer.disk_full_cleared")
         for key, op in plan.new_open.items():
             if op is None:
                 self._open.pop(key, None)
@@ -526,23 +610,70 @@ class DurableBuffer:
 
     async def _commit_plan(self, plan: Plan, *, clear_all_staging: bool = False) -> None:
         now_ms = self._clock.time_ms()
+        age = self.age_ms()
+        free = await asyncio.to_thread(self._disk_free, self._path.parent)
 
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
-            await write_plan(db, plan, self._ledger, fx, now_ms=now_ms,
+            await write_plan(db, plan, self._ledger, fx, now_ms=now_ms, born_ms=age,
                              codec_id=self._codec.codec_id, clear_all_staging=clear_all_staging,
                              dedup_keep_ms=self.dedup_keep_ms)
-            await evict.expire(db, self._ledger, self._ttl, now_ms, fx)
-            total = self._ledger.payload + sum(n for _, n, _ in fx.inserted) \
-                - sum(r.nbytes for r in fx.removed)
-            staged = {**self._ledger.staging, **fx.staging}
-            excess = total + sum(staged.values()) - self._cfg.budget_bytes
-            if excess > 0:
-                floor = plan.floor if plan.floor < len(Priority) else Priority.HIGH
-                await evict.make_room(db, excess, floor=floor, reason="budget",
-                                      fx=fx, codec=self._codec, degrader=self._degrader,
-                                      busy=set(self._ledger.inflight), now_ms=now_ms)
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('age_ms', ?)",
+                             (age,))
+            await evict.expire(db, self._ledger, self._ttl, now_ms, fx, age_ms=age)
+            incoming = plan.floor < len(Priority)
+            floor = plan.floor if incoming else Priority.HIGH
+            # the disk's limit makes room for incoming data only: a commit without new
+            # readings (a flush, a restart) evicts nothing for a disk others filled
+            await self._fit(db, fx, floor, free if incoming else None, now_ms)
 
         await self._txn(body)
+        await self._ensure_ballast(free)
+
+    async def _fit(self, db: aiosqlite.Connection, fx: Effects, floor: int,
+                   free: int | None, now_ms: int) -> None:
+        """Evict (inside the transaction) until the database pages in use fit the budget's
+        share for the database and what the disk has left (see :mod:`footprint`)."""
+        lay = self._layout
+        limit, reason = lay.target, "budget"
+        if free is not None:
+            wal = footprint.file_bytes(Path(f"{self._path}-wal"))
+            room = free - self._cfg.disk_reserve_bytes - max(0, lay.wal_limit - wal)
+            on_disk = footprint.file_bytes(self._path)
+            # the file never shrinks: evicting only frees pages inside it for new rows,
+            # so on a full disk keep HEADROOM of them free, no more
+            disk_limit = on_disk + max(0, room) - footprint.HEADROOM
+            if disk_limit < limit:
+                limit, reason = disk_limit, "disk_full"
+        self._effective = min(self._cfg.budget_bytes,
+                              lay.budget - lay.target + max(limit, 0))
+        pc = int(next(iter(await db.execute_fetchall("PRAGMA page_count")))[0])
+        fl = int(next(iter(await db.execute_fetchall("PRAGMA freelist_count")))[0])
+        excess = (pc - fl) * lay.page_size - limit
+        if excess > 0:
+            # one pass, by payload bytes: a page frees only once all its rows are gone, so
+            # re-measuring here would evict more than needed; what is left over is taken
+            # by the next commit, within HEADROOM (max_page_count is the hard stop)
+            await evict.make_room(db, excess, floor=floor, reason=reason, fx=fx,
+                                  codec=self._codec, degrader=self._degrader,
+                                  busy=set(self._ledger.inflight), now_ms=now_ms)
+
+    async def _ensure_ballast(self, free: int | None = None) -> None:
+        """Make the ballast file when it is missing and the disk has room to spare."""
+        if self._ballast:
+            return
+        if footprint.ballast_path(self._path).exists():
+            self._ballast = True
+            return
+        now = self._clock.monotonic()
+        if now - self._ballast_try < 5.0:
+            return
+        self._ballast_try = now
+        lay = self._layout
+        if free is None:
+            free = await asyncio.to_thread(self._disk_free, self._path.parent)
+        if free is None or free < 2 * lay.ballast + lay.wal_limit + self._cfg.disk_reserve_bytes:
+            return
+        self._ballast = await asyncio.to_thread(footprint.make_ballast, self._path, lay.ballast)
 
     async def _free_disk(self, need: int, floor: int) -> bool:
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
@@ -555,7 +686,34 @@ class DurableBuffer:
 
     async def _txn(self, body: Callable[[aiosqlite.Connection, Effects],
                                         Awaitable[None]]) -> Effects:
-        """Run ``body`` in one write transaction; apply its effects after COMMIT."""
+        """Run ``body`` in one write transaction; apply its effects after COMMIT.
+
+        On a full disk the ballast file is given back and the transaction tried once more
+        (a delete needs WAL room too)."""
+        try:
+            return await self._txn_once(body)
+        except (sqlite3.Error, OSError) as exc:
+            if not _is_disk_full(exc):
+                raise
+            self._stats.disk_full_errors += 1
+            free = await asyncio.to_thread(self._disk_free, self._path.parent)
+            if free is not None and free >= self._layout.wal_limit:
+                raise  # the database's own cap (max_page_count), not the disk: evict
+            if not await asyncio.to_thread(footprint.drop_ballast, self._path):
+                raise
+            self._ballast = False
+            self._ballast_try = self._clock.monotonic()
+            log.warning("buffer.ballast_released", at="write",
+                        bytes=self._layout.ballast)
+        try:
+            return await self._txn_once(body)
+        except (sqlite3.Error, OSError) as exc:
+            if _is_disk_full(exc):
+                self._stats.disk_full_errors += 1
+            raise
+
+    async def _txn_once(self, body: Callable[[aiosqlite.Connection, Effects],
+                                             Awaitable[None]]) -> Effects:
         db = self._require_db()
         fx = Effects()
         await db.execute("BEGIN IMMEDIATE")
@@ -602,7 +760,7 @@ class DurableBuffer:
         db = self._require_db()
         for p in prios:
             rows = list(await db.execute_fetchall(
-                "SELECT id, ts_first, created_ms FROM chunks WHERE priority = ? "
+                "SELECT id, ts_first, born_ms FROM chunks WHERE priority = ? "
                 "ORDER BY id LIMIT 1", (p,)))
             self._ledger.head[p] = (int(rows[0][0]), int(rows[0][1]), int(rows[0][2])) \
                 if rows else None
@@ -619,12 +777,12 @@ class DurableBuffer:
     # ---------------------------------------------------------------- deadlines
 
     def _next_deadline(self) -> float | None:
-        now, now_ms = self._clock.monotonic(), self._clock.time_ms()
+        now, age = self._clock.monotonic(), self.age_ms()
         ds = [o.deadline for o in self._open.values()]
         for p in Priority:
             ttl, head = self._ttl[p], self._ledger.head[p]
             if ttl is not None and head is not None:
-                ds.append(now + (head[2] + ttl - now_ms) / 1000.0 + 0.001)
+                ds.append(now + (head[2] + ttl - age) / 1000.0 + 0.001)
         return min(ds) if ds else None
 
     async def _timer(self) -> None:
@@ -683,24 +841,30 @@ class DurableBuffer:
     async def _read_chunks(self, ids: list[int]) -> list[StoredChunk]:
         db = self._require_db()
         rows = await db.execute_fetchall(
-            "SELECT id, attempts, created_ms, device_id, priority, seq_first, seq_last, count, "
-            f"ts_first, ts_last, codec, payload, checksum FROM chunks WHERE id IN "
+            "SELECT id, attempts, created_ms, born_ms, device_id, priority, seq_first, "
+            "seq_last, count, ts_first, ts_last, codec, payload, checksum FROM chunks WHERE id IN "
             f"({','.join('?' * len(ids))})", ids)
+        age = self.age_ms()
         got: dict[int, StoredChunk] = {}
         bad: list[tuple[int, str]] = []
         for row in rows:
             cid = int(row[0])
             try:
-                chunk = evict.chunk_of(tuple(row[3:]))
+                chunk = evict.chunk_of(tuple(row[4:]))
                 if zlib.crc32(chunk.payload) != chunk.checksum:
                     raise PyMigrateError("checksum mismatch", reason="corrupt")
             except (PyMigrateError, ValueError, TypeError) as exc:
                 bad.append((cid, str(exc)))
                 continue
             got[cid] = StoredChunk(id=cid, chunk=chunk, attempts=int(row[1]),
-                                   created_ms=int(row[2]))
+                                   created_ms=int(row[2]), age_ms=max(0, age - int(row[3])))
         if bad:
-            await self._quarantine(bad)
+            try:
+                await self._quarantine(bad)
+            except (sqlite3.Error, OSError) as exc:
+                if not _is_disk_full(exc):
+                    raise
+                log.warning("buffer.quarantine_deferred", reason="disk_full", chunks=len(bad))
         return [got[i] for i in ids if i in got]
 
     async def _quarantine(self, bad: list[tuple[int, str]]) -> None:
@@ -715,13 +879,18 @@ class DurableBuffer:
             self._emit("quarantined", {"id": cid, "error": why})
 
     async def _expire_due(self) -> None:
-        now_ms = self._clock.time_ms()
-        if any(t is not None and h is not None and h[2] <= now_ms - t
+        now_ms, age = self._clock.time_ms(), self.age_ms()
+        if any(t is not None and h is not None and h[2] <= age - t
                for t, h in zip(self._ttl, self._ledger.head)):
             async def body(db: aiosqlite.Connection, fx: Effects) -> None:
-                await evict.expire(db, self._ledger, self._ttl, now_ms, fx)
+                await evict.expire(db, self._ledger, self._ttl, now_ms, fx, age_ms=age)
 
-            await self._txn(body)
+            try:
+                await self._txn(body)
+            except (sqlite3.Error, OSError) as exc:
+                if not _is_disk_full(exc):
+                    raise
+                log.warning("buffer.expiry_deferred", reason="disk_full")
 
     async def take_gaps(self, device_id: str | None, limit: int = 256) -> list[gaps.GapRow]:
         """Pending gap records of ``device_id`` (None: of the device of the oldest one),
@@ -760,10 +929,19 @@ class DurableBuffer:
                 fx.gaps_acked += len(list(gone))
 
         async with self._lock:
-            await self._txn(body)
+            try:
+                await self._txn(body)
+            except (sqlite3.Error, OSError) as exc:
+                if not _is_disk_full(exc):
+                    raise
+                # delivered but not deleted: they stay pending and go again (the cloud
+                # stores each sequence number once); the uploader keeps running
+                log.warning("buffer.ack_deferred", reason="disk_full", chunks=len(ids),
+                            gaps=len(gap_ids))
         for i in ids:
             self._ledger.inflight.pop(i, None)
         self._ledger.gaps_inflight.difference_update(gap_ids)
+        self._wake_data()
 
     async def give_up(self, ids: Sequence[int], reason: str, detail: str = "") -> int:
         """The uploader gives up on these chunks (e.g. larger than any uplink can carry):
@@ -783,7 +961,13 @@ class DurableBuffer:
                               for i, p, nb, c in rows)
 
         async with self._lock:
-            fx = await self._txn(body)
+            try:
+                fx = await self._txn(body)
+            except (sqlite3.Error, OSError) as exc:
+                if not _is_disk_full(exc):
+                    raise
+                log.warning("buffer.give_up_deferred", reason="disk_full", chunks=len(ids))
+                fx = Effects()  # kept (and retried later): nothing given up
         for i in ids:
             self._ledger.inflight.pop(i, None)
         self._wake_data()
@@ -812,7 +996,13 @@ class DurableBuffer:
 
         if failed:
             async with self._lock:
-                await self._txn(body)
+                try:
+                    await self._txn(body)
+                except (sqlite3.Error, OSError) as exc:
+                    if not _is_disk_full(exc):
+                        raise
+                    # the attempt count is only a hint: do not fail the uploader over it
+                    log.debug("buffer.release_not_counted", reason="disk_full")
         for i in ids:
             self._ledger.inflight.pop(i, None)
         self._data_evt.set()
@@ -832,6 +1022,15 @@ class DurableBuffer:
             with contextlib.suppress(OSError):
                 size += os.path.getsize(f)
         s.bytes_on_disk = size
+        s.state_bytes = footprint.usage(self._path)
+        s.budget_bytes = self._cfg.budget_bytes
+        s.effective_budget_bytes = self._effective
+        free = self._disk_free(self._path.parent)
+        # full: a commit failed for lack of room, or the filesystem has less free than
+        # the reserve left for others (plus the ballast, once it was given back)
+        short = self._cfg.disk_reserve_bytes + (0 if self._ballast else self._layout.ballast)
+        s.disk_full = self._disk_full or (free is not None and free < short)
+        s.ballast = self._ballast
         s.payload_bytes = led.total_bytes
         s.in_flight = len(led.inflight)
         s.chunks_pending = sum(led.chunks) - s.in_flight

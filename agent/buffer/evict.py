@@ -39,20 +39,24 @@ def chunk_of(row: Sequence[Any]) -> Chunk:
 
 
 async def expire(db: aiosqlite.Connection, ledger: Ledger, ttl_ms: list[int | None],
-                 now_ms: int, fx: Effects) -> None:
-    """Delete chunks older than their priority's retention (by seal time)."""
+                 now_ms: int, fx: Effects, *, age_ms: int) -> None:
+    """Delete chunks older than their priority's retention.
+
+    Age is measured on the buffer's own clock (``age_ms`` now, ``born_ms`` at seal:
+    monotonic time accumulated across runs), never on the wall clock, so a clock jump
+    cannot make data old. ``now_ms`` (wall) only stamps the gap records."""
     for p in Priority:
         ttl, head = ttl_ms[p], ledger.head[p]
-        if ttl is None or head is None or head[2] > now_ms - ttl:
+        if ttl is None or head is None or head[2] > age_ms - ttl:
             continue
         due = [int(r[0]) for r in await db.execute_fetchall(
-            "SELECT id FROM chunks WHERE priority = ? AND created_ms <= ?",
-            (int(p), now_ms - ttl))]
+            "SELECT id FROM chunks WHERE priority = ? AND born_ms <= ?",
+            (int(p), age_ms - ttl))]
         gaps = await gaps_for_chunk_ids(db, due, "expired", now_ms,
                                         f"retention {ttl // 1000} s")
         rows = await db.execute_fetchall(
-            "DELETE FROM chunks WHERE priority = ? AND created_ms <= ? "
-            "RETURNING id, nbytes, count", (int(p), now_ms - ttl))
+            "DELETE FROM chunks WHERE priority = ? AND born_ms <= ? "
+            "RETURNING id, nbytes, count", (int(p), age_ms - ttl))
         await insert_gaps(db, gaps, fx)
         fx.removed.extend(Removed(int(i), int(p), int(nb), int(c), "retention")
                           for i, nb, c in rows)

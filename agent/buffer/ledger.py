@@ -48,7 +48,8 @@ class Ledger:
     readings: list[int] = field(default_factory=lambda: [0] * len(Priority))
     payload: int = 0
     staging: dict[Key, int] = field(default_factory=dict)
-    # per priority: (id, ts_first, created_ms) of the oldest chunk, or None
+    # per priority: (id, ts_first, born_ms) of the oldest chunk, or None (born_ms: the
+    # buffer's own age clock at seal, see DurableBuffer.age_ms)
     head: list[tuple[int, int, int] | None] = field(default_factory=lambda: [None] * 4)
     inflight: dict[int, int] = field(default_factory=dict)  # id -> priority
     gaps: int = 0  # gap records pending (not yet acked by the cloud)

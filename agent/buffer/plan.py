@@ -110,7 +110,7 @@ DEDUP_ROWS = 4096
 
 async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: Effects, *,
                      now_ms: int, codec_id: int, clear_all_staging: bool = False,
-                     dedup_keep_ms: int = 600_000) -> None:
+                     dedup_keep_ms: int = 600_000, born_ms: int = 0) -> None:
     """Write a plan's rows inside the caller's transaction, recording the effects."""
     if clear_all_staging:
         await db.execute("DELETE FROM staging")
@@ -122,11 +122,11 @@ async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: E
     if plan.seal:
         await db.executemany(
             "INSERT INTO chunks (device_id, priority, seq_first, seq_last, count, "
-            "ts_first, ts_last, codec, checksum, nbytes, created_ms, payload) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "ts_first, ts_last, codec, checksum, nbytes, created_ms, payload, born_ms) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [(c.device_id, int(c.priority), c.seq_first, c.seq_last, c.count,
               c.ts_first, c.ts_last, c.codec, c.checksum, len(c.payload), now_ms,
-              c.payload) for c in plan.seal])
+              c.payload, born_ms) for c in plan.seal])
         fx.inserted.extend((int(c.priority), len(c.payload), c.count)
                            for c in plan.seal)
     if plan.stage:

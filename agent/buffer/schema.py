@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: chunks.born_ms (age on the buffer's own clock)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     ts_first INTEGER NOT NULL, ts_last INTEGER NOT NULL,
     codec INTEGER NOT NULL, checksum INTEGER NOT NULL, nbytes INTEGER NOT NULL,
     created_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    degraded INTEGER NOT NULL DEFAULT 0, payload BLOB NOT NULL);
+    degraded INTEGER NOT NULL DEFAULT 0, payload BLOB NOT NULL,
+    born_ms INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS chunks_prio ON chunks (priority, id);
 CREATE TABLE IF NOT EXISTS staging (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,18 +54,25 @@ CHUNK_COLS = ("id, device_id, priority, seq_first, seq_last, count, ts_first, ts
 QUARANTINE_KEEP = 64  # newest quarantined rows kept for forensics; older ones dropped
 
 
+MIGRATIONS = {  # from user_version -> statements bringing it to the next version
+    2: ["ALTER TABLE chunks ADD COLUMN born_ms INTEGER NOT NULL DEFAULT 0"],
+}
+
+
 def pragmas(cache_kib: int) -> list[str]:
-    """Connection settings: WAL, fsync on every commit, small fixed cache."""
+    """Connection settings: WAL, fsync on every commit, small fixed cache, no mmap."""
     # synchronous=FULL: in WAL mode NORMAL may lose the last commits on power loss, and a
     # reading counts as accepted once committed, so every group commit is fsynced.
+    # locking_mode=EXCLUSIVE (set before WAL): one process owns the buffer, and SQLite
+    # keeps the WAL index in memory instead of a -shm file: no file to create (or fail
+    # to create) on a full disk, none outside the budget.
     return [
+        "PRAGMA locking_mode=EXCLUSIVE",
         "PRAGMA journal_mode=WAL",
         "PRAGMA synchronous=FULL",
         f"PRAGMA cache_size=-{int(cache_kib)}",
         "PRAGMA temp_store=MEMORY",
         "PRAGMA mmap_size=0",
-        "PRAGMA wal_autocheckpoint=256",
-        "PRAGMA journal_size_limit=1048576",
         "PRAGMA foreign_keys=OFF",
     ]
 
@@ -135,6 +143,7 @@ def salvage(src: Path, dst: Path, cache_kib: int, now_ms: int = 0) -> SalvageRes
         for p in pragmas(cache_kib):
             out.execute(p)
         out.executescript(SCHEMA)
+        out.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         out.execute("BEGIN")
         try:
             src_db = sqlite3.connect(f"file:{src}?mode=ro", uri=True)

@@ -9,12 +9,14 @@ from pymigrate.types import Chunk
 
 class StoredChunk(msgspec.Struct, frozen=True):
     """A sealed chunk as stored: row ``id`` (for ack/release), failed ``attempts`` so far,
-    and ``created_ms`` (wall time it was sealed)."""
+    ``created_ms`` (wall time it was sealed: information only) and ``age_ms`` (how long
+    it has been buffered, on the buffer's own clock, immune to wall-clock jumps)."""
 
     id: int
     chunk: Chunk
     attempts: int
     created_ms: int
+    age_ms: int = 0
 
 
 class BufferStats(msgspec.Struct):
@@ -43,3 +45,9 @@ class BufferStats(msgspec.Struct):
     gaps_recorded: int = 0  # gap records written since open (evicted, expired, corrupt...)
     gap_readings: int = 0  # sequence numbers those records account for
     gaps_pending: int = 0  # gap records not yet acknowledged by the cloud
+    state_bytes: int = 0  # every file the buffer keeps, as allocated on disk
+    budget_bytes: int = 0  # the configured budget
+    effective_budget_bytes: int = 0  # min(budget, what the free space allows)
+    disk_full: bool = False  # the last group commit failed for lack of space
+    disk_full_errors: int = 0  # SQLITE_FULL / ENOSPC seen (each retried or reported)
+    ballast: bool = False  # the ballast file is in place (given back on a full disk)

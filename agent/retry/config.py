@@ -69,8 +69,12 @@ class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # time sync: while the clock model wants samples, ping (an empty batch) this often
     sync_ping_s: float = 60.0
     # give up, loudly
-    retention_s: float = 7 * 86400.0  # 0: no age limit
-    max_attempts: int = 0  # 0: unlimited (retention still applies)
+    # 0 (default): no age limit, every priority is kept until delivered or evicted by the
+    # byte budget; > 0: chunks buffered longer (on the buffer's own clock, immune to
+    # wall-clock jumps) are given up with an ``expired`` gap record. Per-priority
+    # retention lives in ``buffer.retention_s``.
+    retention_s: float = 0.0
+    max_attempts: int = 0  # 0: unlimited
 
     def __post_init__(self) -> None:
         if self.backoff not in BACKOFF_KINDS:

@@ -19,6 +19,10 @@ class SourceBatch(msgspec.Struct):
     time-sync model applies to them. Timestamps that came with the data (a replayed file,
     a sensor payload with its own ``ts``) are kept as given: the gateway's clock model
     says nothing about them.
+
+    ``sampled`` marks a live sample of a sensor polled on a schedule: when the disk is
+    full it is dropped (counted, reason ``disk_full``) instead of held, since holding it
+    would only make newer samples wait behind it. Other batches are held (backpressure).
     """
 
     readings: list[Reading]
@@ -28,6 +32,7 @@ class SourceBatch(msgspec.Struct):
     # identity of the source message when its readings were stamped on arrival (a
     # redelivery would otherwise look new to the edge dedup): fingerprints derive from it
     msg_key: int | None = None
+    sampled: bool = False
 
 
 class Emit(Protocol):

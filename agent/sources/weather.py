@@ -84,7 +84,7 @@ class WeatherStation:
         nxt = self.clock.monotonic()
         while self.max_ticks is None or self.ticks < self.max_ticks:
             await self.clock.sleep_until(nxt)
-            await emit(SourceBatch(self.sample(self.clock.time_ms())))
+            await emit(SourceBatch(self.sample(self.clock.time_ms()), sampled=True))
             self.ticks += 1
             nxt += period
             now = self.clock.monotonic()

@@ -341,3 +341,57 @@ async def test_timestamps_that_came_with_the_data_are_kept(tmp_path: Path) -> No
         await st.close()
     assert [(r.ts_ms, r.value, r.quality) for r in rows] == [
         (1539820800000, 1.5, 0), (1539820860000, 2.5, 0)]
+
+
+class _AlwaysFullBuffer:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def append(self, readings: list[Reading], *, state: object = None,
+                     dedup: bytes = b"") -> list[Reading]:
+        self.calls += 1
+        from pymigrate.errors import BufferFull
+
+        raise BufferFull("no room", reason="disk_full")
+
+
+def _stage(buf: object, clock: object) -> object:
+    from agent.aggregate import AggregationConfig, Aggregator
+    from agent.config import ValidationConfig
+    from agent.dedup import DedupConfig, Deduplicator
+    from agent.pipeline import IngestStage
+    from agent.timesync import TimeCorrector, TimeSyncConfig
+    from agent.validate import Validator
+
+    return IngestStage(asyncio.Queue(), buffer=buf, clock=clock,  # type: ignore[arg-type]
+                       validator=Validator(ValidationConfig(), now_ms=clock.time_ms),  # type: ignore[attr-defined]
+                       dedup=Deduplicator(DedupConfig(), clock=clock),  # type: ignore[arg-type]
+                       timesync=TimeCorrector(TimeSyncConfig(), clock=clock),  # type: ignore[arg-type]
+                       aggregator=Aggregator(AggregationConfig(), clock=clock),  # type: ignore[arg-type]
+                       priorities=PriorityMap([]))
+
+
+async def test_full_disk_drops_live_samples_counted_and_holds_the_rest() -> None:
+    from pymigrate.clock import VirtualClock
+
+    clock = VirtualClock()
+    stage: Any = _stage(_AlwaysFullBuffer(), clock)
+    acked: list[int] = []
+
+    async def ack() -> None:
+        acked.append(1)
+
+    # a live sample (weather source): dropped with a counted reason, not acked, not held
+    await stage.process(SourceBatch([Reading("d", "t", clock.time_ms(), 1.0)],
+                                    ack=ack, sampled=True))
+    assert stage.counts["dropped_disk_full"] == 1 and acked == []
+    # an acknowledgeable message (MQTT QoS 1): held and retried, never acked
+    held = asyncio.create_task(stage.process(SourceBatch(
+        [Reading("d", "t", clock.time_ms() + 1, 2.0)], ack=ack)))
+    await clock.advance(30)
+    assert not held.done() and acked == [] and stage.counts["buffer_full_waits"] > 2
+    # SIGTERM: the held batch gives up at once (un-acked: the broker redelivers it)
+    stop = asyncio.create_task(stage.stop())
+    await asyncio.wait_for(held, 2)
+    await stop
+    assert acked == [] and stage.counts["not_accepted_at_stop"] == 1

@@ -12,7 +12,7 @@ from pymigrate.clock import VirtualClock
 from pymigrate.types import Priority
 from tests.unit.buffer_helpers import crash, drain, opened, readings
 
-BUDGET = 64 * 1024
+BUDGET = 280 * 1024  # on disk: database + WAL + sidecars + ballast
 CH = 100
 
 

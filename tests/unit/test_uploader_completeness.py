@@ -44,7 +44,7 @@ async def _agent(tmp_path: Path, **bkw: object) -> tuple[WallClock, DurableBuffe
 
 
 async def test_gap_records_ride_along_and_are_deleted_on_the_ack(tmp_path: Path) -> None:
-    clock, buf, ul, up = await _agent(tmp_path, budget_bytes=64 * 1024)
+    clock, buf, ul, up = await _agent(tmp_path, budget_bytes=280 * 1024)
     try:
         for i in range(90):  # offline: the budget evicts, each eviction a gap record
             await buf.append(readings(100, device="d", noisy=True, seed=i))

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from pymigrate.types import Priority
 from tests.unit.fakes_uplink import FakeUplink
 from tests.unit.uploader_helpers import advance, cfg, chunk, make, running
 
@@ -44,7 +45,7 @@ async def test_expired_and_exhausted_chunks_are_dead_lettered_loudly() -> None:
     events: list[str] = []
     clock, buf, (ul,), up = make(config=cfg(retention_s=3600, max_attempts=3),
                                  on_event=lambda n, f: events.append(f"{n}:{f['reason']}"))
-    buf.put_nowait(chunk(1), created_ms=clock.time_ms() - 7200_000)  # two hours old
+    buf.put_nowait(chunk(1), age_ms=7200_000)  # buffered two hours already
     buf.put_nowait(chunk(11))
     ul.default = "fail"
     async with running(up):
@@ -54,6 +55,27 @@ async def test_expired_and_exhausted_chunks_are_dead_lettered_loudly() -> None:
     assert up.stats()["dead_letters"] == {"expired": 1, "max_attempts": 1}
     assert sorted(events) == ["dead_letter:expired", "dead_letter:max_attempts"]
     assert [b.chunks[0].seq_first for b in ul.sent] == [11, 11, 11]
+
+
+async def test_a_wall_clock_jump_never_expires_data() -> None:
+    # a chunk whose wall-clock stamp says "8 days old" (an RTC that jumped) is not old:
+    # age is measured on the buffer's monotonic clock
+    clock, buf, (ul,), up = make(config=cfg(retention_s=7 * 86400))
+    buf.put_nowait(chunk(1, priority=Priority.CRITICAL),
+                   created_ms=clock.time_ms() - 8 * 86400_000)
+    async with running(up):
+        await advance(clock, 30)
+    assert up.stats()["dead_letters"] == {}
+    assert ul.seqs == [1]
+
+
+async def test_no_retention_by_default() -> None:
+    clock, buf, (ul,), up = make()
+    assert up.cfg.retention_s == 0
+    buf.put_nowait(chunk(1), age_ms=30 * 86400_000)  # a month offline
+    async with running(up):
+        await advance(clock, 30)
+    assert up.stats()["dead_letters"] == {} and ul.seqs == [1]
 
 
 async def test_too_big_for_the_uplink_is_split_or_dead_lettered() -> None:
