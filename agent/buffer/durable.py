@@ -696,9 +696,6 @@ class DurableBuffer:
             if not _is_disk_full(exc):
                 raise
             self._stats.disk_full_errors += 1
-            free = await asyncio.to_thread(self._disk_free, self._path.parent)
-            if free is not None and free >= self._layout.wal_limit:
-                raise  # the database's own cap (max_page_count), not the disk: evict
             if not await asyncio.to_thread(footprint.drop_ballast, self._path):
                 raise
             self._ballast = False
