@@ -93,6 +93,8 @@ class IngestStage:
         """Restore persisted state: the edge-dedup fingerprints of what sources may
         deliver again, the aggregation windows (forwarding what they hand back)."""
         self.buffer.dedup_keep_ms = int(self.dedup.config.window_s * 1000)
+        self.buffer.dedup_keep_bytes = min(self.buffer.dedup_keep_bytes,
+                                           8 * self.dedup.config.max_entries)
         now = self.clock.time_ms()
         restored = self.dedup.restore(
             (fp, (now - seen) / 1000.0)

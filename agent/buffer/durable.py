@@ -114,6 +114,8 @@ class DurableBuffer:
         self._new_instance = new_instance or schema.new_instance_id
         self._dedup: list[bytes] = []
         self.dedup_keep_ms = 600_000  # the agent sets its dedup window here
+        # fingerprints kept: the window's capacity, at most 1/16 of the byte budget
+        self.dedup_keep_bytes = min(128 * 1024, config.budget_bytes // 16)
         self._layout = footprint.Layout.of(config.budget_bytes)
         self._age0 = 0  # the age clock when opened (ms, from meta 'age_ms')
         self._mono0 = 0.0
@@ -616,7 +618,8 @@ class DurableBuffer:
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
             await write_plan(db, plan, self._ledger, fx, now_ms=now_ms, born_ms=age,
                              codec_id=self._codec.codec_id, clear_all_staging=clear_all_staging,
-                             dedup_keep_ms=self.dedup_keep_ms)
+                             dedup_keep_ms=self.dedup_keep_ms,
+                             dedup_keep_bytes=self.dedup_keep_bytes)
             await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('age_ms', ?)",
                              (age,))
             await evict.expire(db, self._ledger, self._ttl, now_ms, fx, age_ms=age)

@@ -110,7 +110,8 @@ DEDUP_ROWS = 4096
 
 async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: Effects, *,
                      now_ms: int, codec_id: int, clear_all_staging: bool = False,
-                     dedup_keep_ms: int = 600_000, born_ms: int = 0) -> None:
+                     dedup_keep_ms: int = 600_000, born_ms: int = 0,
+                     dedup_keep_bytes: int = 128 * 1024) -> None:
     """Write a plan's rows inside the caller's transaction, recording the effects."""
     if clear_all_staging:
         await db.execute("DELETE FROM staging")
@@ -146,10 +147,14 @@ async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: E
     if plan.dedup:
         await db.executemany("INSERT INTO dedup_log (seen_ms, fps) VALUES (?, ?)",
                              [(now_ms, b) for b in plan.dedup])
-        # bounded: rows of the last window (dedup_keep_ms), at most DEDUP_ROWS of them
+        # bounded: rows of the last window (dedup_keep_ms), at most DEDUP_ROWS rows and
+        # dedup_keep_bytes of fingerprints (the window's capacity, and a share of the
+        # byte budget: they count against it like everything in the file)
         await db.execute("DELETE FROM dedup_log WHERE seen_ms < ? OR id <= "
-                         "(SELECT max(id) FROM dedup_log) - ?",
-                         (now_ms - dedup_keep_ms, DEDUP_ROWS))
+                         "(SELECT max(id) FROM dedup_log) - ? OR id <= coalesce((SELECT id FROM"
+                         " (SELECT id, sum(length(fps)) OVER (ORDER BY id DESC) AS held"
+                         " FROM dedup_log) WHERE held > ? ORDER BY id DESC LIMIT 1), 0)",
+                         (now_ms - dedup_keep_ms, DEDUP_ROWS, dedup_keep_bytes))
     if plan.states:
         await db.executemany(
             "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) "

@@ -81,6 +81,8 @@ def probe(path: Path) -> None:
     """Open ``path`` and read its header: raises the sqlite3 error a real open would."""
     con = sqlite3.connect(path)
     try:
+        # exclusive, as the buffer's own connection: no -shm file to create (a full disk)
+        con.execute("PRAGMA locking_mode=EXCLUSIVE")
         con.execute("PRAGMA schema_version").fetchone()
     finally:
         con.close()
