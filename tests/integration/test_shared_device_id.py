@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.integration.test_agent_kill9 import _spawn, _wait_for
+from tests.support.agent_cloud import agent_cloud_toml
 
 pytestmark = pytest.mark.integration
 N = 1500  # rows per agent, 2 sensors each
@@ -30,45 +31,8 @@ def _files(tmp: Path, name: str, port: int, base: float) -> Path:
     csv.write_text("ts,a,b\n" + "".join(f"{t0 + i * 1000},{base + i},{base - i}\n"
                                          for i in range(N)))
     cfg = tmp / f"{name}.toml"
-    cfg.write_text(f"""
-[device]
-id = "cloned-gw"
-data_dir = "{tmp / name}"
-
-[[sources]]
-type = "replay"
-path = "{csv}"
-speed = 0
-
-[buffer]
-commit_window_ms = 20
-chunk_max_age_s = 0.3
-
-[uplink]
-transports = ["coap"]
-
-[uplink.coap]
-host = "127.0.0.1"
-port = {port}
-
-[retry]
-backoff_base_s = 0.05
-backoff_cap_s = 0.3
-
-[log]
-level = "warning"
-
-[cloud]
-store = "sqlite"
-listeners = ["coap"]
-
-[cloud.sqlite]
-path = "{tmp / 'cloud.db'}"
-
-[cloud.coap]
-host = "127.0.0.1"
-port = {port}
-""")
+    cfg.write_text(agent_cloud_toml(tmp, port, device="cloned-gw", data_dir=name,
+                                    source=f'type = "replay"\npath = "{csv}"\nspeed = 0'))
     return cfg
 
 
