@@ -121,7 +121,17 @@ def test_kill9_loses_nothing(tmp_path: Path) -> None:
         agent = _spawn("agent", "--config", str(cfg))
         # signal handlers are installed before the first reading is accepted: wait for
         # that (a fixed sleep raced a slow start under load)
-        assert _wait_for(lambda: _committed_high_water(buffer_db) > before_final, 30)
+        def cloud_rows() -> int:
+            con = sqlite3.connect(tmp_path / "cloud.db")
+            try:
+                return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0
+            finally:
+                con.close()
+
+        rows = cloud_rows()  # the buffer is held exclusively while the agent runs
+        assert _wait_for(lambda: cloud_rows() > rows, 30)
         time.sleep(0.5)
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=60)
