@@ -124,6 +124,9 @@ class AgentCollector(Collector):
         yield _gauge("buffer_chunks_pending", "Sealed chunks waiting for upload",
                      b.chunks_pending)
         yield _gauge("buffer_chunks_in_flight", "Chunks in batches being sent", b.in_flight)
+        yield _gauge("buffer_gaps_pending",
+                     "Gap records (sequence numbers never to be delivered) not yet acked",
+                     b.gaps_pending)
         pend = GaugeMetricFamily(P + "buffer_readings_pending", "Readings waiting for upload",
                                  labels=["priority"])
         for prio, n in sorted(b.readings_pending.items()):

@@ -42,12 +42,22 @@ import structlog
 
 from bench import _chaos_faults as faults
 from bench._chaos_audit import Key, StreamTruth, Truth, audit, read_buffer_streams, read_store
-from bench._chaos_env import PY, ROOT, Mosquitto, Proc, mount_tmpfs, port_open, umount, wait_until
+from bench._chaos_env import (
+    PY,
+    ROOT,
+    Mosquitto,
+    Proc,
+    free_port,
+    mount_tmpfs,
+    port_open,
+    umount,
+    wait_until,
+)
 
 log = structlog.get_logger("bench.chaos")
 
 FAULTS = tuple(faults.FAULTS)
-SMALL_BUDGET = 65536
+SMALL_BUDGET = 256 * 1024  # the minimum budget (database, WAL and sidecars included)
 TWIN_BASE = 10_000_000  # the twin's values: distinct from its sibling's, same device id
 
 
@@ -74,6 +84,7 @@ class Device:
         self.offset_ms = 0
         self.lock = asyncio.Lock()  # one process-level fault at a time per device
         self.run = run
+        self.metrics_port = free_port()
         self.proc = Proc(["agent", "--config", str(self.dir / "agent.toml")],
                          self.dir / "agent.log", cwd=self.dir)
 
@@ -152,6 +163,10 @@ timeout_max_s = 15.0
 [pipeline]
 drain_timeout_s = 5.0
 
+[metrics]
+enabled = true
+port = {self.metrics_port}
+
 [log]
 format = "json"
 level = "warning"
@@ -171,7 +186,22 @@ level = "warning"
         return p.read_text(errors="replace").count(f'"{event}"') if p.exists() else 0
 
     def pending(self) -> int:
-        """Chunks + staged rows + gap records still in the buffer (0 when drained)."""
+        """Chunks + staged rows + gap records still in the buffer (0 when drained).
+
+        A running agent holds its buffer exclusively: ask its metrics; a stopped one's
+        buffer file is read directly."""
+        if self.proc.alive:
+            from agent.status import fetch
+
+            try:
+                _, m = fetch(f"http://127.0.0.1:{self.metrics_port}", timeout=2.0)
+            except (OSError, ValueError):
+                return 1
+            p = "pymigrate_agent_"
+            return int(m.get(p + "buffer_chunks_pending", 0)
+                       + m.get(p + "buffer_chunks_in_flight", 0)
+                       + sum(m.get(p + "buffer_readings_pending", {}).values())
+                       + m.get(p + "buffer_gaps_pending", 1))
         if not self.buffer_path.exists():
             return 0
         try:
@@ -298,7 +328,9 @@ share_group = "chaos{self.run_id}"
         for d in self.devices:
             d.start()
         if not await self.wait_subscribed(self.devices, 90):
-            raise RuntimeError("agents did not start (see the agent logs)")
+            tails = {d.name: (d.dir / "agent.log").read_text(errors="replace")[-1500:]
+                     if (d.dir / "agent.log").exists() else "(no log)" for d in self.devices}
+            raise RuntimeError(f"agents did not start; their logs end with: {tails}")
         await asyncio.sleep(1.0)
 
     async def wait_subscribed(self, devs: list[Device], limit_s: float) -> bool:

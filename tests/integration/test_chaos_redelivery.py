@@ -34,6 +34,17 @@ def _next_seq(db: Path) -> int:
     return int(row[0] or 1)
 
 
+def _accepted(port: int) -> int:
+    """Readings the running agent committed since it started (-1 when unreachable)."""
+    from agent.status import fetch
+
+    try:
+        _, metrics = fetch(f"http://127.0.0.1:{port}", timeout=1.0)
+    except (OSError, ValueError):
+        return -1
+    return int(metrics.get("pymigrate_agent_readings_accepted_total", 0))
+
+
 # Found by the chaos audit: QoS 1 messages committed but not yet acknowledged to the
 # broker when the agent stopped were redelivered and numbered again, because readings
 # stamped on arrival differ at each delivery. The edge dedup now knows such a message by
@@ -47,6 +58,7 @@ async def test_redelivered_messages_are_not_numbered_twice(tmp_path: Path) -> No
     src = Mosquitto(tmp_path, "src", persistence=False, extra="log_type subscribe\n")
     await src.start()
     data = tmp_path / "data"
+    mport = free_port()
     (tmp_path / "agent.toml").write_text(f"""
 [device]
 id = "redelivery-1"
@@ -73,6 +85,10 @@ host = "127.0.0.1"
 port = {free_port()}
 connect_timeout_s = 1.0
 
+[metrics]
+enabled = true
+port = {mport}
+
 [log]
 format = "json"
 level = "warning"
@@ -85,9 +101,11 @@ level = "warning"
         sublog = src.dir / "mosquitto.log"
         assert await wait_until(lambda: sublog.exists() and "redelivery/#" in
                                 sublog.read_text(errors="replace"), 60, step=0.2)
-        sent = 0
+        # the running agent holds its buffer exclusively: progress is read from its
+        # metrics (readings committed by this process) and the buffer only between runs
+        start_hi = sent = backlogs = 0
         for _cycle in range(3):  # a backlog at SIGTERM time is what it takes; 3 tries
-            base = _next_seq(db) - 1
+            before = sent
             async with aiomqtt.Client("127.0.0.1", src.port,
                                       identifier="redelivery-pub") as c:
                 for _ in range(MESSAGES):
@@ -95,17 +113,21 @@ level = "warning"
                     sent += PER
                     await c.publish("redelivery/x", json.dumps(items).encode(), qos=1)
             # stop the agent gracefully while it is still taking the messages in
-            await wait_until(lambda b=base: _next_seq(db) - 1 > b, 30, step=0.005)
+            await wait_until(lambda b=before, h=start_hi: h + _accepted(mport) > b, 30,
+                             step=0.005)
             assert agent.proc is not None
             agent.proc.send_signal(signal.SIGTERM)
             await agent.terminate(30)
-            assert _next_seq(db) - 1 < sent, "no backlog at SIGTERM time"
+            start_hi = _next_seq(db) - 1
+            backlogs += start_hi < sent
             agent.start()  # the broker redelivers what was not acked (persistent session)
-            await wait_until(lambda s=sent: _next_seq(db) - 1 >= s, 60, step=0.2)
+            await wait_until(lambda s=sent, h=start_hi: h + _accepted(mport) >= s, 60,
+                             step=0.2)
             await asyncio.sleep(2.0)
-            if _next_seq(db) - 1 != sent:
-                break
+            if start_hi + _accepted(mport) != sent or backlogs:
+                break  # numbered twice, or one redelivery after a backlog seen: done
         await agent.terminate(30)
+        assert backlogs > 0, "the agent had taken every message in before each SIGTERM"
         # every reading numbered exactly once
         assert _next_seq(db) - 1 == sent, f"{_next_seq(db) - 1} numbers for {sent} readings"
     finally:
