@@ -18,7 +18,7 @@ from simulators.sensors import WeatherGen
 NAME = "cellular-cost"
 SUMMARY = "same data raw (SenML JSON) vs compressed vs aggregated: bytes and cellular cost"
 DEFAULTS = {"devices": 1, "hours": 24}
-SHORT = {"devices": 1, "hours": 3}
+SHORT = {"devices": 1, "hours": 1.5}
 PRICE_PER_MB = 0.25  # USD per 10^6 bytes
 BILLING_INCREMENT = 1024  # every session is rounded up to this many bytes
 MTU, HEADER = 1200, 40

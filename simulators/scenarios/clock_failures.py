@@ -18,7 +18,7 @@ from simulators.sensors import Generator, WeatherGen
 NAME = "clock-failures"
 SUMMARY = "RTC drift, reset to 1970 and a step back; timestamps corrected from acks"
 DEFAULTS = {"devices": 3, "hours": 12}
-SHORT = {"devices": 3, "hours": 4}
+SHORT = {"devices": 3, "hours": 2}
 
 
 class TruthGen(Generator):

@@ -13,7 +13,7 @@ from simulators.sensors import WeatherGen
 NAME = "cloud-outage"
 SUMMARY = "hours-long cloud outage, then the recovery stampede of a whole fleet"
 DEFAULTS = {"devices": 50, "hours": 12}
-SHORT = {"devices": 8, "hours": 3}
+SHORT = {"devices": 8, "hours": 1.5}
 
 
 async def run(opts: Options) -> Report:

@@ -18,7 +18,7 @@ from simulators.sensors import WeatherGen
 NAME = "corrupt-buffer"
 SUMMARY = "bit flips in stored chunks between runs: quarantined, the rest delivered"
 DEFAULTS = {"devices": 3, "hours": 12}
-SHORT = {"devices": 2, "hours": 4}
+SHORT = {"devices": 2, "hours": 2}
 CHUNKS_PER_DEVICE = 3
 
 

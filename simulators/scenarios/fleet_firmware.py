@@ -44,7 +44,7 @@ from transports.jobs_security import sign
 NAME = "fleet-firmware"
 SUMMARY = "rollout in waves across 3 regions (coordinator dry run) while devices upload"
 DEFAULTS = {"devices": 12, "hours": 12}
-SHORT = {"devices": 6, "hours": 4}
+SHORT = {"devices": 6, "hours": 2}
 REGION_FLEET = 10_000
 # name, loss, latency, link outages (fraction of the run), online fraction, update max s
 REGIONS: list[tuple[str, float, float, tuple[tuple[float, float], ...], float, float]] = [

@@ -13,7 +13,7 @@ from simulators.sensors import IndustrialGen
 NAME = "industrial-burst"
 SUMMARY = "100 Hz vibration bursts during congestion (loss, collapses) and cloud throttling"
 DEFAULTS = {"devices": 4, "hours": 12}
-SHORT = {"devices": 2, "hours": 3}
+SHORT = {"devices": 2, "hours": 1.5}
 
 
 async def run(opts: Options) -> Report:

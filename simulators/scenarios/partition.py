@@ -12,7 +12,7 @@ from simulators.sensors import WeatherGen
 NAME = "partition"
 SUMMARY = "one device group isolated for hours, the rest unaffected, then catch-up"
 DEFAULTS = {"devices": 10, "hours": 12}
-SHORT = {"devices": 4, "hours": 4}
+SHORT = {"devices": 4, "hours": 2}
 
 
 async def run(opts: Options) -> Report:

@@ -12,7 +12,7 @@ from simulators.sensors import WeatherGen
 NAME = "rate-limited"
 SUMMARY = "cloud API throttles bulk uploads (429 + retry-after) after a backlog builds"
 DEFAULTS = {"devices": 20, "hours": 8}
-SHORT = {"devices": 4, "hours": 2}
+SHORT = {"devices": 4, "hours": 1}
 
 
 async def run(opts: Options) -> Report:
