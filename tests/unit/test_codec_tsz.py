@@ -16,7 +16,7 @@ from agent.codec.tsz import TszCodec, chunk_meta
 from pymigrate.errors import DecodeError
 from pymigrate.types import AggInfo, Priority, Reading
 
-EXAMPLES = int(os.environ.get("PYMIGRATE_FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("PYMIGRATE_FUZZ_EXAMPLES", "100"))  # more: set the variable
 I64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 SMALL_OR_ANY = st.one_of(st.integers(-3, 3), I64)  # small ranges give duplicates and reversals
 

@@ -107,9 +107,11 @@ async def test_faulty_sensors() -> None:
         FaultyGen(inner, {"x": "melted"})
 
 
-async def test_csv_replay_shifted_and_looped() -> None:
+async def test_csv_replay_shifted_and_looped(tmp_path: Path) -> None:
     clock = VirtualClock()
-    path = DATA / "cgm_5min.csv"
+    # a day of the real recording (the whole file spans half a year: minutes to loop)
+    path = tmp_path / "cgm_day.csv"
+    path.write_text("".join((DATA / "cgm_5min.csv").read_text().splitlines(True)[:289]))
     gen = CsvReplayGen(path, device_id="p", clock=clock, batch_s=600)
     span_h = gen.span_ms / 3_600_000
     batches = await collect(gen, clock, (span_h * 2 + 1) * 3600)
