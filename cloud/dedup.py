@@ -327,19 +327,22 @@ class ConflictResolver:
 # -- 2. redundant gateways ------------------------------------------------------------------
 class GatewayResult(msgspec.Struct):
     """What the store must do: insert ``store``, skip ``dropped``, apply ``replaced``
-    as (stored reading, reading that takes its place)."""
+    as (stored reading, reading that takes its place); ``replaced_instances[i]`` is the
+    stream instance the stored copy of ``replaced[i]`` came in with."""
 
     store: list[Reading]
     dropped: list[Reading]
     replaced: list[tuple[Reading, Reading]]
+    replaced_instances: list[str] = msgspec.field(default_factory=list)
 
 
 class _Event:
-    __slots__ = ("count", "devices", "kept", "ts")
+    __slots__ = ("count", "devices", "instance", "kept", "ts")
 
-    def __init__(self, r: Reading) -> None:
+    def __init__(self, r: Reading, instance: str) -> None:
         self.ts = r.ts_ms
         self.kept = r
+        self.instance = instance  # the stream (agent instance) the kept copy is stored in
         self.devices = {r.device_id}
         self.count = 1
 
@@ -368,8 +371,9 @@ class GatewayDeduper:
         self._newest: dict[str, int] = {}
         self.counts = {"kept": 0, "dropped": 0, "replaced": 0, "conflicts": 0}
 
-    def offer(self, readings: Sequence[Reading]) -> GatewayResult:
-        """Classify readings (already time-corrected) against the recent events."""
+    def offer(self, readings: Sequence[Reading], instance: str = "") -> GatewayResult:
+        """Classify readings (already time-corrected) against the recent events;
+        ``instance`` is the stream they arrive in (two agents may share a device id)."""
         res = GatewayResult([], [], [])
         for r in readings:
             k = self._key(r)
@@ -378,7 +382,7 @@ class GatewayDeduper:
             if ev is None:
                 i = bisect.bisect_right(tss, r.ts_ms)
                 tss.insert(i, r.ts_ms)
-                evs.insert(i, _Event(r))
+                evs.insert(i, _Event(r, instance))
                 res.store.append(r)
                 self.counts["kept"] += 1
                 self._trim(k, tss, evs, r.ts_ms)
@@ -393,6 +397,9 @@ class GatewayDeduper:
                 self.counts["dropped"] += 1
             else:
                 res.replaced.append((ev.kept, new))
+                res.replaced_instances.append(ev.instance)
+                if new is r:
+                    ev.instance = instance
                 ev.kept = new
                 self.counts["replaced"] += 1
         return res

@@ -48,6 +48,7 @@ between is covered by that retry).
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 from typing import Any
@@ -155,8 +156,8 @@ class IngestService:
             return await self._reject(inc, exc.reason, t_recv, batch.batch_id,
                                       device=batch.device_id, ledger=ledger,
                                       error=str(exc)[:200])
-        admit = (self._admit if self.gateway is not None or self.conflicts is not None
-                 else None)
+        admit = (functools.partial(self._admit, instance=batch.instance)
+                 if self.gateway is not None or self.conflicts is not None else None)
         meta = BatchMeta(batch.instance, batch.seq_base, batch.hwm,
                          digests if batch.instance else [], batch.gaps, inc.payload,
                          inc.peer)
@@ -213,7 +214,7 @@ class IngestService:
                                     "cloud.allow_non_finite to keep NaN/inf)",
                                     reason="non_finite_value")
 
-    def _admit(self, fresh: list[Reading]) -> Admission:
+    def _admit(self, fresh: list[Reading], instance: str = "") -> Admission:
         """Store-side filter over a batch's not-yet-stored readings (inside the write
         transaction): same-instant conflicts within the batch, then other gateways."""
         skip: list[Reading] = []
@@ -221,12 +222,12 @@ class IngestService:
             fresh, skip = self._resolve_conflicts(fresh)
         if self.gateway is None:
             return Admission(write=fresh, skip=skip, delete=[])
-        res = self.gateway.offer(fresh)
+        res = self.gateway.offer(fresh, instance)
         write = list(res.store)
-        delete: list[tuple[str, int]] = []
+        delete: list[tuple[str, str, int]] = []
         incoming = {id(r) for r in fresh}
-        for old, new in res.replaced:
-            delete.append((old.device_id, old.seq))
+        for (old, new), inst in zip(res.replaced, res.replaced_instances, strict=True):
+            delete.append((old.device_id, inst, old.seq))
             write.append(new)  # the incoming copy, or (average) the merged stored one
         kept = {id(r) for r in write if id(r) in incoming}
         skip.extend(r for r in fresh if id(r) not in kept)

@@ -97,13 +97,15 @@ async def pg_gap_runs(conn: Conn, device_id: str, instance: str, lo: int,
     return runs_union(*(gap_of_row(tuple(r)).runs for r in rows))
 
 
-async def pg_replace_out(conn: Conn, delete: Sequence[tuple[str, int]], now: int) -> None:
+async def pg_replace_out(conn: Conn, delete: Sequence[tuple[str, str, int]],
+                         now: int) -> None:
     """Delete stored copies a replacing gateway policy supersedes; each leaves a
     ``gateway_replaced`` gap on its own stream."""
     gone: dict[tuple[str, str], list[int]] = {}
-    for dev, seq in delete:
-        for r in await conn.fetch("DELETE FROM readings WHERE device_id = $1 AND seq = $2"
-                                  " RETURNING device_id, instance, seq", dev, seq):
+    for dev, inst, seq in delete:  # that stream's row only (ids may be shared)
+        for r in await conn.fetch("DELETE FROM readings WHERE device_id = $1 AND instance = $2"
+                                  " AND seq = $3 RETURNING device_id, instance, seq",
+                                  dev, inst, seq):
             gone.setdefault((str(r[0]), str(r[1])), []).append(int(r[2]))
     for (dev, inst), seqs in gone.items():
         runs = seq_runs_of(seqs)

@@ -70,13 +70,13 @@ class Admission(msgspec.Struct):
     """What a gateway filter decided for the not-yet-stored readings of a batch.
 
     ``write``: store these; ``skip``: acknowledge (mark their seqs stored) but do not
-    write; ``delete``: (device_id, seq) of previously stored copies to remove in the same
+    write; ``delete``: (device_id, instance, seq) of previously stored copies to remove in the same
     transaction (a replacing policy wrote a better copy).
     """
 
     write: list[Reading]
     skip: list[Reading]
-    delete: list[tuple[str, int]]
+    delete: list[tuple[str, str, int]]
 
 
 Admit = Callable[[list[Reading]], Admission]
@@ -86,7 +86,7 @@ class WritePlan(msgspec.Struct):
     """Result of :func:`plan_write`: what to write and what the state becomes."""
 
     write: list[Reading]
-    delete: list[tuple[str, int]]
+    delete: list[tuple[str, str, int]]
     duplicates: int
     skipped: int
     state: IdempotencyState | None  # None: nothing new, leave the stored state as it is

@@ -76,7 +76,7 @@ class BatchPlan(msgspec.Struct):
     """What one batch does to a stream (see :func:`plan_batch`)."""
 
     write: list[Reading]
-    delete: list[tuple[str, int]]
+    delete: list[tuple[str, str, int]]
     skipped: list[Reading]
     duplicates: int
     conflicts: list[tuple[ChunkDigest, int]]  # (chunk, readings) kept apart
@@ -163,7 +163,7 @@ def _settle(state: IdempotencyState, gaps: Iterable[Gap]) -> None:
             state.add_range(a, b)
 
 
-def _cloud_gaps(skipped: Sequence[Reading], deleted: Sequence[tuple[str, int]],
+def _cloud_gaps(skipped: Sequence[Reading], deleted: Sequence[tuple[str, str, int]],
                 now_ms: int) -> list[Gap]:
     """Readings acked but not stored (another gateway's copy of the event is): gap
     records made by the cloud, so the ledger explains them too."""

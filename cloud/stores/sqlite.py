@@ -215,15 +215,15 @@ class SqliteStore(SqliteStateFile):
                            gateway_dropped=len(plan.skipped), replaced=len(plan.delete),
                            conflicts=plan.conflicted, gaps=len(plan.gaps), late=plan.late)
 
-    async def _replace_out(self, delete: Sequence[tuple[str, int]], now: int) -> None:
+    async def _replace_out(self, delete: Sequence[tuple[str, str, int]], now: int) -> None:
         """Delete stored copies a replacing gateway policy supersedes; each leaves a
         ``gateway_replaced`` gap on its own stream (unless the policy writes it back, e.g.
         ``average``: then the stored row wins in the accounting)."""
         gone: dict[tuple[str, str], list[int]] = {}
-        for dev, seq in delete:
+        for dev, inst_, seq in delete:  # that stream's row only (ids may be shared)
             for d, i, s in await self.db.execute_fetchall(
-                    "DELETE FROM readings WHERE device_id = ? AND seq = ? "
-                    "RETURNING device_id, instance, seq", (dev, seq)):
+                    "DELETE FROM readings WHERE device_id = ? AND instance = ? AND seq = ? "
+                    "RETURNING device_id, instance, seq", (dev, inst_, seq)):
                 gone.setdefault((str(d), str(i)), []).append(int(s))
         for (dev, inst), seqs in gone.items():
             runs = seq_runs_of(seqs)

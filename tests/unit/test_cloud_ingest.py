@@ -105,6 +105,32 @@ async def test_gateway_last_replaces_stored_copy(store: SqliteStore) -> None:
     assert svc.counters["gateway_replaced"] == 2
 
 
+async def test_gateway_replacement_removes_one_stream_of_a_shared_id(
+        store: SqliteStore) -> None:
+    """Two agents share the id gw1 (a cloned image): both streams hold seq 1 and 2. A
+    better copy from gw2 replaces the copies of one stream; the other stream's rows at
+    the same sequence numbers stay, and the gap names only the replaced stream."""
+    from agent.codec import seal_chunk
+
+    def batch(dev: str, rs: list[Reading], inst: str, bid: str) -> bytes:
+        return encode_batch(Batch(dev, bid, [seal_chunk(rs)], instance=inst, seq_base=1,
+                                  hwm=max(r.seq for r in rs)))
+
+    svc = IngestService(store, gateway=GatewayDeduper(500, "last", match_values=False))
+    other = [Reading("gw1", "boiler", T0 + 60_000 * i, 50.0 + i, seq=1 + i) for i in range(2)]
+    assert (await svc.handle(incoming(batch("gw1", _copies("gw1", [1.0, 2.0]), "a", "a1"))))\
+        .status == "ok"
+    assert (await svc.handle(incoming(batch("gw1", other, "b", "b1")))).status == "ok"
+    ack = await svc.handle(incoming(batch("gw2", _copies("gw2", [1.5, 2.5], skew_ms=100),
+                                          "c", "c1")))
+    assert ack.status == "ok" and svc.counters["gateway_replaced"] == 2
+    kept = await store.query("gw1")
+    assert [(r.sensor, r.value) for r in kept] == [("boiler", 50.0), ("boiler", 51.0)]
+    gaps = list(await store.db.execute_fetchall(
+        "SELECT instance, count, reason FROM gaps WHERE device_id = 'gw1'"))
+    assert [tuple(g) for g in gaps] == [("a", 2, "gateway_replaced")]
+
+
 async def test_gateway_average_merges_into_stored(store: SqliteStore) -> None:
     svc = IngestService(store, gateway=GatewayDeduper(500, "average", match_values=False))
     await svc.handle(incoming(payload("gw1", _copies("gw1", [1.0, 2.0]))))
