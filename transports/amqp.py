@@ -268,12 +268,14 @@ class AmqpIngestServer:
                                  f"{self.cfg.host}:{self.cfg.port}: {exc or type(exc).__name__}"
                                  ) from exc
 
-    def _identity(self, message: aio_pika.abc.AbstractIncomingMessage) -> str | None:
+    def _identity(self, message: aio_pika.abc.AbstractIncomingMessage) -> str:
+        """The device the broker vouches for; "" (nobody: the batch is refused as a
+        device mismatch) when the message carries no such identity."""
         if self.cfg.identity == "user_id":
-            return message.user_id
+            return message.user_id or ""
         key = message.routing_key or ""
         head = f"{self.cfg.routing_prefix}."
-        return key[len(head):] if key.startswith(head) else None
+        return key[len(head):] if key.startswith(head) else ""
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -288,7 +290,7 @@ class AmqpIngestServer:
     async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         device = self._identity(message)
         assert self._handler is not None and self._channel is not None
-        async with self._locks.hold(device or ""):
+        async with self._locks.hold(device):
             try:
                 ack = await self._handler(Incoming(
                     bytes(message.body), "amqp", device,

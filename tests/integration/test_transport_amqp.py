@@ -140,6 +140,42 @@ async def test_user_id_identity(rabbitmq: str, store: RecordingStore) -> None:
         await _stop(server)
 
 
+async def test_a_message_without_the_identity_is_refused(rabbitmq: str,
+                                                         store: RecordingStore) -> None:
+    """With ``identity = "user_id"`` a publisher that sets no user_id vouches for nobody:
+    its batch is refused as a device mismatch (dead-lettered with the peer), never
+    stored under the device id it claims."""
+    import aio_pika
+
+    cfg = _cfg(identity="user_id")
+    server = AmqpIngestServer(cfg)
+    svc = IngestService(store)
+    await server.start(svc.handle)
+    conn = await aio_pika.connect_robust(rabbitmq, timeout=5)
+    try:
+        ch = await conn.channel()
+        replies = await ch.declare_queue("", exclusive=True, auto_delete=True)
+        ex = await ch.get_exchange(cfg.exchange)
+        batch_id, payload, _ = make_batch("dev-7", 0)
+        await ex.publish(aio_pika.Message(payload, correlation_id=batch_id,
+                                          reply_to=replies.name),
+                         routing_key=f"{cfg.routing_prefix}.dev-7")
+        msg = await replies.get(timeout=5, fail=False)
+        for _ in range(50):
+            if msg is not None:
+                break
+            await asyncio.sleep(0.1)
+            msg = await replies.get(timeout=5, fail=False)
+        assert msg is not None, "no answer from the ingest"
+        ack = msgspec.json.decode(msg.body, type=Ack)
+        assert (ack.status, ack.reason) == ("rejected", "device_mismatch")
+        assert await store.count("dev-7") == 0
+        assert svc.counters["rejected:device_mismatch"] == 1
+    finally:
+        await conn.close()
+        await _stop(server)
+
+
 async def test_dead_broker_and_bad_login() -> None:
     up = AmqpUplink(_cfg(port=free_port(), connect_timeout_s=1.0), device_id="d")
     with pytest.raises(TransportError) as ei:
