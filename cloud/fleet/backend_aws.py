@@ -18,17 +18,31 @@ Mapping of a :class:`~cloud.fleet.spec.RolloutSpec` (AWS IoT API reference, Crea
 * per-device timeout: ``timeoutConfig.inProgressTimeoutInMinutes`` =
   ``ceil(device_timeout_s / 60)``;
 * progress: ``ListJobExecutionsForJob`` (paginated) counted by status;
-* rollback: a new job ``<rollout>-rollback`` targeting the devices that had succeeded,
-  with ``{"operation": "rollback", "rollout": ..., "document": ...}`` as its document.
+* rollback: the failed wave's job is cancelled (without ``force``: executions in progress
+  finish or time out), then a new job ``<rollout>-rollback`` targets the devices that had
+  succeeded, with ``{"operation": "rollback", "rollout": ..., "document": ...}``;
+* a job cancelled from outside (``pymigrate fleet abort`` / ``cancel``, the AWS console,
+  ``abortConfig``) is seen on the next read: reason code ``pymigrate_cancel`` ends the
+  rollout as cancelled, any other cancellation aborts it and rolls back;
+* devices still QUEUED ``offline_wait_s`` after their wave (or the rollback) started are
+  counted as skipped so an offline device does not hold the rollout; their execution
+  stays queued in AWS and runs when they return.
+
+Crash safety (:class:`AwsRollout` with a :class:`Journal`): every change of
+:class:`AwsProgress` is handed to the journal before the AWS call that depends on it; a
+wave's job id is written *before* CreateJob. On restart the rollout reads each recorded
+job back (DescribeJob): a job that exists is waited on, one that does not is created, so
+no wave's job is created twice and no device gets the same job twice.
 
 boto3 is an optional dependency (``pip install pymigrate-iot[aws]``); its calls are
 blocking, so they run in a worker thread. Credentials and region come from the usual AWS
 chain (environment, profile, instance role). Waiting between reads is a clock sleep of
 ``poll_s``; nothing else polls.
 
-What this module does not do: the coordinator's per-device state machine (retries,
-offline waits, soak health) stays with the built-in backend; on AWS those are the job
-service's (``timeoutConfig``, job execution retries are not configured here).
+What this module does not do: the coordinator's per-device state machine (retries, soak
+health) stays with the built-in backend; on AWS those are the job service's
+(``timeoutConfig``; job execution retries are not configured here). Pausing a rollout has
+no AWS IoT equivalent and is not offered on this backend.
 """
 
 from __future__ import annotations
@@ -37,13 +51,13 @@ import asyncio
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
-from cloud.fleet.spec import RolloutSpec, effective_plan, wave_sizes
+from cloud.fleet.spec import RolloutSpec, WavePlan, effective_plan, wave_sizes
 from pymigrate.clock import Clock, WallClock
 from pymigrate.errors import PyMigrateError, TransportError
 
@@ -52,6 +66,19 @@ log = structlog.get_logger("pymigrate.fleet.aws")
 MAX_DIRECT_TARGETS = 100
 TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED")
 FAILED = ("FAILED", "TIMED_OUT", "REJECTED")
+#: job statuses after a CancelJob (DescribeJob ``job.status``)
+JOB_STOPPED = ("CANCELED", "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")
+#: CancelJob reason codes written by pymigrate
+GATE_CODE, ABORT_CODE, CANCEL_CODE = "pymigrate_gate", "pymigrate_abort", "pymigrate_cancel"
+#: AWS error codes worth retrying (throttling, service faults, expired credentials)
+RETRIABLE_CODES = frozenset({"ThrottlingException", "ServiceUnavailableException",
+                             "InternalFailureException", "InternalException",
+                             "RequestTimeout", "RequestTimeoutException",
+                             "ExpiredTokenException"})
+#: rollout statuses (the rollout record's ``status``)
+RUNNING, ROLLING_BACK = "running", "rolling_back"
+COMPLETED, ABORTED, CANCELLED = "completed", "aborted", "cancelled"
+FINAL = frozenset({COMPLETED, ABORTED, CANCELLED})
 
 
 class AwsJobsError(PyMigrateError):
@@ -112,8 +139,7 @@ class AwsJobsBackend:
             return await asyncio.to_thread(fn, **kw)
         except Exception as exc:  # botocore errors stay behind this boundary
             code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            retriable = code in ("ThrottlingException", "ServiceUnavailableException",
-                                 "InternalFailureException")
+            retriable = code in RETRIABLE_CODES or (not code and _connection_error(exc))
             cls = TransportError if retriable else AwsJobsError
             raise cls(f"AWS IoT {name} failed: {code or exc!r}", reason=code or "aws") \
                 from exc
@@ -136,6 +162,16 @@ class AwsJobsBackend:
         for t in things:
             await self._call("add_thing_to_thing_group", thingGroupName=job_id, thingName=t)
         return [str(group["thingGroupArn"])]
+
+    async def describe_job(self, job_id: str) -> dict[str, Any] | None:
+        """DescribeJob's ``job`` (status, reasonCode, comment...), None if there is none."""
+        try:
+            out = await self._call("describe_job", jobId=job_id)
+        except AwsJobsError as exc:
+            if exc.reason == "ResourceNotFoundException":
+                return None
+            raise
+        return dict(out["job"])
 
     async def create_job(self, spec: RolloutSpec, job_id: str, things: Sequence[str],
                          document: dict[str, Any]) -> dict[str, Any]:
@@ -163,16 +199,68 @@ class AwsJobsBackend:
             if not token:
                 return out
 
-    async def cancel(self, job_id: str, reason: str) -> None:
-        await self._call("cancel_job", jobId=job_id, reasonCode="pymigrate_gate",
+    async def cancel(self, job_id: str, reason: str, code: str = GATE_CODE) -> None:
+        """CancelJob without ``force``: queued executions are cancelled, executions in
+        progress run to their result or timeout."""
+        await self._call("cancel_job", jobId=job_id, reasonCode=code,
                          comment=reason[:2000], force=False)
+
+
+def _connection_error(exc: Exception) -> bool:
+    """A network failure on the way to AWS (no answer): worth retrying."""
+    if isinstance(exc, OSError):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # pragma: no cover - the [aws] extra
+        return False
+    return isinstance(exc, BotoConnectionError | HTTPClientError)
+
+
+
+class AwsWave(msgspec.Struct):
+    """One wave as persisted: positions ``[start, end)`` of the target order, its job."""
+
+    index: int
+    start: int
+    end: int
+    job_id: str
+    started_at: float = 0.0  # wall epoch seconds
+    planned: int = 0
+    gate: str = "open"  # open | passed | failed
+    counts: dict[str, int] = msgspec.field(default_factory=dict)  # execution statuses
+
+
+class AwsProgress(msgspec.Struct):
+    """Everything a restart needs to continue a rollout (see the module docstring)."""
+
+    status: str = RUNNING
+    reason: str = ""
+    waves: list[AwsWave] = msgspec.field(default_factory=list)
+    rollback_job: str = ""
+    rollback_started_at: float = 0.0
+    rollback_counts: dict[str, int] = msgspec.field(default_factory=dict)
+    finished_at: float = 0.0
+
+
+#: (thing, "apply" | "rollback", execution status) seen since the last save
+Change = tuple[str, str, str]
+
+
+class Journal(Protocol):
+    """Where :class:`AwsRollout` makes its progress durable."""
+
+    async def save(self, rollout: AwsRollout, changes: list[Change]) -> None:
+        """Persist ``rollout.progress`` and the execution ``changes``; return only once
+        it is durable (the next AWS call depends on it)."""
 
 
 class AwsRolloutResult(msgspec.Struct):
     """Outcome of :meth:`AwsRollout.run`."""
 
     rollout_id: str
-    status: str  # completed / aborted
+    status: str  # completed / aborted / cancelled
     reason: str = ""
     jobs: list[str] = msgspec.field(default_factory=list)
     counts: dict[str, int] = msgspec.field(default_factory=dict)
@@ -181,61 +269,243 @@ class AwsRolloutResult(msgspec.Struct):
 
 class AwsRollout:
     """Runs a rollout spec wave by wave as AWS IoT jobs, gating each wave on the
-    executions read back (see the module docstring)."""
+    executions read back; resumes from ``progress`` (see the module docstring)."""
 
     def __init__(self, backend: AwsJobsBackend, spec: RolloutSpec, things: Sequence[str], *,
-                 clock: Clock | None = None, poll_s: float = 30.0) -> None:
+                 clock: Clock | None = None, poll_s: float = 30.0,
+                 progress: AwsProgress | None = None, journal: Journal | None = None,
+                 plan: WavePlan | None = None) -> None:
         self.backend = backend
         self.spec = spec
         self.things = list(things)
         self.clock = clock or WallClock()
         self.poll_s = poll_s
-        self.status: dict[str, str] = {}  # thing -> last execution status
+        self.progress = progress or AwsProgress()
+        self.journal = journal
+        self.plan = plan or effective_plan(len(self.things), spec)
+        self.status: dict[str, str] = {}  # thing -> last execution status (apply jobs)
+        self.rb_status: dict[str, str] = {}  # thing -> rollback execution status
+        self._changes: list[Change] = []
 
     def document(self) -> dict[str, Any]:
         """The job document devices get (the spec's document, as JSON)."""
         return {"operation": "apply", "rollout": self.spec.rollout_id,
                 "document": msgspec.to_builtins(self.spec.document)}
 
-    async def run(self) -> AwsRolloutResult:
-        res = AwsRolloutResult(self.spec.rollout_id, "completed")
-        sizes = wave_sizes(len(self.things), effective_plan(len(self.things), self.spec))
-        start = 0
-        for i, size in enumerate(sizes):
-            wave = self.things[start:start + size]
-            start += size
-            job_id = f"{self.spec.rollout_id}-w{i}"
-            await self.backend.create_job(self.spec, job_id, wave, self.document())
-            res.jobs.append(job_id)
-            failed = await self._wait_wave(job_id, wave)
-            if failed:
-                res.status, res.reason = "aborted", failed
-                await self.backend.cancel(job_id, failed)
-                res.rollback_job = await self._rollback()
-                break
-        res.counts = dict(Counter(self.status.values()))
-        return res
+    def result(self) -> AwsRolloutResult:
+        p = self.progress
+        return AwsRolloutResult(self.spec.rollout_id, p.status, p.reason,
+                                [w.job_id for w in p.waves], dict(Counter(self.status.values())),
+                                p.rollback_job)
 
-    async def _wait_wave(self, job_id: str, wave: list[str]) -> str:
+    async def run(self) -> AwsRolloutResult:
+        """Run (or continue) the rollout to a final status."""
+        p = self.progress
+        try:
+            if p.status not in FINAL:
+                await self._recover()
+            if p.status == RUNNING:
+                await self._run_waves()
+        except AwsJobsError as exc:  # cannot go on: undo what was applied
+            log.error("aws iot jobs call failed, rolling back", rollout=self.spec.rollout_id,
+                      error=str(exc))
+            if p.status == RUNNING:
+                p.status, p.reason = ROLLING_BACK, f"aws_error: {exc}"
+                await self._save()
+        if p.status == ROLLING_BACK:
+            try:
+                await self._roll_back()
+            except AwsJobsError as exc:
+                await self._finish(ABORTED, f"{p.reason}; rollback failed: {exc}")
+        return self.result()
+
+    # -- steps ------------------------------------------------------------------------
+    async def _recover(self) -> None:
+        """After a restart: read back the executions of every recorded job."""
+        p = self.progress
+        for w in p.waves:
+            if await self._aws(self.backend.describe_job, w.job_id) is not None:
+                w.counts = self._observe(w.job_id, self.things[w.start:w.end],
+                                         await self._aws(self.backend.executions, w.job_id))
+        if p.rollback_job and await self._aws(self.backend.describe_job,
+                                              p.rollback_job) is not None:
+            self._observe_rollback(await self._aws(self.backend.executions, p.rollback_job))
+        if self._changes:
+            await self._save()
+
+    async def _run_waves(self) -> None:
+        p = self.progress
+        sizes = wave_sizes(len(self.things), self.plan)
+        i = 0
+        while i < len(p.waves) or i < len(sizes):
+            if i == len(p.waves):
+                start = p.waves[-1].end if p.waves else 0
+                p.waves.append(AwsWave(i, start, start + sizes[i],
+                                       f"{self.spec.rollout_id}-w{i}", self._now(),
+                                       sizes[i]))
+                await self._save()  # the job id is durable before CreateJob
+            w = p.waves[i]
+            i += 1
+            if w.gate != "open":
+                continue
+            await self._ensure_job(w.job_id, self.things[w.start:w.end], self.document())
+            verdict = await self._wait_wave(w)
+            if not verdict:
+                w.gate = "passed"
+                await self._save()
+                continue
+            kind, reason = verdict
+            w.gate = "failed"
+            if kind == CANCELLED:
+                await self._finish(CANCELLED, reason)
+            else:
+                p.status, p.reason = ROLLING_BACK, reason
+                await self._save()
+            return
+        await self._finish(COMPLETED, "")
+
+    async def _wait_wave(self, w: AwsWave) -> tuple[str, str] | None:
+        """None when the wave passed; else (``aborted`` | ``cancelled``, reason)."""
         gate = self.spec.gate
+        wave = self.things[w.start:w.end]
         while True:
-            ex = await self.backend.executions(job_id)
-            self.status.update(ex)
+            job = await self._aws(self.backend.describe_job, w.job_id)
+            ex = await self._aws(self.backend.executions, w.job_id)
+            w.counts = self._observe(w.job_id, wave, ex)
+            if self._changes:
+                await self._save()
+            stopped = _stopped(w.job_id, job)
+            if stopped:
+                return stopped
             done = [s for t in wave if (s := ex.get(t, "QUEUED")) in TERMINAL]
             bad = sum(1 for s in done if s in FAILED)
             # like the built-in gate: fail once the wave can no longer reach the threshold
             allowed = (1.0 - gate.success_threshold) * len(wave)
             if bad > allowed and (len(done) >= gate.min_executed or len(done) == len(wave)):
-                return f"wave gate: {bad} of {len(done)} executions failed in {job_id}"
-            if len(done) == len(wave):
-                return ""
+                return ABORTED, f"wave gate: {bad} of {len(done)} executions failed in " \
+                                f"{w.job_id}"
+            if len(done) == len(wave) or self._offline_over(w.started_at, wave, ex):
+                return None
             await self.clock.sleep(self.poll_s)
 
-    async def _rollback(self) -> str:
-        ok = [t for t, s in self.status.items() if s == "SUCCEEDED"]
+    async def _roll_back(self) -> None:
+        """Cancel the current wave's job, let it settle, then roll back the devices that
+        succeeded with a new job and wait for it."""
+        p = self.progress
+        if p.waves and not p.rollback_job:
+            last = p.waves[-1]
+            wave = self.things[last.start:last.end]
+            job = await self._aws(self.backend.describe_job, last.job_id)
+            if job is not None and job.get("status") not in (*JOB_STOPPED, "COMPLETED"):
+                await self._aws(self.backend.cancel, last.job_id, p.reason)
+            while job is not None:  # executions in progress run to their result
+                ex = await self._aws(self.backend.executions, last.job_id)
+                last.counts = self._observe(last.job_id, wave, ex)
+                if self._changes:
+                    await self._save()
+                if all(ex.get(t, "QUEUED") in TERMINAL for t in wave) \
+                        or self._offline_over(last.started_at, wave, ex):
+                    break
+                await self.clock.sleep(self.poll_s)
+        ok = [t for t in self.things if self.status.get(t) == "SUCCEEDED"]
         if not ok:
-            return ""
-        job_id = f"{self.spec.rollout_id}-rollback"
-        await self.backend.create_job(self.spec, job_id, ok,
-                                      {**self.document(), "operation": "rollback"})
-        return job_id
+            await self._finish(ABORTED, p.reason)
+            return
+        if not p.rollback_job:
+            p.rollback_job = f"{self.spec.rollout_id}-rollback"
+            p.rollback_started_at = self._now()
+            self._changes += [(t, "rollback", "QUEUED") for t in ok]
+            await self._save()  # durable before CreateJob, like a wave's job
+        await self._ensure_job(p.rollback_job, ok, {**self.document(), "operation": "rollback"})
+        while True:
+            job = await self._aws(self.backend.describe_job, p.rollback_job)
+            ex = await self._aws(self.backend.executions, p.rollback_job)
+            self._observe_rollback(ex)
+            p.rollback_counts = dict(Counter(ex.get(t, "QUEUED") for t in ok))
+            if self._changes:
+                await self._save()
+            if job is None or job.get("status") in JOB_STOPPED \
+                    or all(ex.get(t, "QUEUED") in TERMINAL for t in ok) \
+                    or self._offline_over(p.rollback_started_at, ok, ex):
+                break
+            await self.clock.sleep(self.poll_s)
+        await self._finish(ABORTED, p.reason)
+
+    # -- helpers ----------------------------------------------------------------------
+    async def _ensure_job(self, job_id: str, things: Sequence[str],
+                          document: dict[str, Any]) -> None:
+        """Create ``job_id`` unless it exists (a restart after CreateJob)."""
+        if await self._aws(self.backend.describe_job, job_id) is not None:
+            log.info("aws iot job exists, waiting on it", job=job_id)
+            return
+        try:
+            await self._aws(self.backend.create_job, self.spec, job_id, things, document)
+        except AwsJobsError as exc:
+            if exc.reason != "ResourceAlreadyExistsException":
+                raise
+
+    async def _aws(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """An AWS call, retried with backoff while the error is retriable."""
+        delay = max(self.poll_s, 0.01)
+        while True:
+            try:
+                return await fn(*args)
+            except TransportError as exc:
+                log.warning("aws iot call failed, retrying", error=str(exc), retry_s=delay)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, 300.0)
+
+    def _observe(self, job_id: str, wave: Sequence[str], ex: dict[str, str]) -> dict[str, int]:
+        for t, s in ex.items():
+            if self.status.get(t) != s:
+                self.status[t] = s
+                self._changes.append((t, "apply", s))
+        return dict(Counter(ex.get(t, "QUEUED") for t in wave))
+
+    def _observe_rollback(self, ex: dict[str, str]) -> None:
+        for t, s in ex.items():
+            if self.rb_status.get(t) != s:
+                self.rb_status[t] = s
+                self._changes.append((t, "rollback", s))
+
+    def _offline_over(self, since: float, things: Sequence[str], ex: dict[str, str]) -> bool:
+        """Only queued executions are left and they waited ``offline_wait_s``: the devices
+        are offline; go on without them (their executions stay queued in AWS)."""
+        left = [ex.get(t, "QUEUED") for t in things if ex.get(t, "QUEUED") not in TERMINAL]
+        return (bool(since) and all(s == "QUEUED" for s in left)
+                and self._now() - since >= self.spec.offline_wait_s)
+
+    def _now(self) -> float:
+        return self.clock.time_ms() / 1000.0
+
+    async def _finish(self, status: str, reason: str) -> None:
+        p = self.progress
+        p.status, p.reason, p.finished_at = status, reason, self._now()
+        await self._save()
+        log.info("aws rollout finished", rollout=self.spec.rollout_id, status=status,
+                 reason=reason)
+
+    async def _save(self) -> None:
+        changes, self._changes = self._changes, []
+        if self.journal is not None:
+            try:
+                await self.journal.save(self, changes)
+            except BaseException:
+                self._changes[:0] = changes
+                raise
+
+
+def _stopped(job_id: str, job: dict[str, Any] | None) -> tuple[str, str] | None:
+    """A wave job cancelled (or deleted) from outside: how the rollout ends."""
+    if job is None:
+        return ABORTED, f"job {job_id} no longer exists in AWS IoT"
+    if job.get("status") not in JOB_STOPPED:
+        return None
+    code = str(job.get("reasonCode") or "")
+    comment = str(job.get("comment") or "")
+    if code == CANCEL_CODE:
+        return CANCELLED, comment or "operator_cancel"
+    if code == ABORT_CODE:
+        return ABORTED, comment or "operator_abort"
+    return ABORTED, f"job {job_id} was cancelled in AWS IoT" + (
+        f" ({code}{': ' + comment if comment else ''})" if code else "")

@@ -94,7 +94,9 @@ class LeaseHeld(FleetError):
 
 
 class RolloutRecord(msgspec.Struct):
-    """A rollout as persisted: spec/plan/waves are JSON text."""
+    """A rollout as persisted: spec/plan/waves are JSON text. ``backend`` names the job
+    backend running it ("" = the built-in MQTT coordinator, ``aws-iot-jobs``);
+    ``backend_state`` is that backend's own JSON (AWS: the rollback job and its counts)."""
 
     rollout_id: str
     spec: str
@@ -105,6 +107,8 @@ class RolloutRecord(msgspec.Struct):
     created_ms: int = 0
     updated_ms: int = 0
     finished_ms: int = 0
+    backend: str = ""
+    backend_state: str = ""
 
 
 class FleetStore(Protocol):

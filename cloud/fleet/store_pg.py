@@ -57,12 +57,19 @@ CREATE TABLE IF NOT EXISTS {s}.transitions (id BIGSERIAL PRIMARY KEY, rollout_id
 CREATE INDEX IF NOT EXISTS transitions_rollout ON {s}.transitions (rollout_id);
 ALTER TABLE {s}.device_state ADD COLUMN IF NOT EXISTS progress REAL NOT NULL DEFAULT 0;
 ALTER TABLE {s}.device_state ADD COLUMN IF NOT EXISTS detail TEXT NOT NULL DEFAULT '';
+ALTER TABLE {s}.rollouts ADD COLUMN IF NOT EXISTS backend TEXT NOT NULL DEFAULT '';
+ALTER TABLE {s}.rollouts ADD COLUMN IF NOT EXISTS backend_state TEXT NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS {s}.outbox (id BIGINT PRIMARY KEY, device_id TEXT NOT NULL,
   payload BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL,
   token BIGINT NOT NULL, since TIMESTAMPTZ NOT NULL DEFAULT now());
 """
 log = structlog.get_logger("pymigrate.fleet")
+
+
+def _rollout_args(r: RolloutRecord) -> tuple[object, ...]:
+    return (r.rollout_id, r.spec, r.plan, r.status, r.reason, r.waves, r.created_ms,
+            r.updated_ms, r.finished_ms, r.backend, r.backend_state)
 
 
 class PostgresFleetStore:
@@ -125,19 +132,26 @@ class PostgresFleetStore:
             rows = await con.fetch(f"SELECT doc FROM {self.s}.groups")
         return [decode_group(r[0]) for r in rows]
 
+    @property
+    def _upsert_rollout(self) -> str:
+        return (f"INSERT INTO {self.s}.rollouts (rollout_id, spec, plan, status, reason, waves,"
+                " created_ms, updated_ms, finished_ms, backend, backend_state) VALUES"
+                " ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT (rollout_id) DO UPDATE SET"
+                " spec=EXCLUDED.spec, plan=EXCLUDED.plan, status=EXCLUDED.status,"
+                " reason=EXCLUDED.reason, waves=EXCLUDED.waves, updated_ms=EXCLUDED.updated_ms,"
+                " finished_ms=EXCLUDED.finished_ms, backend=EXCLUDED.backend,"
+                " backend_state=EXCLUDED.backend_state")
+
     async def save_rollout(self, rec: RolloutRecord) -> None:
         async with self.pool.acquire() as con:
-            await con.execute(
-                f"INSERT INTO {self.s}.rollouts VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
-                " ON CONFLICT (rollout_id) DO UPDATE SET spec=EXCLUDED.spec, plan=EXCLUDED.plan,"
-                " status=EXCLUDED.status, reason=EXCLUDED.reason, waves=EXCLUDED.waves,"
-                " updated_ms=EXCLUDED.updated_ms, finished_ms=EXCLUDED.finished_ms",
-                rec.rollout_id, rec.spec, rec.plan, rec.status, rec.reason, rec.waves,
-                rec.created_ms, rec.updated_ms, rec.finished_ms)
+            await con.execute(self._upsert_rollout, *_rollout_args(rec))
 
     async def load_rollouts(self) -> list[RolloutRecord]:
         async with self.pool.acquire() as con:
-            rows = await con.fetch(f"SELECT * FROM {self.s}.rollouts ORDER BY created_ms")
+            rows = await con.fetch(
+                f"SELECT rollout_id, spec, plan, status, reason, waves, created_ms, updated_ms,"
+                f" finished_ms, backend, backend_state FROM {self.s}.rollouts"
+                " ORDER BY created_ms")
         return [RolloutRecord(*tuple(r)) for r in rows]
 
     async def save_transitions(self, recs: list[TransitionRecord]) -> None:
@@ -223,14 +237,8 @@ class PostgresFleetStore:
                 await con.executemany(f"UPDATE {s}.device_state SET detail=$3 WHERE"
                                       " rollout_id=$1 AND device_id=$2", batch.detail)
             if batch.rollouts:
-                await con.executemany(
-                    f"INSERT INTO {s}.rollouts VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
-                    " ON CONFLICT (rollout_id) DO UPDATE SET spec=EXCLUDED.spec,"
-                    " plan=EXCLUDED.plan, status=EXCLUDED.status, reason=EXCLUDED.reason,"
-                    " waves=EXCLUDED.waves, updated_ms=EXCLUDED.updated_ms,"
-                    " finished_ms=EXCLUDED.finished_ms",
-                    [(r.rollout_id, r.spec, r.plan, r.status, r.reason, r.waves, r.created_ms,
-                      r.updated_ms, r.finished_ms) for r in batch.rollouts])
+                await con.executemany(self._upsert_rollout,
+                                      [_rollout_args(r) for r in batch.rollouts])
             if batch.devices:
                 await con.executemany(
                     f"INSERT INTO {s}.devices (device_id, attrs, online, backlog, lag, err,"

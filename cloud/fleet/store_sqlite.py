@@ -55,7 +55,7 @@ _UPSERT_STATE = ("INSERT INTO fleet_device_state (rollout_id, device_id, state, 
                  " since_ms) VALUES (?,?,?,?,?) ON CONFLICT(rollout_id, device_id) DO UPDATE"
                  " SET state=excluded.state, attempts=excluded.attempts,"
                  " since_ms=excluded.since_ms")
-_UPSERT_ROLLOUT = "INSERT OR REPLACE INTO fleet_rollouts VALUES (?,?,?,?,?,?,?,?,?)"
+_UPSERT_ROLLOUT = "INSERT OR REPLACE INTO fleet_rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 _UPSERT_DEVICE = (
     "INSERT INTO fleet_devices VALUES (?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE"
     " SET attrs=excluded.attrs, online=excluded.online, backlog=excluded.backlog,"
@@ -64,7 +64,7 @@ _UPSERT_DEVICE = (
 
 def _rollout_row(rec: RolloutRecord) -> tuple[object, ...]:
     return (rec.rollout_id, rec.spec, rec.plan, rec.status, rec.reason, rec.waves,
-            rec.created_ms, rec.updated_ms, rec.finished_ms)
+            rec.created_ms, rec.updated_ms, rec.finished_ms, rec.backend, rec.backend_state)
 
 
 def _device_row(r: DeviceRow) -> tuple[object, ...]:
@@ -100,6 +100,12 @@ class SqliteFleetStore:
         if "detail" not in cols:  # ... and before the phase / bytes detail was
             await self._db.execute("ALTER TABLE fleet_device_state ADD COLUMN detail TEXT"
                                    " NOT NULL DEFAULT ''")
+        async with self._db.execute("PRAGMA table_info(fleet_rollouts)") as cur:
+            rcols = {row[1] for row in await cur.fetchall()}
+        for col in ("backend", "backend_state"):  # files written before job backends
+            if col not in rcols:
+                await self._db.execute(f"ALTER TABLE fleet_rollouts ADD COLUMN {col} TEXT"
+                                       " NOT NULL DEFAULT ''")
         await self._db.commit()
 
     async def close(self) -> None:
