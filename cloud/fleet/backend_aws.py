@@ -115,10 +115,12 @@ class AwsJobsBackend:
 
     name = "aws-iot-jobs"
 
-    def __init__(self, client: Any, *, account: str = "", region: str = "") -> None:
+    def __init__(self, client: Any, *, account: str = "", region: str = "",
+                 sts: Any = None) -> None:
         self.client = client
         self.region = region or str(client.meta.region_name)
         self.account = account
+        self.sts = sts  # for the account id of thing ARNs (default: a client of the region)
         self.jobs_created = 0
         self.max_direct_targets = MAX_DIRECT_TARGETS
 
@@ -130,8 +132,13 @@ class AwsJobsBackend:
         except ImportError as exc:  # pragma: no cover - the [aws] extra
             raise AwsJobsError("the aws-iot-jobs backend needs boto3: pip install "
                                "'pymigrate-iot[aws]'", reason="missing_boto3") from exc
-        session = boto3.Session(profile_name=profile or None, region_name=region or None)
-        return cls(session.client("iot"))
+        try:
+            session = boto3.Session(profile_name=profile or None, region_name=region or None)
+            return cls(session.client("iot"), sts=session.client("sts"))
+        except Exception as exc:  # no such profile, no region configured...
+            raise AwsJobsError(f"AWS configuration: {exc} (set --region / --profile or the"
+                               " AWS_REGION / AWS_PROFILE environment)",
+                               reason="aws_config") from exc
 
     async def _call(self, name: str, **kw: Any) -> Any:
         fn: Callable[..., Any] = getattr(self.client, name)
@@ -146,10 +153,11 @@ class AwsJobsBackend:
 
     async def _account(self) -> str:
         if not self.account:
-            import boto3
+            if self.sts is None:
+                import boto3
 
-            sts = boto3.client("sts", region_name=self.region)
-            ident = await asyncio.to_thread(sts.get_caller_identity)
+                self.sts = boto3.client("sts", region_name=self.region)
+            ident = await asyncio.to_thread(self.sts.get_caller_identity)
             self.account = str(ident["Account"])
         return self.account
 

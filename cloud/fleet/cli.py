@@ -45,7 +45,13 @@ rollback, dry runs. Offline commands work on the state store (--store: a SQLite 
 postgresql:// DSN whose optional ?fleet_schema=NAME picks the schema). Commands for a
 running coordinator (pause, resume, cancel, abort, and --broker on create-rollout,
 add-devices, add-group) go over MQTT to <prefix>/fleet/control, signed with
---signing-key (the coordinator accepts only commands signed by its --control-key)."""
+--signing-key (the coordinator accepts only commands signed by its --control-key).
+
+Job backends: 'serve' sends jobs over its own MQTT topics (--backend mqtt, the default)
+or through AWS IoT Jobs (--backend aws-iot-jobs: one IoT job per wave, no broker needed;
+credentials and region from the usual AWS environment, profile or role). On AWS, abort
+and cancel take --backend aws-iot-jobs --store URL and cancel the rollout's current job;
+pause and resume are not available there (AWS IoT jobs cannot be paused)."""
 
 EPILOG = """high availability:
   run several 'serve' replicas on one postgresql:// store: one is active (it holds the
@@ -127,7 +133,9 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
                 per_wave.append({"wave": w["index"], "size": w["end"] - w["start"],
                                  "gate": w["gate"], "states": c,
                                  "progress": round(sum(p for *_, p in part) / len(part), 4)
-                                 if part else 0.0})
+                                 if part else 0.0,
+                                 **({"job_id": w["job_id"], "executions": w["counts"]}
+                                    if "job_id" in w else {})})
             if getattr(args, "show_devices", False):
                 out.setdefault("device_progress", {})[rec.rollout_id] = [
                     {"device_id": r.device_id, "state": DeviceState(r.state).name.lower(),
@@ -148,6 +156,8 @@ async def _status(args: argparse.Namespace) -> dict[str, Any]:
                 out.setdefault("devices", {})[rec.rollout_id] = listed
             out["rollouts"].append({
                 "rollout_id": rec.rollout_id, "status": rec.status, "reason": rec.reason,
+                "backend": rec.backend or "mqtt",
+                **(json.loads(rec.backend_state) if rec.backend_state else {}),
                 "devices": total,
                 "states": {DeviceState(s).name.lower(): n for s, n in sorted(counts.items())},
                 "success_rate": round(succ / (succ + fail), 4) if succ + fail else None,
@@ -226,27 +236,12 @@ def check_document(spec: RolloutSpec) -> None:
 
 
 async def _aws_rollout(args: argparse.Namespace) -> dict[str, Any]:
-    """Run a rollout spec through AWS IoT Jobs (targets: the spec's group in the store)."""
-    from cloud.fleet.backend_aws import AwsJobsBackend, AwsRollout
+    """Run one rollout through AWS IoT Jobs in the foreground (see cloud.fleet.cli_aws)."""
+    from cloud.fleet.cli_aws import aws_rollout
 
     spec = parse_spec(load_spec_file(args.spec))
     check_document(spec)
-
-    async def things(store: FleetStore) -> list[str]:
-        reg = Registry()
-        reg.load_rows(await store.load_devices())
-        for g in await store.load_groups():
-            reg.add_group(g)
-        return [reg.ids[i] for i in reg.resolve(spec.group)]
-
-    targets = await _with_store(args.store, things)
-    if not targets:
-        raise ConfigError("rollout.group", f"group {spec.group!r} has no devices in "
-                          f"{args.store}")
-    backend = AwsJobsBackend.from_environment(region=args.region, profile=args.profile)
-    res = await AwsRollout(backend, spec, targets, poll_s=args.poll_s).run()
-    return {"backend": backend.name, "aws_jobs_created": backend.jobs_created,
-            **msgspec.to_builtins(res)}
+    return await aws_rollout(args, spec)
 
 
 async def _create(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,6 +254,7 @@ async def _create(args: argparse.Namespace) -> dict[str, Any]:
 
     async def run(store: FleetStore) -> None:
         await store.save_rollout(rec)
+        await store.notify_changes()  # a coordinator on PostgreSQL starts it at once
 
     await _with_store(args.store, run)
     out: dict[str, Any] = {"created": spec.rollout_id, "status": PENDING}
@@ -268,6 +264,13 @@ async def _create(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _control(args: argparse.Namespace) -> dict[str, Any]:
+    if args.backend == "aws-iot-jobs":
+        from cloud.fleet.cli_aws import aws_control
+
+        return await aws_control(args)
+    if not args.broker:
+        raise ConfigError("--broker", "the mqtt backend needs the coordinator's broker"
+                          " (--broker HOST:PORT)")
     return {"sent": await _send_control(args, args.cmd, rollout_id=args.rollout)}
 
 
@@ -276,24 +279,20 @@ def _keygen(args: argparse.Namespace) -> dict[str, Any]:
     return {"private_key": str(priv), "public_key": str(pub)}
 
 
-async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None,
-                started: asyncio.Future[Coordinator] | None = None) -> int:
-    """Run the coordinator on MQTT until ``stop`` is set (default: SIGINT / SIGTERM)."""
+def _mqtt_coordinator(args: argparse.Namespace, store: FleetStore) -> Coordinator:
+    """The built-in backend: jobs on the coordinator's own MQTT topics."""
     host, port = _broker(args.broker)
     signing = (load_private_key(args.signing_key, key="--signing-key") if args.signing_key
                else None)
     control_key = (load_public_key(args.control_key, key="--control-key")
                    if args.control_key else None)
-    tls = _tls(args)
-    store = open_store(args.store)
-    await store.open()
     metrics = FleetMetrics()
     holder: dict[str, Coordinator] = {}
 
     async def control(payload: bytes) -> None:
         await holder["c"].handle_control(payload)
 
-    channel = MqttJobChannel(host, port, prefix=args.prefix, control=control, tls=tls)
+    channel = MqttJobChannel(host, port, prefix=args.prefix, control=control, tls=_tls(args))
     coord = holder["c"] = Coordinator(store=store, channel=channel, clock=WallClock(),
                                       metrics=metrics, signing_key=signing,
                                       control_key=control_key,
@@ -305,13 +304,33 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None,
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, registry=metrics.registry)
-    if stop is None:  # pragma: no cover - the CLI process
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    return coord
+
+
+def _aws_coordinator(args: argparse.Namespace, store: FleetStore) -> Any:
+    from cloud.fleet.cli_aws import aws_coordinator
+
+    return aws_coordinator(args, store)
+
+
+#: ``serve --backend NAME`` -> builder of the coordinator service
+BACKENDS = {"mqtt": _mqtt_coordinator, "aws-iot-jobs": _aws_coordinator}
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None,
+                started: asyncio.Future[Any] | None = None) -> int:
+    """Run the coordinator of ``--backend`` until ``stop`` is set (default: SIGINT /
+    SIGTERM)."""
+    store = open_store(args.store)
+    await store.open()
     code = 0
     try:
+        coord = BACKENDS[getattr(args, "backend", "mqtt")](args, store)
+        if stop is None:  # pragma: no cover - the CLI process
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
         starting = asyncio.ensure_future(coord.start())  # a standby waits for the lease here
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -438,10 +457,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--update-max", type=_seconds, default=300.0,
                    help="longest device update, seconds (default 300)")
     s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    s = sub.add_parser("serve", help="run the coordinator on MQTT job topics")
+    def with_aws(sp: argparse.ArgumentParser, polls: bool) -> None:
+        sp.add_argument("--region", default="",
+                        help="AWS region (default: the AWS environment or profile)")
+        sp.add_argument("--profile", default="",
+                        help="AWS profile (default: the AWS environment or default profile)")
+        if polls:
+            sp.add_argument("--poll-s", type=_seconds, default=30.0,
+                            help="seconds between reads of a job's executions, and at most"
+                                 " between looks for new rollouts (default 30)")
+
+    s = sub.add_parser("serve", help="run the coordinator (MQTT job topics or AWS IoT Jobs)")
     with_store(s)
+    s.add_argument("--backend", choices=sorted(BACKENDS), default="mqtt",
+                   help="how jobs reach devices: mqtt (default, the coordinator's own topics"
+                        " on --broker) or aws-iot-jobs (one AWS IoT job per wave; --broker"
+                        " and the key options are not used)")
     with_broker(s, False, False)
     s.set_defaults(broker="127.0.0.1:1883")
+    with_aws(s, True)
     s.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics on this port (0 = off)")
     s.add_argument("--signing-key", default="",
@@ -468,18 +502,24 @@ def build_parser() -> argparse.ArgumentParser:
     with_broker(s, False, True)
     s.add_argument("--spec", required=True, help="rollout spec file (TOML or JSON)")
     for cmd in ("pause", "resume", "cancel", "abort"):
-        s = sub.add_parser(cmd, help=f"{cmd} a rollout on the running coordinator")
-        with_broker(s, True, True)
+        aws = {"abort": " (aws-iot-jobs: cancel its current job, then roll back)",
+               "cancel": " (aws-iot-jobs: cancel its current job, no rollback)"}.get(
+                   cmd, " (mqtt backend only)")
+        s = sub.add_parser(cmd, help=f"{cmd} a rollout on the running coordinator{aws}")
+        s.add_argument("--backend", choices=sorted(BACKENDS), default="mqtt",
+                       help="backend running the rollout: mqtt (default; needs --broker) or"
+                            " aws-iot-jobs (needs --store; abort and cancel only)")
+        with_broker(s, False, True)
+        with_store(s)
+        with_aws(s, False)
         s.add_argument("--rollout", required=True, help="rollout id")
         s.set_defaults(cmd=cmd)
     s = sub.add_parser("aws-rollout",
-                       help="run a rollout spec through AWS IoT Jobs (backend aws-iot-jobs)")
+                       help="run one rollout through AWS IoT Jobs in the foreground (stored;"
+                            " running it again continues it)")
     with_store(s)
     s.add_argument("--spec", required=True, help="rollout spec file (TOML or JSON)")
-    s.add_argument("--region", default="", help="AWS region (default: the AWS config chain)")
-    s.add_argument("--profile", default="", help="AWS profile (default: the AWS config chain)")
-    s.add_argument("--poll-s", type=float, default=30.0,
-                   help="seconds between reads of the job executions (default 30)")
+    with_aws(s, True)
     s = sub.add_parser("sign-firmware",
                        help="print the signed [rollout.document] of a firmware image")
     s.add_argument("image", help="firmware image file")

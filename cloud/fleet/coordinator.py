@@ -268,6 +268,10 @@ class Coordinator:
         for rec in await self.store.load_rollouts():
             if rec.status == PENDING:
                 continue  # started by load_pending()
+            if rec.backend not in ("", "mqtt"):
+                log.warning("rollout of another job backend left alone", rollout=rec.rollout_id,
+                            backend=rec.backend)
+                continue
             spec = _SPEC.decode(rec.spec)
             rows = await self.store.load_device_states(rec.rollout_id)
             reg = self.registry
