@@ -363,10 +363,12 @@ class AwsRollout:
                 await self._save()
                 continue
             kind, reason = verdict
-            w.gate = "failed"
             if kind == CANCELLED:
+                await self._settle(w)
+                w.gate = "failed"
                 await self._finish(CANCELLED, reason)
             else:
+                w.gate = "failed"
                 p.status, p.reason = ROLLING_BACK, reason
                 await self._save()
             return
@@ -401,20 +403,7 @@ class AwsRollout:
         succeeded with a new job and wait for it."""
         p = self.progress
         if p.waves and not p.rollback_job:
-            last = p.waves[-1]
-            wave = self.things[last.start:last.end]
-            job = await self._aws(self.backend.describe_job, last.job_id)
-            if job is not None and job.get("status") not in (*JOB_STOPPED, "COMPLETED"):
-                await self._aws(self.backend.cancel, last.job_id, p.reason)
-            while job is not None:  # executions in progress run to their result
-                ex = await self._aws(self.backend.executions, last.job_id)
-                last.counts = self._observe(last.job_id, wave, ex)
-                if self._changes:
-                    await self._save()
-                if all(ex.get(t, "QUEUED") in TERMINAL for t in wave) \
-                        or self._offline_over(last.started_at, wave, ex):
-                    break
-                await self.clock.sleep(self.poll_s)
+            await self._settle(p.waves[-1], cancel=p.reason)
         ok = [t for t in self.things if self.status.get(t) == "SUCCEEDED"]
         if not ok:
             await self._finish(ABORTED, p.reason)
@@ -440,6 +429,25 @@ class AwsRollout:
         await self._finish(ABORTED, p.reason)
 
     # -- helpers ----------------------------------------------------------------------
+    async def _settle(self, w: AwsWave, cancel: str = "") -> None:
+        """Cancel the wave's job (with ``cancel`` as the comment) unless it is stopped,
+        then wait until its executions are final: queued ones are cancelled by AWS,
+        those in progress run to their result or timeout."""
+        wave = self.things[w.start:w.end]
+        job = await self._aws(self.backend.describe_job, w.job_id)
+        if cancel and job is not None and job.get("status") not in (*JOB_STOPPED,
+                                                                    "COMPLETED"):
+            await self._aws(self.backend.cancel, w.job_id, cancel)
+        while job is not None:
+            ex = await self._aws(self.backend.executions, w.job_id)
+            w.counts = self._observe(w.job_id, wave, ex)
+            if self._changes:
+                await self._save()
+            if all(ex.get(t, "QUEUED") in TERMINAL for t in wave) \
+                    or self._offline_over(w.started_at, wave, ex):
+                return
+            await self.clock.sleep(self.poll_s)
+
     async def _ensure_job(self, job_id: str, things: Sequence[str],
                           document: dict[str, Any]) -> None:
         """Create ``job_id`` unless it exists (a restart after CreateJob)."""

@@ -35,16 +35,25 @@ def iot() -> Iterator[Any]:
 
 
 class FakeDevices:
-    """Answers every queued execution like a device calling UpdateJobExecution."""
+    """Answers every queued execution like a device calling UpdateJobExecution; things in
+    ``offline`` never answer. Also does what CancelJob does on AWS and moto leaves out:
+    the queued executions of a cancelled job become CANCELED (AWS IoT API reference,
+    CancelJob with force = false)."""
 
-    def __init__(self, failing: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, failing: set[str] = frozenset(),  # type: ignore[assignment]
+                 offline: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         self.failing = failing
+        self.offline = offline
         self.seen: list[tuple[str, str]] = []
 
     def step(self) -> None:
         backend = iot_backends[DEFAULT_ACCOUNT_ID][REGION]
-        for (job_id, thing), ex in backend.job_executions.items():
-            if ex.status == "QUEUED":
+        for (job_id, thing), ex in list(backend.job_executions.items()):
+            if ex.status != "QUEUED":
+                continue
+            if backend.jobs[job_id].status == "CANCELED":
+                ex.status = "CANCELED"
+            elif thing not in self.offline:
                 ex.status = "FAILED" if thing in self.failing else "SUCCEEDED"
                 self.seen.append((job_id, thing))
 
