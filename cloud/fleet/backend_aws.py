@@ -192,14 +192,20 @@ class AwsJobsBackend:
         return req
 
     async def executions(self, job_id: str) -> dict[str, str]:
-        """Thing name -> execution status of ``job_id`` (all pages)."""
+        """Thing name -> execution status of ``job_id`` (all pages; none for a job that
+        does not exist)."""
         out: dict[str, str] = {}
         token = ""
         while True:
             kw: dict[str, Any] = {"jobId": job_id, "maxResults": 250}
             if token:
                 kw["nextToken"] = token
-            page = await self._call("list_job_executions_for_job", **kw)
+            try:
+                page = await self._call("list_job_executions_for_job", **kw)
+            except AwsJobsError as exc:
+                if exc.reason == "ResourceNotFoundException":  # deleted: DescribeJob says
+                    return out
+                raise
             for e in page.get("executionSummaries", []):
                 arn = str(e.get("thingArn", ""))
                 out[arn.rsplit("/", 1)[-1]] = str(e["jobExecutionSummary"]["status"])
@@ -379,8 +385,9 @@ class AwsRollout:
         gate = self.spec.gate
         wave = self.things[w.start:w.end]
         while True:
-            job = await self._aws(self.backend.describe_job, w.job_id)
+            # executions first: one cancelled by a CancelJob is then seen with its job
             ex = await self._aws(self.backend.executions, w.job_id)
+            job = await self._aws(self.backend.describe_job, w.job_id)
             w.counts = self._observe(w.job_id, wave, ex)
             if self._changes:
                 await self._save()
@@ -415,8 +422,8 @@ class AwsRollout:
             await self._save()  # durable before CreateJob, like a wave's job
         await self._ensure_job(p.rollback_job, ok, {**self.document(), "operation": "rollback"})
         while True:
-            job = await self._aws(self.backend.describe_job, p.rollback_job)
             ex = await self._aws(self.backend.executions, p.rollback_job)
+            job = await self._aws(self.backend.describe_job, p.rollback_job)
             self._observe_rollback(ex)
             p.rollback_counts = dict(Counter(ex.get(t, "QUEUED") for t in ok))
             if self._changes:

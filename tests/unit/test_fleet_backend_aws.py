@@ -49,7 +49,7 @@ class FakeDevices:
     def step(self) -> None:
         backend = iot_backends[DEFAULT_ACCOUNT_ID][REGION]
         for (job_id, thing), ex in list(backend.job_executions.items()):
-            if ex.status != "QUEUED":
+            if ex.status != "QUEUED" or job_id not in backend.jobs:  # (a deleted job)
                 continue
             if backend.jobs[job_id].status == "CANCELED":
                 ex.status = "CANCELED"

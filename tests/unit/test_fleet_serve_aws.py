@@ -490,3 +490,91 @@ async def test_aws_rollout_command_continues_a_stored_rollout(
     assert out["jobs"] == ["fw-21-w0", "fw-21-w1"] and out["aws_jobs_created"] == 1
     assert await cli("aws-rollout", "--store", db, "--spec", spec, "--region", REGION) == 1
     assert "give the spec a new rollout_id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["console", "deleted"])
+async def test_a_wave_job_stopped_outside_pymigrate_aborts_the_rollout(
+        iot: Any, db: str, how: str) -> None:
+    things = make_things(iot, 30)
+    client = Client(iot)
+    devices = FakeDevices(offline=set(things[5:25]))
+    node = await Node(db, client).start()
+    await seed(node.store, things, SPEC_CFG)
+    await node.coord.load_pending()
+    await until(lambda: client.created["fw-21-w1"] == 1, devices)
+    if how == "console":
+        iot.cancel_job(jobId="fw-21-w1", reasonCode="ops", comment="bad build")
+    else:
+        iot.delete_job(jobId="fw-21-w1", force=True)
+    await until(lambda: "fw-21" in node.coord.results, devices)
+    res = node.coord.results["fw-21"]
+    assert res.status == "aborted" and res.rollback_job == "fw-21-rollback"
+    assert res.reason == ("job fw-21-w1 was cancelled in AWS IoT (ops: bad build)"
+                          if how == "console" else "job fw-21-w1 no longer exists in AWS IoT")
+    await node.kill()
+
+
+async def test_a_failed_rollback_ends_the_rollout_aborted_with_the_reason(
+        iot: Any, db: str) -> None:
+    things = make_things(iot, 30)
+    client = Client(iot)
+    client.before["create_job"] = aws_error("LimitExceededException", job_id="fw-21-rollback")
+    client.before["list_job_executions_for_job"] = lambda kw: _connection_lost(kw)
+    devices = FakeDevices(failing=set(things[5:25]))
+    node = await Node(db, client).start()
+    await seed(node.store, things, SPEC_CFG)
+    await node.coord.load_pending()
+    await until(lambda: "fw-21" in node.coord.results, devices)
+    res = node.coord.results["fw-21"]
+    assert res.status == "aborted" and res.rollback_job == "fw-21-rollback"
+    assert "wave gate" in res.reason and "rollback failed" in res.reason
+    assert "LimitExceededException" in res.reason
+    assert _LOST == [1]  # the lost connection was retried, not fatal
+    await node.kill()
+
+
+_LOST: list[int] = []
+
+
+def _connection_lost(kw: dict[str, Any]) -> None:
+    if not _LOST:
+        from botocore.exceptions import EndpointConnectionError
+
+        _LOST.append(1)
+        raise EndpointConnectionError(endpoint_url="https://iot.example")
+
+
+def test_records_and_aws_configuration_errors() -> None:
+    from cloud.fleet.backend_aws import AwsJobsError
+    from cloud.fleet.coordinator_aws import result_of
+
+    rec = RolloutRecord("r", "{}", "{}", "completed", waves=json.dumps([
+        {"index": 0, "start": 0, "end": 2, "job_id": "r-w0", "counts": {"SUCCEEDED": 2}},
+        {"index": 1, "start": 2, "end": 5, "job_id": "r-w1",
+         "counts": {"SUCCEEDED": 2, "FAILED": 1}}]),
+        backend="aws-iot-jobs", backend_state=json.dumps({"rollback_job": "r-rollback"}))
+    res = result_of(rec)
+    assert res.jobs == ["r-w0", "r-w1"] and res.counts == {"SUCCEEDED": 4, "FAILED": 1}
+    assert res.rollback_job == "r-rollback"
+    with pytest.raises(AwsJobsError, match="AWS configuration") as err:
+        AwsJobsBackend.from_environment(region=REGION, profile="no-such-profile-here")
+    assert err.value.reason == "aws_config"
+
+
+async def test_cli_aws_edges(iot: Any, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    things = make_things(iot, 6)
+    db = str(tmp_path / "fleet.db")
+    devs, spec = await write_inputs(tmp_path, things, group="empty")
+    assert await cli("add-devices", "--store", db, "--file", devs) == 0
+    assert await cli("add-group", "--store", db, "--name", "empty", "--members", "nobody") == 0
+    capsys.readouterr()
+    assert await cli("aws-rollout", "--store", db, "--spec", spec, "--region", REGION) == 2
+    assert "has no devices" in capsys.readouterr().err
+    store = SqliteFleetStore(db)
+    await store.open()
+    await store.save_rollout(RolloutRecord("mq", "{}", "{}", "running"))  # built-in's
+    await store.close()
+    aws = ["--backend", "aws-iot-jobs", "--store", db, "--region", REGION, "--rollout"]
+    assert await cli("abort", *aws, "mq") == 1
+    assert "built-in MQTT backend" in capsys.readouterr().err
