@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import socket
@@ -50,6 +49,7 @@ from cloud.fleet.protocol import (
     encode,
 )
 from cloud.fleet.registry import Group, Registry
+from cloud.fleet.service import Supervised, cancel_all
 from cloud.fleet.spec import RolloutSpec, WavePlan
 from cloud.fleet.states import DeviceState, FleetError, InvalidTransition, NotOwner
 from cloud.fleet.store import (
@@ -99,7 +99,7 @@ def control_document(cmd: str, key: Ed25519PrivateKey | None, now_ms: int,
     return _ENC.encode(sign(c, key) if key is not None else c)
 
 
-class Coordinator:
+class Coordinator(Supervised):
     """Fleet coordinator: registry, rollouts, job channel and state store."""
 
     def __init__(self, *, store: FleetStore, channel: CoordinatorChannel, clock: Clock,
@@ -219,21 +219,9 @@ class Coordinator:
             task.add_done_callback(self._task_done)
         self._kick.set()
 
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.failed.set()
-
-    def _lease_lost(self) -> None:
-        self._fail(LeaseLost("the lease session ended", token=self.token))
-
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("fleet task died", task=task.get_name(), error=repr(exc))
-            assert exc is not None
-            self._fail(exc)
+        self._task_died(task)
 
     async def stop(self) -> None:
         """Stop tasks, commit what is pending (acking its device messages), stop the
@@ -241,11 +229,7 @@ class Coordinator:
         tasks = list(self._tasks)
         if self._reload_task is not None:
             tasks.append(self._reload_task)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_all(tasks)
         try:
             if not isinstance(self.error, LeaseLost):
                 await self.flush()

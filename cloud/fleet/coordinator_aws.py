@@ -28,7 +28,6 @@ Place in the system::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from typing import Any
@@ -48,6 +47,7 @@ from cloud.fleet.backend_aws import (
     Change,
 )
 from cloud.fleet.registry import Registry
+from cloud.fleet.service import Supervised, cancel_all
 from cloud.fleet.spec import RolloutSpec, WavePlan, effective_plan
 from cloud.fleet.states import DeviceState, FleetError
 from cloud.fleet.store import Batch, FleetStore, LeaseLost, RolloutRecord, TransitionRecord
@@ -137,7 +137,7 @@ class StoreJournal:
         self.states.update(new)
 
 
-class AwsCoordinator:
+class AwsCoordinator(Supervised):
     """Runs the store's rollouts through AWS IoT Jobs while it holds the lease."""
 
     def __init__(self, *, store: FleetStore, backend: AwsJobsBackend,
@@ -166,7 +166,7 @@ class AwsCoordinator:
         if scan:
             await self.store.listen_changes(self._kick.set)
             self._scanner = asyncio.create_task(self._scan_loop(), name="fleet-aws[scan]")
-            self._scanner.add_done_callback(self._task_done)
+            self._scanner.add_done_callback(self._task_died)
 
     async def stop(self) -> None:
         """Stop the rollout tasks (their progress is already stored) and give the lease up;
@@ -174,11 +174,7 @@ class AwsCoordinator:
         tasks: list[asyncio.Task[Any]] = [t for t in self.rollouts.values() if not t.done()]
         if self._scanner is not None:
             tasks.append(self._scanner)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_all(tasks)
         await self.store.release_lease()
 
     async def load_pending(self, only: str = "") -> list[str]:
@@ -206,7 +202,7 @@ class AwsCoordinator:
     def _spawn(self, rec: RolloutRecord) -> None:
         task = asyncio.create_task(self._run(rec), name=f"fleet-aws[{rec.rollout_id}]")
         self.rollouts[rec.rollout_id] = task
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._task_died)
 
     async def _run(self, rec: RolloutRecord) -> AwsRolloutResult:
         spec = _SPEC.decode(rec.spec)
@@ -271,17 +267,3 @@ class AwsCoordinator:
                 kick.cancel()
                 nap.cancel()
 
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.failed.set()
-
-    def _lease_lost(self) -> None:
-        self._fail(LeaseLost("the lease session ended", token=self.token))
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            assert exc is not None
-            log.error("fleet task died", task=task.get_name(), error=repr(exc))
-            self._fail(exc)

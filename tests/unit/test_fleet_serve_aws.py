@@ -134,6 +134,15 @@ class Node:
         await self.store.close()
 
 
+async def running(db: str, client: Client, things: list[str],
+                  spec: dict[str, Any] = SPEC_CFG) -> Node:
+    """A coordinator that started the pending rollout ``spec`` over ``things``."""
+    node = await Node(db, client).start()
+    await seed(node.store, things, spec)
+    await node.coord.load_pending()
+    return node
+
+
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[str]:
     yield str(tmp_path / "fleet.db")
@@ -146,9 +155,7 @@ async def test_restart_after_a_crash_at_create_job_creates_each_job_once(
     client = Client(iot)
     getattr(client, when)["create_job"] = crash_on("fw-21-w1")
     devices = FakeDevices()
-    node = await Node(db, client).start()
-    await seed(node.store, things, SPEC_CFG)
-    await node.coord.load_pending()
+    node = await running(db, client, things)
     await until(node.coord.failed.is_set, devices)
     assert isinstance(node.coord.error, Crash)
     await node.kill()
@@ -186,9 +193,7 @@ async def test_crash_while_rolling_back_resumes_the_rollback_once(iot: Any, db: 
     client = Client(iot)
     client.before["create_job"] = crash_on("fw-21-rollback")
     devices = FakeDevices(failing)
-    node = await Node(db, client).start()
-    await seed(node.store, things, SPEC_CFG)
-    await node.coord.load_pending()
+    node = await running(db, client, things)
     await until(node.coord.failed.is_set, devices)
     await node.kill()
 
@@ -230,12 +235,18 @@ async def cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
-async def write_inputs(tmp_path: Path, things: list[str], **spec: Any) -> tuple[str, str]:
+async def registered(iot: Any, tmp_path: Path, n: int, **spec: Any
+                     ) -> tuple[list[str], str, str]:
+    """``n`` things in moto, registered in a SQLite store by add-devices, and a spec file:
+    (things, store path, spec path)."""
+    things = make_things(iot, n)
+    db = str(tmp_path / "fleet.db")
     devs = tmp_path / "devices.json"
     devs.write_text(json.dumps([{"device_id": t} for t in things]))
     path = tmp_path / "spec.json"
     path.write_text(json.dumps({**SPEC_CFG, **spec}))
-    return str(devs), str(path)
+    assert await cli("add-devices", "--store", db, "--file", str(devs)) == 0
+    return things, db, str(path)
 
 
 class Serve:
@@ -259,10 +270,7 @@ class Serve:
 
 async def test_serve_picks_up_created_rollouts_survives_a_kill_and_status_shows_it(
         iot: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    things = make_things(iot, 60)
-    db = str(tmp_path / "fleet.db")
-    devs, spec = await write_inputs(tmp_path, things)
-    assert await cli("add-devices", "--store", db, "--file", devs) == 0
+    things, db, spec = await registered(iot, tmp_path, 60)
     devices = FakeDevices(offline=set(things[5:25]))  # wave 1 waits for them
     server = Serve(serve_args(db))
     await server.coord()
@@ -315,10 +323,7 @@ def iot_created(iot: Any) -> Counter[str]:
 @pytest.mark.parametrize("cmd", ["abort", "cancel"])
 async def test_abort_and_cancel_reach_serve_through_the_current_job(
         iot: Any, tmp_path: Path, cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
-    things = make_things(iot, 60)
-    db = str(tmp_path / "fleet.db")
-    devs, spec = await write_inputs(tmp_path, things)
-    assert await cli("add-devices", "--store", db, "--file", devs) == 0
+    things, db, spec = await registered(iot, tmp_path, 60)
     assert await cli("create-rollout", "--store", db, "--spec", spec) == 0
     devices = FakeDevices(offline=set(things[10:25]))  # wave 1 stays open
     server = Serve(serve_args(db))
@@ -356,10 +361,7 @@ async def test_abort_and_cancel_reach_serve_through_the_current_job(
 
 async def test_control_commands_on_the_aws_backend(
         iot: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    things = make_things(iot, 6)
-    db = str(tmp_path / "fleet.db")
-    devs, spec = await write_inputs(tmp_path, things)
-    assert await cli("add-devices", "--store", db, "--file", devs) == 0
+    _, db, spec = await registered(iot, tmp_path, 6)
     assert await cli("create-rollout", "--store", db, "--spec", spec) == 0
     aws = ["--backend", "aws-iot-jobs", "--store", db, "--region", REGION, "--rollout"]
     capsys.readouterr()
@@ -386,9 +388,7 @@ async def test_abort_while_no_coordinator_runs_is_applied_on_resume(
     things = make_things(iot, 60)
     client = Client(iot)
     devices = FakeDevices(offline=set(things[10:25]))
-    node = await Node(db, client).start()
-    await seed(node.store, things, SPEC_CFG)
-    await node.coord.load_pending()
+    node = await running(db, client, things)
     await until(lambda: sum(1 for j, _ in devices.seen if j == "fw-21-w1") == 5, devices)
     await node.kill()
     capsys.readouterr()
@@ -411,9 +411,7 @@ async def test_aws_errors_retry_when_transient_and_roll_back_when_not(
     client.before["list_job_executions_for_job"] = aws_error("ThrottlingException", 3)
     client.before["create_job"] = aws_error("InvalidRequestException", job_id="fw-21-w2")
     devices = FakeDevices()
-    node = await Node(db, client).start()
-    await seed(node.store, things, SPEC_CFG)
-    await node.coord.load_pending()
+    node = await running(db, client, things)
     await until(lambda: "fw-21" in node.coord.results, devices)
     res = node.coord.results["fw-21"]
     assert res.status == "aborted" and "InvalidRequestException" in res.reason
@@ -444,9 +442,7 @@ async def test_offline_devices_do_not_hold_a_wave_and_empty_groups_end_at_once(
 async def test_a_standby_waits_for_the_lease_and_the_mqtt_coordinator_leaves_aws_rollouts(
         iot: Any, db: str) -> None:
     things = make_things(iot, 6)
-    node = await Node(db, Client(iot)).start()
-    await seed(node.store, things, SPEC_CFG)
-    await node.coord.load_pending()
+    node = await running(db, Client(iot), things)
     devices = FakeDevices()
     await until(lambda: "fw-21" in node.coord.results, devices)
     other = AwsCoordinator(store=SqliteFleetStore(db), backend=AwsJobsBackend(iot))
@@ -466,10 +462,7 @@ async def test_a_standby_waits_for_the_lease_and_the_mqtt_coordinator_leaves_aws
 
 async def test_aws_rollout_command_continues_a_stored_rollout(
         iot: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    things = make_things(iot, 12)
-    db = str(tmp_path / "fleet.db")
-    devs, spec = await write_inputs(tmp_path, things)
-    assert await cli("add-devices", "--store", db, "--file", devs) == 0
+    _, db, spec = await registered(iot, tmp_path, 12)
     client = Client(iot)
     # a first run dies at wave 1; running the command again finishes the rollout
     node = await Node(db, client).start()
@@ -498,9 +491,7 @@ async def test_a_wave_job_stopped_outside_pymigrate_aborts_the_rollout(
     things = make_things(iot, 30)
     client = Client(iot)
     devices = FakeDevices(offline=set(things[5:25]))
-    node = await Node(db, client).start()
-    await seed(node.store, things, SPEC_CFG)
-    await node.coord.load_pending()
+    node = await running(db, client, things)
     await until(lambda: client.created["fw-21-w1"] == 1, devices)
     if how == "console":
         iot.cancel_job(jobId="fw-21-w1", reasonCode="ops", comment="bad build")
@@ -521,9 +512,7 @@ async def test_a_failed_rollback_ends_the_rollout_aborted_with_the_reason(
     client.before["create_job"] = aws_error("LimitExceededException", job_id="fw-21-rollback")
     client.before["list_job_executions_for_job"] = lambda kw: _connection_lost(kw)
     devices = FakeDevices(failing=set(things[5:25]))
-    node = await Node(db, client).start()
-    await seed(node.store, things, SPEC_CFG)
-    await node.coord.load_pending()
+    node = await running(db, client, things)
     await until(lambda: "fw-21" in node.coord.results, devices)
     res = node.coord.results["fw-21"]
     assert res.status == "aborted" and res.rollback_job == "fw-21-rollback"
@@ -563,10 +552,7 @@ def test_records_and_aws_configuration_errors() -> None:
 
 async def test_cli_aws_edges(iot: Any, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
-    things = make_things(iot, 6)
-    db = str(tmp_path / "fleet.db")
-    devs, spec = await write_inputs(tmp_path, things, group="empty")
-    assert await cli("add-devices", "--store", db, "--file", devs) == 0
+    _, db, spec = await registered(iot, tmp_path, 6, group="empty")
     assert await cli("add-group", "--store", db, "--name", "empty", "--members", "nobody") == 0
     capsys.readouterr()
     assert await cli("aws-rollout", "--store", db, "--spec", spec, "--region", REGION) == 2
