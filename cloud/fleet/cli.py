@@ -54,9 +54,10 @@ and cancel take --backend aws-iot-jobs --store URL and cancel the rollout's curr
 pause and resume are not available there (AWS IoT jobs cannot be paused)."""
 
 EPILOG = """high availability:
-  run several 'serve' replicas on one postgresql:// store: one is active (it holds the
-  store's lease; every write carries its fencing token), the others wait and take over
-  within seconds when it dies. SQLite is single-node: a second 'serve' is refused.
+  run several 'serve' replicas (same --backend) on one postgresql:// store: one is
+  active (it holds the store's lease; every write carries its fencing token), the others
+  wait and take over within seconds when it dies. SQLite is single-node: a second
+  'serve' is refused.
 
 exit status:
   0 ok, 1 a command failed (message on stderr), 2 invalid usage or option value,
