@@ -25,14 +25,15 @@ from cloud.fleet.store_sqlite import SqliteFleetStore
 from tests.conftest import free_port
 from tests.unit.test_fleet_backend_aws import REGION, SPEC, FakeDevices
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 2 serve processes + moto, ~11 s
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 2 serve processes: 3-11 s
 S = DeviceState
 N = 40
 
 
 @pytest.fixture
 def moto_server(monkeypatch: pytest.MonkeyPatch) -> Any:
-    pytest.importorskip("flask", reason="moto's server mode needs moto[server] (flask)")
+    for mod in ("flask", "flask_cors"):
+        pytest.importorskip(mod, reason="moto's server mode needs moto[server]")
     from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.iot.models import iot_backends
     from moto.server import ThreadedMotoServer
