@@ -17,6 +17,19 @@ broker-validated ``user_id`` with ``identity = "user_id"``.
 Throttling: an Ack ``throttled`` -> :class:`ThrottledError`; with ``max_queue_length`` the
 queue is declared ``x-overflow = reject-publish``, so when ingest falls behind the broker
 nacks publishes and the device gets :class:`ThrottledError` (``throttle_retry_after_s``).
+
+A cluster (``hosts``): every client holds one connection to one node. A device starts on
+the node its id hashes to (devices spread over the nodes) and, when its connection is
+lost, connects to the next node on its next send; a refused node is skipped within the
+same attempt. The ingest queue is a quorum queue by default (``queue_type``): each
+message is on a majority of the nodes before the publisher confirm, so a node that dies
+takes nothing with it, and consumers on the other nodes go on after the queue elects a
+new leader. The ingest watches its connection, its channel and its consumer (a broker may
+cancel it); when one goes it reconnects to the next node with capped, jittered backoff
+(``reconnect_max_s``), declares the topology again and consumes again. Deliveries it had
+not acked go back to the queue with the connection and reach a replica again; the store
+answers them ``duplicate`` if they were committed.
+
 No aio-pika or aiormq type or exception leaves this module.
 """
 
@@ -25,7 +38,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import random
 import ssl
+import zlib
 from typing import Any
 
 import aio_pika
@@ -58,19 +74,44 @@ def _tls(cfg: AmqpConfig) -> ssl.SSLContext | None:
                               verify_hostname=cfg.tls_verify_hostname)
 
 
-async def _connect(cfg: AmqpConfig, ctx: ssl.SSLContext | None, *,
-                   robust: bool) -> aio_pika.abc.AbstractConnection:
-    kw: dict[str, Any] = dict(host=cfg.host, port=cfg.port, login=cfg.username,
+async def _connect(cfg: AmqpConfig, ctx: ssl.SSLContext | None, host: str,
+                   port: int) -> aio_pika.abc.AbstractConnection:
+    kw: dict[str, Any] = dict(host=host, port=port, login=cfg.username,
                               password=cfg.password, virtualhost=cfg.virtualhost,
                               timeout=cfg.connect_timeout_s)
     if ctx is not None:
         kw.update(ssl=True, ssl_context=ctx)
-    conn: aio_pika.abc.AbstractConnection
-    if robust:
-        conn = await aio_pika.connect_robust(**kw)
-    else:
-        conn = await aio_pika.connect(**kw)
+    conn: aio_pika.abc.AbstractConnection = await aio_pika.connect(**kw)
     return conn
+
+
+def _is_auth(exc: BaseException) -> bool:
+    return isinstance(exc, (aiormq.exceptions.AuthenticationError,
+                            aiormq.exceptions.ProbableAuthenticationError))
+
+
+async def _connect_any(cfg: AmqpConfig, ctx: ssl.SSLContext | None, start: int, *,
+                       who: str) -> tuple[aio_pika.abc.AbstractConnection, int]:
+    """Connect to the first node that answers, trying ``cfg.endpoints()`` in order from
+    index ``start``; returns the connection and the node's index. Raises TransportError
+    (``reason="auth"``, not retriable, as soon as a node refuses the login: every node
+    of a cluster shares the users)."""
+    eps = cfg.endpoints()
+    failures: list[str] = []
+    last: BaseException | None = None
+    for k in range(len(eps)):
+        i = (start + k) % len(eps)
+        host, port = eps[i]
+        try:
+            return await _connect(cfg, ctx, host, port), i
+        except _LINK_ERRORS as exc:
+            failures.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            if _is_auth(exc):
+                raise TransportError(f"AMQP login to {host}:{port} refused: {exc}",
+                                     device=who, reason="auth", retriable=False) from exc
+            last = exc
+    raise TransportError(f"AMQP connect failed on every node: {'; '.join(failures)}",
+                         device=who, reason="transport") from last
 
 
 class _Link:
@@ -110,6 +151,9 @@ class AmqpUplink:
         self._link: _Link | None = None
         self._lock = asyncio.Lock()
         self._waiters = AckWaiters()
+        self._endpoints = cfg.endpoints()
+        # devices spread over the nodes; each moves on to the next one when its link goes
+        self._node = zlib.crc32(device_id.encode()) % len(self._endpoints)
 
     async def connect(self) -> None:
         """Connect, open a confirmed channel, declare the exchange and the reply queue."""
@@ -122,9 +166,9 @@ class AmqpUplink:
             if self._link is not None:
                 await self._link.close()
                 self._link = None
-            conn: aio_pika.abc.AbstractConnection | None = None
+            conn, self._node = await _connect_any(self.cfg, self._tls, self._node,
+                                                  who=self.device_id)
             try:
-                conn = await _connect(self.cfg, self._tls, robust=False)
                 channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await channel.declare_exchange(
                     self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -133,20 +177,25 @@ class AmqpUplink:
                     replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
                     await replies.consume(self._on_reply, no_ack=True)
             except _LINK_ERRORS as exc:
-                if conn is not None:
-                    with contextlib.suppress(*_LINK_ERRORS):
-                        await conn.close()
-                auth = isinstance(exc, (aiormq.exceptions.AuthenticationError,
-                                        aiormq.exceptions.ProbableAuthenticationError))
-                raise TransportError(f"AMQP connect to {self.cfg.host}:{self.cfg.port} failed: "
+                with contextlib.suppress(*_LINK_ERRORS):
+                    await conn.close()
+                host, port = self._endpoints[self._node]
+                self._next_node()
+                raise TransportError(f"AMQP set-up on {host}:{port} failed: "
                                      f"{exc or type(exc).__name__}", device=self.device_id,
-                                     reason="auth" if auth else "transport",
-                                     retriable=not auth) from exc
+                                     reason="transport") from exc
             conn.close_callbacks.add(self._on_close)
             self._link = _Link(conn, channel, exchange, replies)
             return self._link
 
-    def _on_close(self, *_: object) -> None:
+    def _next_node(self) -> None:
+        """Rotate: the next connect starts at the next node of the cluster."""
+        self._node = (self._node + 1) % len(self._endpoints)
+
+    def _on_close(self, conn: object = None, *_: object) -> None:
+        if self._link is not None and self._link.conn is conn:
+            self._link = None
+            self._next_node()
         self._fail_all(TransportError("AMQP connection lost", device=self.device_id))
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -218,6 +267,7 @@ class AmqpUplink:
     async def _drop(self, link: _Link) -> None:
         if self._link is link:
             self._link = None
+            self._next_node()
         await link.close()
 
     async def close(self) -> None:
@@ -244,29 +294,114 @@ class AmqpIngestServer:
         self._handler: IngestHandler | None = None
         self._locks = KeyedLocks()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._endpoints = cfg.endpoints()
+        self._node = os.getpid() % len(self._endpoints)  # replicas spread over the nodes
+        self._lost = asyncio.Event()
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
         self.handled = 0
+        self.reconnects = 0  # connections re-established after a loss
+
+    @property
+    def node(self) -> str:
+        """``host:port`` of the node this consumer is (or was last) connected to."""
+        host, port = self._endpoints[self._node]
+        return f"{host}:{port}"
+
+    def _queue_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self.cfg.queue_type == "quorum":
+            args["x-queue-type"] = "quorum"
+        if self.cfg.max_queue_length:
+            args |= {"x-max-length": self.cfg.max_queue_length, "x-overflow": "reject-publish"}
+        return args
 
     async def start(self, handler: IngestHandler) -> None:
-        """Declare exchange, queue and binding, then consume (robust: reconnects itself)."""
+        """Connect to a node, declare exchange, queue and binding, consume; then watch the
+        connection and reconnect (to the next node) whenever it goes."""
         self._handler = handler
-        args: dict[str, Any] = {}
-        if self.cfg.max_queue_length:
-            args = {"x-max-length": self.cfg.max_queue_length, "x-overflow": "reject-publish"}
+        self._stopping = False
         try:
-            self._conn = await _connect(self.cfg, self._tls, robust=True)
-            self._channel = await self._conn.channel()
-            await self._channel.set_qos(prefetch_count=self.cfg.prefetch)
-            exchange = await self._channel.declare_exchange(
-                self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            self._queue = await self._channel.declare_queue(self.cfg.queue, durable=True,
-                                                            arguments=args or None)
-            await self._queue.bind(exchange, f"{self.cfg.routing_prefix}.*")
-            self._tag = await self._queue.consume(self._on_message)
-        except _LINK_ERRORS as exc:
+            await self._open()
+        except TransportError:
             await self.stop()
+            raise
+        self._supervisor = asyncio.create_task(self._supervise(),
+                                               name=f"amqp-ingest[{self.cfg.queue}]")
+
+    async def _open(self) -> None:
+        """One connection, channel, topology and consumer; TransportError if none."""
+        conn, self._node = await _connect_any(self.cfg, self._tls, self._node,
+                                              who="ingest")
+        try:
+            channel = await conn.channel()
+            await channel.set_qos(prefetch_count=self.cfg.prefetch)
+            exchange = await channel.declare_exchange(
+                self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            queue = await channel.declare_queue(self.cfg.queue, durable=True,
+                                                arguments=self._queue_args() or None)
+            await queue.bind(exchange, f"{self.cfg.routing_prefix}.*")
+            self._conn, self._channel, self._queue = conn, channel, queue
+            self._lost.clear()
+            for source in (conn, channel):
+                source.close_callbacks.add(self._on_lost)
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+            self._tag = await queue.consume(self._on_message)
+        except _LINK_ERRORS as exc:
+            with contextlib.suppress(*_LINK_ERRORS):
+                await asyncio.wait_for(conn.close(), 2.0)
+            self._conn = self._channel = self._queue = None
+            self._next_node()
+            if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+                raise TransportError(
+                    f"AMQP queue {self.cfg.queue} exists with other arguments than "
+                    f"{self._queue_args()} ({exc}): set cloud.amqp.queue_type (and "
+                    "max_queue_length) to what it was declared with, or use a new queue "
+                    "name", reason="config", retriable=False) from exc
             raise TransportError(f"AMQP ingest cannot consume {self.cfg.queue} on "
-                                 f"{self.cfg.host}:{self.cfg.port}: {exc or type(exc).__name__}"
-                                 ) from exc
+                                 f"{self.node}: {exc or type(exc).__name__}") from exc
+
+    def _next_node(self) -> None:
+        self._node = (self._node + 1) % len(self._endpoints)
+
+    def _on_lost(self, source: object = None, *_: object) -> None:
+        if source is self._conn or source is self._channel:
+            self._lost.set()
+
+    def _on_cancelled(self, *_: object) -> None:
+        # the broker cancelled our consumer (its queue went away with a node, or was
+        # deleted): consume again from scratch
+        self._lost.set()
+
+    async def _supervise(self) -> None:
+        """Wait for a loss, then reconnect with capped, jittered backoff (no polling)."""
+        rng = random.Random()
+        while True:
+            await self._lost.wait()
+            if self._stopping:
+                return
+            old, self._conn = self._conn, None
+            self._channel = self._queue = None
+            self._tag = None
+            log.warning("AMQP ingest lost its link to %s; reconnecting", self.node)
+            if old is not None:
+                with contextlib.suppress(*_LINK_ERRORS):
+                    await asyncio.wait_for(old.close(), 2.0)
+            self._next_node()
+            delay = 0.1
+            while not self._stopping:
+                try:
+                    await self._open()
+                except TransportError as exc:
+                    log.warning("AMQP ingest reconnect failed (next try in %.1fs): %s",
+                                delay, exc)
+                    await self.clock.sleep(delay * rng.uniform(0.5, 1.0))
+                    delay = min(delay * 2, self.cfg.reconnect_max_s)
+                    continue
+                self.reconnects += 1
+                log.warning("AMQP ingest consuming %s again on %s", self.cfg.queue, self.node)
+                break
 
     def _identity(self, message: aio_pika.abc.AbstractIncomingMessage) -> str:
         """The device the broker vouches for; "" (nobody: the batch is refused as a
@@ -289,7 +424,8 @@ class AmqpIngestServer:
 
     async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         device = self._identity(message)
-        assert self._handler is not None and self._channel is not None
+        channel = self._channel  # the one that delivered it (before any reconnect)
+        assert self._handler is not None and channel is not None
         async with self._locks.hold(device):
             try:
                 ack = await self._handler(Incoming(
@@ -305,15 +441,22 @@ class AmqpIngestServer:
             if message.reply_to:
                 reply = aio_pika.Message(encode_ack(ack), correlation_id=message.correlation_id,
                                          content_type="application/json")
-                await self._channel.default_exchange.publish(reply, message.reply_to,
-                                                             mandatory=False)
+                await channel.default_exchange.publish(reply, message.reply_to,
+                                                       mandatory=False)
             # only now may the broker forget the batch: a crash before this redelivers it
             await message.ack()
         except _LINK_ERRORS as exc:  # redelivered to a replica; the store deduplicates
             log.warning("AMQP ingest could not answer %s: %s", message.correlation_id, exc)
 
     async def stop(self) -> None:
-        """Cancel the consumer, let running handlers finish, close."""
+        """Stop reconnecting, cancel the consumer, let running handlers finish, close."""
+        self._stopping = True
+        self._lost.set()
+        if self._supervisor is not None:
+            sup, self._supervisor = self._supervisor, None
+            if sup is not asyncio.current_task():
+                sup.cancel()
+                await asyncio.gather(sup, return_exceptions=True)
         if self._queue is not None and self._tag is not None:
             with contextlib.suppress(*_LINK_ERRORS):
                 await self._queue.cancel(self._tag)

@@ -25,8 +25,8 @@ import msgspec
 from pymigrate.configload import convert
 from pymigrate.errors import ConfigError
 
-__all__ = ["AmqpConfig", "CoapConfig", "MqttConfig", "TransportConfig", "parse_transport",
-           "parse_transports"]
+__all__ = ["AmqpConfig", "CoapConfig", "MqttConfig", "TransportConfig", "parse_endpoint",
+           "parse_transport", "parse_transports"]
 
 _MAX_PAYLOAD = 256 * 1024
 
@@ -127,16 +127,54 @@ class CoapConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="c
         return f"coap://{host}:{self.port}/{self.path.strip('/')}"
 
 
+def parse_endpoint(key: str, item: str, default_port: int) -> tuple[str, int]:
+    """``"host"``, ``"host:port"`` or ``"[v6]:port"`` -> (host, port); ConfigError naming
+    ``key`` otherwise."""
+    text = item.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(key, f"unclosed [ in {item!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(key, f"expected host:port, got {item!r}")
+            port = _port_of(key, rest[1:], item)
+    elif text.count(":") == 1:
+        host, p = text.split(":")
+        port = _port_of(key, p, item)
+    if not host or any(c.isspace() for c in host) or "/" in host:
+        raise ConfigError(key, f"expected host or host:port, got {item!r}")
+    if not 0 < port < 65536:
+        raise ConfigError(key, f"port must be in 1..65535, got {item!r}")
+    return host, port
+
+
+def _port_of(key: str, text: str, item: str) -> int:
+    if not text.isdigit():
+        raise ConfigError(key, f"port must be a number, got {item!r}")
+    return int(text)
+
+
 class AmqpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="amqp",
                  tag_field="type"):
     """AMQP 0-9-1 (aio-pika) uplink and ingest settings.
 
     Devices publish persistent messages to the durable topic ``exchange`` with routing key
     ``<routing_prefix>.<device_id>``; the ingest consumes the durable ``queue``.
+
+    A RabbitMQ cluster: list its nodes in ``hosts`` (``"host:port"``; ``host``/``port``
+    are then unused). A client connects to one node and moves to the next one in the list
+    when its connection is lost or refused. ``queue_type = "quorum"`` (default) makes the
+    ingest queue a replicated quorum queue (a majority of the nodes holds each message
+    before the publisher confirm); ``"classic"`` is for an existing classic queue, which
+    cannot be redeclared as another type.
     """
 
     host: str = "127.0.0.1"
     port: int = 5672
+    hosts: list[str] = msgspec.field(default_factory=list)  # cluster nodes, "host:port"
     virtualhost: str = "/"
     username: str = "guest"
     password: str = "guest"
@@ -155,9 +193,19 @@ class AmqpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="a
     max_queue_length: int = 0  # ingest side: >0 makes a full queue nack publishes (throttle)
     identity: str = "routing_key"  # ingest side: "routing_key" or "user_id"
     throttle_retry_after_s: float = 5.0  # device side: wait after a broker nack
+    queue_type: str = "quorum"  # ingest side: "quorum" (replicated) or "classic"
+    reconnect_max_s: float = 5.0  # ingest side: longest wait between reconnect attempts
 
     def __post_init__(self) -> None:
         _check_port("amqp", self.port)
+        for i, item in enumerate(self.hosts):
+            parse_endpoint(f"uplink.amqp.hosts[{i}]", item, self.port)
+        if len(set(self.endpoints())) != len(self.endpoints()):
+            raise ConfigError("uplink.amqp.hosts", f"names a node twice: {self.hosts}")
+        if self.queue_type not in ("quorum", "classic"):
+            raise ConfigError("uplink.amqp.queue_type",
+                              f"must be 'quorum' or 'classic', got {self.queue_type!r}")
+        _check_positive("amqp", "reconnect_max_s", self.reconnect_max_s)
         for key in ("exchange", "queue", "routing_prefix"):
             if not getattr(self, key):
                 raise ConfigError(f"uplink.amqp.{key}", "must not be empty")
@@ -177,6 +225,12 @@ class AmqpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="a
     @property
     def use_tls(self) -> bool:
         return self.tls or bool(self.ca_file or self.cert_file)
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The broker nodes in order: ``hosts`` parsed, else ``[(host, port)]``."""
+        if not self.hosts:
+            return [(self.host, self.port)]
+        return [parse_endpoint("uplink.amqp.hosts", h, self.port) for h in self.hosts]
 
 
 TransportConfig = MqttConfig | CoapConfig | AmqpConfig
