@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from bench._chaos_env import free_port, port_open, proc_cpu_seconds
+from bench._chaos_env import free_port, port_open, proc_cpu_seconds, wait_until
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 ERL_ARGS = ("+S 1:1 +sbwt none +sbwtdcpu none +sbwtdio none +A 4 "
@@ -119,7 +119,7 @@ class RabbitNode:
     def log_tail(self, n: int = 15) -> str:
         logs = sorted((self.dir / "log").glob("*.log"))
         out: list[str] = []
-        for f in logs + [self.dir / "stdout.log"]:
+        for f in [*logs, self.dir / "stdout.log"]:
             with contextlib.suppress(OSError):
                 out += f.read_text(errors="replace").splitlines()[-n:]
         return "\n".join(out[-n:])
@@ -269,17 +269,14 @@ class RabbitCluster:
         node.cpu_s += sum(proc_cpu_seconds(pid) for pid in pids)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, sig)  # the group we created for this node, by its id
-        end = time.monotonic() + 15
-        while p.poll() is None and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        if p.poll() is None:
+        try:
+            await asyncio.to_thread(p.wait, 15)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             await asyncio.to_thread(p.wait, 10)
         # helpers of the group (erl_child_setup, inet_gethost) follow beam within a moment
-        end = time.monotonic() + 5
-        while _group_pids(p.pid) and time.monotonic() < end:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: not _group_pids(p.pid), 5, step=0.05)
         node.proc = None
 
     async def stop(self) -> None:
