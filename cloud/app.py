@@ -36,12 +36,14 @@ class CloudApp:
         await self.store.open()
         started: list[IngestServer] = []
         try:
+            await self.service.open()
             for s in self.servers:
                 await s.start(self.service.handle)
                 started.append(s)
         except BaseException:
             for s in started:
                 await s.stop()
+            await self.service.close()
             await self.store.close()
             raise
         self.ready.set()
@@ -54,6 +56,7 @@ class CloudApp:
                 await s.stop()
             except Exception as exc:  # keep stopping the others
                 log.warning("listener stop failed", listener=s.name, error=str(exc))
+        await self.service.close()
         await self.store.close()
 
     def request_stop(self) -> None:

@@ -56,6 +56,10 @@ TOML (every key optional; defaults shown)::
     [cloud.rate_limit]
     batches_per_s = 0.0           # per device; 0 = off
     burst = 10
+    backend = "memory"            # memory: per replica | redis: shared by all replicas
+    redis_url = "redis://127.0.0.1:6379/0"
+    key_prefix = "pymigrate:rl:"
+    timeout_s = 0.5               # per Redis call; a failed call lets the batch through
 """
 
 from __future__ import annotations
@@ -191,11 +195,23 @@ class DedupSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batches_per_s: float = 0.0
     burst: int = 10
+    # memory: each replica limits on its own (N replicas allow N times the rate);
+    # redis: one bucket per device shared by every replica (cloud.ratelimit_redis)
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "pymigrate:rl:"
+    timeout_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.batches_per_s < 0 or self.burst < 1:
             raise ConfigError("cloud.rate_limit", "batches_per_s >= 0 and burst >= 1")
         _number(self.batches_per_s, "cloud.rate_limit.batches_per_s", strict=False)
+        _number(self.timeout_s, "cloud.rate_limit.timeout_s")
+        if self.backend == "redis" and not self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ConfigError("cloud.rate_limit.redis_url",
+                              f"must be a redis://, rediss:// or unix:// URL, got "
+                              f"{self.redis_url!r}")
 
 
 class CloudConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -303,10 +319,15 @@ def build_ingest(cfg: CloudConfig, store: Store, *, clock: Clock | None = None) 
         gateway = GatewayDeduper(d.gateway_tolerance_ms, d.gateway_policy,
                                  match_values=d.gateway_match_values,
                                  value_tol=d.gateway_value_tol)
-    limiter = None
-    if cfg.rate_limit.batches_per_s > 0:
-        limiter = DeviceRateLimiter(cfg.rate_limit.batches_per_s, cfg.rate_limit.burst,
-                                    clock=clock)
+    limiter: Any = None
+    rl = cfg.rate_limit
+    if rl.batches_per_s > 0 and rl.backend == "redis":
+        from cloud.ratelimit_redis import RedisRateLimiter
+
+        limiter = RedisRateLimiter(rl.batches_per_s, rl.burst, url=rl.redis_url,
+                                   key_prefix=rl.key_prefix, timeout_s=rl.timeout_s)
+    elif rl.batches_per_s > 0:
+        limiter = DeviceRateLimiter(rl.batches_per_s, rl.burst, clock=clock)
     return IngestService(store, clock=clock, max_batch_bytes=cfg.max_batch_bytes,
                          max_future_s=cfg.max_future_s, allow_non_finite=cfg.allow_non_finite,
                          limiter=limiter, gateway=gateway, conflict_policy=d.conflict_policy)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import logging
 import math
 from typing import Any
@@ -87,10 +88,22 @@ class IngestService:
         self.conflicts = None if conflict_policy is None else ConflictResolver(conflict_policy)
         self.clock = clock or WallClock()
         self.max_batch_bytes = max_batch_bytes
-        self.limiter = limiter  # object with .check(device_id) raising ThrottledError
+        # .check(device_id) (plain or async) raising ThrottledError; optional open/close
+        self.limiter = limiter
         self.counters: collections.Counter[str] = collections.Counter()
         self.config_dead_letter_interval_ms = 60_000
         self._config_dl_at: dict[tuple[str, str], int] = {}
+
+    async def open(self) -> None:
+        """Open what the service holds besides the store (a shared rate limiter)."""
+        opener = getattr(self.limiter, "open", None)
+        if opener is not None:
+            await opener()
+
+    async def close(self) -> None:
+        closer = getattr(self.limiter, "close", None)
+        if closer is not None:
+            await closer()
 
     async def _reject(self, inc: Incoming, reason: str, t_recv: int, batch_id: str = "",
                       device: str = "", ledger: BatchMeta | None = None, **kw: Any) -> Ack:
@@ -132,7 +145,9 @@ class IngestService:
                                       channel=inc.channel_device_id[:80])
         if self.limiter is not None:
             try:
-                self.limiter.check(batch.device_id)
+                took = self.limiter.check(batch.device_id)
+                if inspect.isawaitable(took):  # a shared limiter asks Redis
+                    await took
             except ThrottledError as exc:
                 self.counters["throttled"] += 1
                 return Ack(batch_id=batch.batch_id, status="throttled", t_recv_ms=t_recv,
