@@ -32,13 +32,17 @@ TOML (every key optional; defaults shown)::
     token = ""                    # v2 (or v1 with auth): "Authorization: Token ..."
     org = ""
     bucket = ""                   # v2; defaults to db
-    ledger_path = "influx-ledger.db"
+    ledger_path = "influx-ledger.db"   # idempotency ledger: a SQLite file on this host, or
+    ledger_dsn = ""                    # PostgreSQL for replicas on several hosts
+    ledger_schema = "pymigrate_ledger"
 
     [cloud.timestream]
     database = "pymigrate"
     table = "readings"
     region = "us-east-1"
     ledger_path = "timestream-ledger.db"
+    ledger_dsn = ""               # as for influx
+    ledger_schema = "pymigrate_ledger"
     create = false                # create the table (magnetic-store writes on) / update it
     memory_retention_h = 24       # memory store; older records go to the magnetic store
     magnetic_retention_days = 3650
@@ -65,6 +69,7 @@ TOML (every key optional; defaults shown)::
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -137,6 +142,8 @@ class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     password: str = ""
     measurement: str = "readings"
     ledger_path: str = "influx-ledger.db"
+    ledger_dsn: str = ""  # PostgreSQL: one ledger for replicas on every host
+    ledger_schema: str = "pymigrate_ledger"
     max_retries: int = 5
     timeout_s: float = 10.0
     max_lines: int = 20_000
@@ -147,6 +154,7 @@ class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _number(self.max_retries, "cloud.influx.max_retries", strict=False)
         _number(self.timeout_s, "cloud.influx.timeout_s")
         _number(self.max_lines, "cloud.influx.max_lines", low=1, strict=False)
+        _check_ledger("influx", self.ledger_dsn, self.ledger_schema)
 
 
 class TimestreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -154,6 +162,8 @@ class TimestreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     table: str = "readings"
     region: str = "us-east-1"
     ledger_path: str = "timestream-ledger.db"
+    ledger_dsn: str = ""  # PostgreSQL: one ledger for replicas on every host
+    ledger_schema: str = "pymigrate_ledger"
     create: bool = False
     memory_retention_h: int = 24
     magnetic_retention_days: int = 3650
@@ -166,6 +176,25 @@ class TimestreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
         if not 1 <= self.magnetic_retention_days <= 73000:
             raise ConfigError("cloud.timestream.magnetic_retention_days",
                               "must be in 1..73000")
+        _check_ledger("timestream", self.ledger_dsn, self.ledger_schema)
+
+
+def _check_ledger(section: str, dsn: str, schema: str) -> None:
+    if dsn and not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"cloud.{section}.ledger_dsn",
+                          f"must be a postgresql:// URL (or empty: a SQLite file), got {dsn!r}")
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", schema):
+        raise ConfigError(f"cloud.{section}.ledger_schema",
+                          f"must be a plain SQL identifier, got {schema!r}")
+
+
+def _ledger(dsn: str, schema: str) -> Any:
+    """A PostgreSQL ledger when ``dsn`` is set (else None: the store's SQLite file)."""
+    if not dsn:
+        return None
+    from cloud.stores.ledger_pg import PgLedger
+
+    return PgLedger(dsn, schema=schema)
 
 
 class CoapListener(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -292,14 +321,17 @@ def build_store(cfg: CloudConfig, *, clock: Clock | None = None) -> Store:
         return InfluxStore(i.url, version=i.version, db=i.db, rp=i.rp, token=i.token,
                            org=i.org, bucket=i.bucket, username=i.username,
                            password=i.password, measurement=i.measurement,
-                           ledger_path=i.ledger_path, clock=clock, max_retries=i.max_retries,
+                           ledger_path=i.ledger_path,
+                           ledger=_ledger(i.ledger_dsn, i.ledger_schema), clock=clock,
+                           max_retries=i.max_retries,
                            timeout_s=i.timeout_s, max_lines=i.max_lines)
     if cfg.store == "timestream":
         from cloud.stores.timestream import TimestreamStore
 
         t = cfg.timestream
         return TimestreamStore(t.database, t.table, region=t.region,
-                               ledger_path=t.ledger_path, create=t.create,
+                               ledger_path=t.ledger_path,
+                               ledger=_ledger(t.ledger_dsn, t.ledger_schema), create=t.create,
                                memory_retention_h=t.memory_retention_h,
                                magnetic_retention_days=t.magnetic_retention_days,
                                rejected_data_bucket=t.rejected_data_bucket)

@@ -304,9 +304,11 @@ def _check_cloud_paths(cloud: dict[str, Any]) -> None:
     from cloud.config import parse_cloud_config
 
     cfg = parse_cloud_config(cloud)
-    files = {"sqlite": ("cloud.sqlite.path", cfg.sqlite.path),
-             "influx": ("cloud.influx.ledger_path", cfg.influx.ledger_path),
-             "timestream": ("cloud.timestream.ledger_path", cfg.timestream.ledger_path)}
+    files = {"sqlite": ("cloud.sqlite.path", cfg.sqlite.path)}
+    if not cfg.influx.ledger_dsn:  # else the ledger is in PostgreSQL
+        files["influx"] = ("cloud.influx.ledger_path", cfg.influx.ledger_path)
+    if not cfg.timestream.ledger_dsn:
+        files["timestream"] = ("cloud.timestream.ledger_path", cfg.timestream.ledger_path)
     if cfg.store in files:
         from pathlib import Path
 

@@ -1,9 +1,12 @@
 """The completeness ledger in PostgreSQL (the SQLite store's tables, :mod:`cloud.stores._sqlite`,
-in PostgreSQL's dialect): streams, chunk digests, gap records, conflicts kept apart.
+in PostgreSQL's dialect): streams, chunk digests, gap records, conflicts kept apart; and
+the idempotency state and dead letters every PostgreSQL ledger keeps.
 
 Every function runs on the caller's connection, inside its write transaction where it is
 part of a batch (the stream's idempotency row is locked ``FOR UPDATE`` first, so replicas
-writing one stream serialize there).
+writing one stream serialize there). Used by the PostgreSQL store (stored sequence numbers
+are its ``readings``) and by :class:`cloud.stores.ledger_pg.PgLedger` (the ledger of a
+store without transactions; stored sequence numbers are recorded as runs).
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cloud.stores._sqlite import gap_of_row, runs_blob
+from cloud.dedup import IdempotencyState
+from cloud.stores._sqlite import _runs_dec, gap_of_row, now_ms, runs_blob, stream_key
 from cloud.stores.completeness import BatchMeta, BatchPlan, StreamReport, account, runs_union
 from pymigrate.types import seq_runs_of
 
-__all__ = ["PG_LEDGER_SCHEMA", "pg_completeness", "pg_digests", "pg_gap_runs",
+__all__ = ["PG_LEDGER_SCHEMA", "pg_completeness", "pg_dead_letter", "pg_dead_letters",
+           "pg_digests", "pg_gap_runs", "pg_idempotency_state", "pg_lock_state",
            "pg_replace_out", "pg_save_ledger"]
 
 Conn = Any
@@ -75,6 +80,45 @@ _GAP_INSERT = ("INSERT INTO gaps (device_id, instance, seq_first, seq_last, coun
                " ts_ms, runs, detail, received_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
                " ON CONFLICT DO NOTHING")
 _GAP_COLS = "seq_first, seq_last, count, reason, ts_ms, runs, detail"
+
+
+async def pg_lock_state(conn: Conn, key: str) -> tuple[IdempotencyState, bool]:
+    """The stream's idempotency state, locked ``FOR UPDATE`` until the transaction ends;
+    True when its row had to be created."""
+    sql = "SELECT state FROM idempotency WHERE device_id = $1 FOR UPDATE"
+    blob = await conn.fetchval(sql, key)
+    if blob is None:
+        # a first write: make the row exist so FOR UPDATE has something to lock;
+        # a racing replica's insert waits on the unique key, then does nothing
+        empty = IdempotencyState().to_bytes()
+        await conn.execute(
+            "INSERT INTO idempotency (device_id, state, updated_ms) VALUES ($1, $2, $3)"
+            " ON CONFLICT (device_id) DO NOTHING", key, empty, now_ms())
+        blob = await conn.fetchval(sql, key)
+        return IdempotencyState.from_bytes(bytes(blob)), True
+    return IdempotencyState.from_bytes(bytes(blob)), False
+
+
+async def pg_idempotency_state(conn: Conn, device_id: str,
+                               instance: str = "") -> IdempotencyState:
+    blob = await conn.fetchval("SELECT state FROM idempotency WHERE device_id = $1",
+                               stream_key(device_id, instance))
+    return IdempotencyState() if blob is None else IdempotencyState.from_bytes(bytes(blob))
+
+
+async def pg_dead_letter(conn: Conn, device_id: str, batch_id: str, reason: str,
+                         payload: bytes, peer: str = "") -> None:
+    await conn.execute(
+        "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms,"
+        " peer) VALUES ($1, $2, $3, $4, $5, $6)", device_id, batch_id, reason, payload,
+        now_ms(), peer)
+
+
+async def pg_dead_letters(conn: Conn, limit: int = 100) -> list[tuple[str, str, str]]:
+    rows = await conn.fetch(
+        "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT $1",
+        limit)
+    return [(r[0] or "", r[1] or "", r[2]) for r in rows]
 
 
 async def pg_digests(conn: Conn, device_id: str, instance: str,
@@ -154,6 +198,13 @@ async def pg_save_ledger(conn: Conn, device_id: str, batch_id: str, meta: BatchM
         st.ranges_forgotten if st else 0, len(st.ranges()) if st else 0, st is not None)
 
 
+async def _recorded_runs(conn: Conn, device_id: str, instance: str) -> list[tuple[int, int]]:
+    """A ledger's record of what landed elsewhere (``stored_runs``)."""
+    rows = await conn.fetch("SELECT runs FROM stored_runs WHERE device_id = $1 AND"
+                            " instance = $2", device_id, instance)
+    return runs_union(*(_runs_dec.decode(bytes(r[0])) for r in rows))
+
+
 async def _stored_runs(conn: Conn, device_id: str, instance: str) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     async with conn.transaction():
@@ -167,8 +218,12 @@ async def _stored_runs(conn: Conn, device_id: str, instance: str) -> list[tuple[
     return runs
 
 
-async def pg_completeness(conn: Conn, device_id: str | None) -> list[StreamReport]:
-    """Account every stream (of one device): see :func:`cloud.stores.completeness.account`."""
+async def pg_completeness(conn: Conn, device_id: str | None, *,
+                          recorded: bool = False) -> list[StreamReport]:
+    """Account every stream (of one device): see :func:`cloud.stores.completeness.account`.
+
+    ``recorded``: the stored sequence numbers are the ledger's ``stored_runs`` (a ledger
+    for another database), not the rows of ``readings``."""
     where, args = ("WHERE device_id = $1", [device_id]) if device_id else ("", [])
     streams: dict[tuple[str, str], tuple[int, int, int, int, int]] = {}
     for r in await conn.fetch(
@@ -176,7 +231,8 @@ async def pg_completeness(conn: Conn, device_id: str | None) -> list[StreamRepor
             f" state_ranges FROM streams {where}", *args):
         streams[(str(r[0]), str(r[1]))] = (int(r[2]), int(r[3]), int(r[4]), int(r[5]),
                                            int(r[6]))
-    for table in ("gaps", "readings"):  # streams that wrote before the ledger existed
+    # streams that wrote before the ledger existed
+    for table in ("gaps", "stored_runs" if recorded else "readings"):
         for r in await conn.fetch(f"SELECT DISTINCT device_id, instance FROM {table} {where}",
                                   *args):
             streams.setdefault((str(r[0]), str(r[1])), (1, 0, 0, 0, 0))
@@ -187,13 +243,15 @@ async def pg_completeness(conn: Conn, device_id: str | None) -> list[StreamRepor
         conflicts = await conn.fetchval(
             "SELECT coalesce(sum(count), 0) FROM conflicts WHERE device_id = $1 AND"
             " instance = $2", dev, inst)
-        # a hypertable's key holds ts_ms: one seq stored at two timestamps would be a
-        # duplicate the key cannot forbid; count them
-        dups = await conn.fetchval(
-            "SELECT count(*) - count(DISTINCT seq) FROM readings WHERE device_id = $1"
-            " AND instance = $2", dev, inst)
-        out.append(account(dev, inst, seq_base=base, hwm=hwm,
-                           stored=await _stored_runs(conn, dev, inst), gaps=gaps,
+        dups = 0
+        if not recorded:
+            # a hypertable's key holds ts_ms: one seq stored at two timestamps would be a
+            # duplicate the key cannot forbid; count them
+            dups = await conn.fetchval(
+                "SELECT count(*) - count(DISTINCT seq) FROM readings WHERE device_id = $1"
+                " AND instance = $2", dev, inst)
+        stored = await (_recorded_runs if recorded else _stored_runs)(conn, dev, inst)
+        out.append(account(dev, inst, seq_base=base, hwm=hwm, stored=stored, gaps=gaps,
                            duplicates=int(dups or 0), conflicts=int(conflicts or 0),
                            last_seen_ms=seen, ranges_forgotten=forgotten,
                            state_ranges=nranges))

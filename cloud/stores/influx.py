@@ -20,10 +20,12 @@ differ by a multiple of 1,000,000; within one batch that is refused
 
 The per-device sequence state (what makes a resend ack ``duplicate`` and write nothing)
 lives in a :class:`~cloud.stores.ledger.SqliteLedger` file beside the ingest
-(``ledger_path``), with the dead letters; replicas on one host share it, replicas on other
-hosts keep their own and rely on the overwrite. ``accepted`` counts the points of the
-requests InfluxDB answered 2xx; when a later request of a batch fails, the ledger keeps
-the seqs that landed and the resend writes only the rest.
+(``ledger_path``), with the dead letters; replicas on one host share it. Replicas on
+several hosts share a :class:`~cloud.stores.ledger_pg.PgLedger` in PostgreSQL instead
+(``ledger_dsn``), and stay exactly-once; with a file per host each would write a batch
+both receive, and only the overwrite of the same point would hide it. ``accepted`` counts
+the points of the requests InfluxDB answered 2xx; when a later request of a batch fails,
+the ledger keeps the seqs that landed and the resend writes only the rest.
 
 Transient failures (connection refused or reset, timeouts, 5xx, 429) are retried with
 exponential backoff, obeying ``Retry-After``, up to ``max_retries``; then
@@ -51,7 +53,7 @@ from cloud.stores.base import (
     StoreRejected,
     StoreUnavailable,
 )
-from cloud.stores.ledger import LedgerBacked, SinkOutcome, SqliteLedger
+from cloud.stores.ledger import Ledger, LedgerBacked, SinkOutcome, SqliteLedger
 from pymigrate.clock import Clock, WallClock
 from pymigrate.lineproto import escape_key, escape_measurement
 from pymigrate.types import AggInfo, Priority, Reading
@@ -147,7 +149,8 @@ class InfluxStore(LedgerBacked):
     def __init__(self, url: str, *, version: int = 1, db: str = "pymigrate", rp: str = "",
                  token: str = "", org: str = "", bucket: str = "", username: str = "",
                  password: str = "", measurement: str = "readings",
-                 ledger_path: str | Path = "influx-ledger.db", create_db: bool = True,
+                 ledger_path: str | Path = "influx-ledger.db",
+                 ledger: Ledger | None = None, create_db: bool = True,
                  clock: Clock | None = None, max_retries: int = 5, backoff_s: float = 0.2,
                  max_backoff_s: float = 10.0, timeout_s: float = 10.0,
                  max_lines: int = 20_000) -> None:
@@ -159,7 +162,8 @@ class InfluxStore(LedgerBacked):
         self.token, self.org, self.bucket = token, org, bucket or db
         self.username, self.password = username, password
         self.measurement = measurement
-        self.ledger = SqliteLedger(ledger_path)
+        # a PgLedger (shared by replicas on every host) or a SQLite file on this host
+        self.ledger: Ledger = ledger if ledger is not None else SqliteLedger(ledger_path)
         self.create_db = create_db
         self.clock = clock or WallClock()
         self.max_retries = max_retries

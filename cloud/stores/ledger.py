@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import msgspec
@@ -48,10 +48,16 @@ from cloud.stores.base import (
     seq_runs,
     validate,
 )
-from cloud.stores.completeness import BatchMeta, StreamReport, plan_batch, runs_union
+from cloud.stores.completeness import (
+    BatchMeta,
+    BatchPlan,
+    StreamReport,
+    plan_batch,
+    runs_union,
+)
 from pymigrate.types import Gap, Reading
 
-__all__ = ["LedgerBacked", "LedgerTxn", "SinkOutcome", "SqliteLedger"]
+__all__ = ["Ledger", "LedgerBacked", "LedgerTxn", "SinkOutcome", "SqliteLedger"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -80,7 +86,11 @@ CREATE INDEX IF NOT EXISTS stored_runs_stream ON stored_runs (device_id, instanc
 
 
 class LedgerTxn:
-    """One device's state inside a ledger transaction; ``save`` it to keep the change."""
+    """One device's state inside a ledger transaction; ``save`` it to keep the change.
+
+    The completeness-ledger steps of a batch (``digests``, ``gap_runs``, ``stored``,
+    ``save_ledger``) run inside the same transaction: the ledger kind (SQLite file,
+    PostgreSQL) supplies them."""
 
     def __init__(self, state: IdempotencyState) -> None:
         self.state = state
@@ -93,6 +103,59 @@ class LedgerTxn:
     def dead_letter(self, device_id: str, batch_id: str, reason: str, payload: bytes) -> None:
         """A dead letter committed with the state (or not at all)."""
         self.dead.append((device_id, batch_id, reason, payload))
+
+    async def digests(self, device_id: str, instance: str,
+                      firsts: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+        raise NotImplementedError
+
+    async def gap_runs(self, device_id: str, instance: str, lo: int,
+                       hi: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    async def stored(self, device_id: str, instance: str, seqs: Sequence[int]) -> None:
+        """Record which sequence numbers landed in the time-series database: what the
+        completeness report counts as stored."""
+        raise NotImplementedError
+
+    async def save_ledger(self, device_id: str, batch_id: str, meta: BatchMeta,
+                          plan: BatchPlan, now: int) -> None:
+        raise NotImplementedError
+
+
+class _SqliteTxn(LedgerTxn):
+    def __init__(self, state: IdempotencyState, ledger: SqliteLedger) -> None:
+        super().__init__(state)
+        self.ledger = ledger
+
+    async def digests(self, device_id: str, instance: str,
+                      firsts: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+        return await self.ledger._digests(device_id, instance, firsts)
+
+    async def gap_runs(self, device_id: str, instance: str, lo: int,
+                       hi: int) -> list[tuple[int, int]]:
+        return await self.ledger._gap_runs(device_id, instance, lo, hi)
+
+    async def stored(self, device_id: str, instance: str, seqs: Sequence[int]) -> None:
+        await self.ledger._stored(device_id, instance, seqs)
+
+    async def save_ledger(self, device_id: str, batch_id: str, meta: BatchMeta,
+                          plan: BatchPlan, now: int) -> None:
+        await self.ledger._save_ledger(device_id, batch_id, meta, plan, now)
+
+
+class Ledger(Protocol):
+    """What :class:`LedgerBacked` needs of a ledger (:class:`SqliteLedger`, or
+    :class:`cloud.stores.ledger_pg.PgLedger` for replicas on several hosts)."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    def transaction(self, device_id: str) -> AbstractAsyncContextManager[LedgerTxn]: ...
+    async def report(self, device_id: str | None = None) -> list[StreamReport]: ...
+    async def dead_letter(self, device_id: str, batch_id: str, reason: str,
+                          payload: bytes, *, peer: str = "") -> None: ...
+    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]: ...
+    async def idempotency_state(self, device_id: str,
+                                instance: str = "") -> IdempotencyState: ...
 
 
 class SqliteLedger(SqliteStateFile):
@@ -110,8 +173,7 @@ class SqliteLedger(SqliteStateFile):
         await self._migrate_ledger()
 
     async def _stored(self, device_id: str, instance: str, seqs: Sequence[int]) -> None:
-        """Record which sequence numbers landed in the time-series database (inside the
-        write transaction): what the completeness report counts as stored."""
+        """Record which sequence numbers landed (inside the write transaction)."""
         runs = seq_runs(list(seqs))
         if runs:
             await self.db.execute("INSERT INTO stored_runs (device_id, instance, runs) "
@@ -133,6 +195,11 @@ class SqliteLedger(SqliteStateFile):
             db, self._db = self._db, None
             await db.close()
 
+    async def report(self, device_id: str | None = None) -> list[StreamReport]:
+        """The completeness report (not while a write transaction holds the file)."""
+        async with self._lock:
+            return await self.completeness(device_id)
+
     @asynccontextmanager
     async def transaction(self, device_id: str) -> AsyncIterator[LedgerTxn]:
         """Lock, load the device's state, yield it; commit a saved state on success."""
@@ -143,7 +210,7 @@ class SqliteLedger(SqliteStateFile):
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"idempotency ledger busy: {exc}") from exc
             try:
-                txn = LedgerTxn(await self._load_state(device_id))
+                txn = _SqliteTxn(await self._load_state(device_id), self)
                 yield txn
                 if txn.saved is not None:
                     await db.execute(
@@ -183,10 +250,11 @@ def rejected_payload(r: Reading, detail: str) -> bytes:
 
 class LedgerBacked:
     """What a store without transactions of its own (InfluxDB, Timestream) shares: the
-    idempotency step and dead letters live in a :class:`SqliteLedger`, and ``write``
-    hands the readings still to be stored to the store's own ``_sink``."""
+    idempotency step and dead letters live in a :class:`Ledger` (a :class:`SqliteLedger`
+    file per host, or PostgreSQL shared by every replica), and ``write`` hands the
+    readings still to be stored to the store's own ``_sink``."""
 
-    ledger: SqliteLedger
+    ledger: Ledger
 
     async def _sink(self, readings: list[Reading], instance: str = "") -> SinkOutcome:
         raise NotImplementedError
@@ -197,14 +265,13 @@ class LedgerBacked:
         require_finite(readings)
         meta = meta if isinstance(meta, BatchMeta) else BatchMeta()
         inst = meta.instance
-        led = self.ledger
-        async with led.transaction(stream_key(device_id, inst)) as txn:
+        async with self.ledger.transaction(stream_key(device_id, inst)) as txn:
             before = txn.state.to_bytes()
             now = now_ms()
             plan = await plan_batch(
                 txn.state, readings, meta, admit, now_ms=now,
-                digests=lambda f: led._digests(device_id, inst, f),
-                gap_runs=lambda lo, hi: led._gap_runs(device_id, inst, lo, hi))
+                digests=lambda f: txn.digests(device_id, inst, f),
+                gap_runs=lambda lo, hi: txn.gap_runs(device_id, inst, lo, hi))
             out = await self._sink(plan.write, inst) if plan.write else SinkOutcome([])
             if out.error is None and out.rejected and not out.stored and not plan.skipped:
                 # the database refused every reading: the batch as a whole is rejected
@@ -219,11 +286,11 @@ class LedgerBacked:
                 plan.gaps.append(Gap(refused[0][0], refused[-1][1],
                                      sum(b - a + 1 for a, b in refused), "rejected", now,
                                      refused, out.rejected[0][1]))
-            await led._stored(device_id, inst, [r.seq for r in out.stored
-                                                if r.device_id == device_id])
+            await txn.stored(device_id, inst, [r.seq for r in out.stored
+                                               if r.device_id == device_id])
             if out.error is None:
                 txn.save(plan.state)
-                await led._save_ledger(device_id, batch_id, meta, plan, now)
+                await txn.save_ledger(device_id, batch_id, meta, plan, now)
             else:  # record exactly what landed (or was dead-lettered), then fail
                 handled = [r.seq for r in out.stored if r.device_id == device_id]
                 handled += [r.seq for r, _, _ in out.rejected if r.device_id == device_id]
@@ -242,8 +309,7 @@ class LedgerBacked:
 
     async def completeness(self, device_id: str | None = None) -> list[StreamReport]:
         """The completeness report of every stream (of one device), from the ledger."""
-        async with self.ledger._lock:
-            return await self.ledger.completeness(device_id)
+        return await self.ledger.report(device_id)
 
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
                           payload: bytes, *, peer: str = "") -> None:

@@ -60,8 +60,12 @@ from cloud.stores import timescale as tsdb
 from cloud.stores._pg_ledger import (
     PG_LEDGER_SCHEMA,
     pg_completeness,
+    pg_dead_letter,
+    pg_dead_letters,
     pg_digests,
     pg_gap_runs,
+    pg_idempotency_state,
+    pg_lock_state,
     pg_replace_out,
     pg_save_ledger,
 )
@@ -315,7 +319,7 @@ class PostgresStore:
         key = stream_key(device_id, inst)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                state, first = await self._lock_state(conn, key)
+                state, first = await pg_lock_state(conn, key)
                 now = _now_ms()
                 plan = await plan_batch(
                     state, readings, meta, admit, now_ms=now,
@@ -354,21 +358,6 @@ class PostgresStore:
         """The completeness report of every stream (of one device)."""
         async with self.pool.acquire() as conn:
             return await pg_completeness(conn, device_id)
-
-    async def _lock_state(self, conn: Conn, device_id: str) -> tuple[IdempotencyState, bool]:
-        """The device's state, locked; True when its row had to be created."""
-        sql = "SELECT state FROM idempotency WHERE device_id = $1 FOR UPDATE"
-        blob = await conn.fetchval(sql, device_id)
-        if blob is None:
-            # a first write: make the row exist so FOR UPDATE has something to lock;
-            # a racing replica's insert waits on the unique key, then does nothing
-            empty = IdempotencyState().to_bytes()
-            await conn.execute(
-                "INSERT INTO idempotency (device_id, state, updated_ms) VALUES ($1, $2, $3)"
-                " ON CONFLICT (device_id) DO NOTHING", device_id, empty, _now_ms())
-            blob = await conn.fetchval(sql, device_id)
-            return IdempotencyState.from_bytes(bytes(blob)), True
-        return IdempotencyState.from_bytes(bytes(blob)), False
 
     async def _insert(self, conn: Conn, device_id: str, rs: list[Reading], *,
                       guard: bool = False, instance: str = "") -> int:
@@ -410,23 +399,15 @@ class PostgresStore:
     async def dead_letter(self, device_id: str, batch_id: str, reason: str,
                           payload: bytes, *, peer: str = "") -> None:
         try:
-            await self.pool.execute(
-                "INSERT INTO dead_letters (device_id, batch_id, reason, payload, received_ms,"
-                " peer) VALUES ($1, $2, $3, $4, $5, $6)", device_id, batch_id, reason, payload,
-                _now_ms(), peer)
+            await pg_dead_letter(self.pool, device_id, batch_id, reason, payload, peer)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"dead-letter write failed: {exc}") from exc
 
     async def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        rows = await self.pool.fetch(
-            "SELECT device_id, batch_id, reason FROM dead_letters ORDER BY id DESC LIMIT $1",
-            limit)
-        return [(r[0] or "", r[1] or "", r[2]) for r in rows]
+        return await pg_dead_letters(self.pool, limit)
 
     async def idempotency_state(self, device_id: str, instance: str = "") -> IdempotencyState:
-        blob = await self.pool.fetchval("SELECT state FROM idempotency WHERE device_id = $1",
-                                        stream_key(device_id, instance))
-        return IdempotencyState() if blob is None else IdempotencyState.from_bytes(bytes(blob))
+        return await pg_idempotency_state(self.pool, device_id, instance)
 
     async def query(self, device_id: str, sensor: str | None = None,
                     start_ms: int | None = None, end_ms: int | None = None) -> list[Reading]:

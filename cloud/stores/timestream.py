@@ -18,7 +18,9 @@ Every reading its own record: Timestream identifies a record by dimensions, meas
 name and time, so the time carries a sub-millisecond offset from the sequence number
 (as the InfluxDB store does): two readings of one sensor in one millisecond are two
 records, a resent reading is the same record (accepted, changes nothing). Queries read
-``to_milliseconds(time)``.
+``to_milliseconds(time)``. The idempotency state is a SQLite file per host
+(``ledger_path``) or, for replicas on several hosts, PostgreSQL (``ledger_dsn``:
+:class:`~cloud.stores.ledger_pg.PgLedger`).
 
 Never losing a backlog: a table created here (``create = true``) has magnetic-store
 writes enabled, so records older than the memory-store retention (a device that was
@@ -49,7 +51,7 @@ from cloud.stores.base import (
     StoreRejected,
     StoreUnavailable,
 )
-from cloud.stores.ledger import LedgerBacked, SinkOutcome, SqliteLedger
+from cloud.stores.ledger import Ledger, LedgerBacked, SinkOutcome, SqliteLedger
 from pymigrate.types import AggInfo, Priority, Reading
 
 __all__ = ["MAX_RECORDS", "TimestreamStore", "reject_reason", "to_record"]
@@ -122,12 +124,14 @@ class TimestreamStore(LedgerBacked):
     name = "timestream"
 
     def __init__(self, database: str, table: str, *, region: str = "us-east-1",
-                 ledger_path: str | Path = "timestream-ledger.db", create: bool = False,
+                 ledger_path: str | Path = "timestream-ledger.db",
+                 ledger: Ledger | None = None, create: bool = False,
                  memory_retention_h: int = 24, magnetic_retention_days: int = 3650,
                  rejected_data_bucket: str = "", write_client: Any = None,
                  query_client: Any = None, max_attempts: int = 5) -> None:
         self.database, self.table, self.region = database, table, region
-        self.ledger = SqliteLedger(ledger_path)
+        # a PgLedger (shared by replicas on every host) or a SQLite file on this host
+        self.ledger: Ledger = ledger if ledger is not None else SqliteLedger(ledger_path)
         self.create = create
         self.memory_retention_h = memory_retention_h
         self.magnetic_retention_days = magnetic_retention_days
