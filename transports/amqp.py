@@ -300,6 +300,7 @@ class AmqpIngestServer:
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self.handled = 0
+        self.redelivered = 0  # deliveries the broker had given to a consumer before
         self.reconnects = 0  # connections re-established after a loss
 
     @property
@@ -437,6 +438,8 @@ class AmqpIngestServer:
                 ack = Ack(batch_id=message.correlation_id or "", status="error",
                           t_recv_ms=t, t_send_ms=t, reason=type(exc).__name__)
         self.handled += 1
+        if message.redelivered:  # a replica died (or lost its link) holding it
+            self.redelivered += 1
         try:
             if message.reply_to:
                 reply = aio_pika.Message(encode_ack(ack), correlation_id=message.correlation_id,
@@ -467,6 +470,8 @@ class AmqpIngestServer:
             conn, self._conn = self._conn, None
             with contextlib.suppress(*_LINK_ERRORS):
                 await asyncio.wait_for(conn.close(), 2.0)
+        log.info("AMQP ingest stopped: handled=%d redelivered=%d reconnects=%d", self.handled,
+                 self.redelivered, self.reconnects)
 
     async def delete_topology(self) -> None:
         """Delete the queue and the exchange (tests use unique names and clean up);

@@ -268,7 +268,11 @@ class PostgresStore:
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            # IF NOT EXISTS is not safe against a replica creating it at the same moment
+            # (a unique violation on pg_namespace): the migration lock serializes it
+            async with conn.transaction():
+                await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
             await conn.execute(f"SET search_path TO {self.schema}")
             ts, why = (None, "") if self.timescale == "off" else await tsdb.probe(conn)
             if ts is None and self.timescale == "on":
