@@ -127,8 +127,13 @@ class AmqpFleet:
         for d in self.devices:
             d.source.stop.set()
         await asyncio.gather(*(d.source.done.wait() for d in self.devices))
+        t0 = time.monotonic()
+        took: dict[str, float] = {}
         for d in self.devices:
             d.agent.request_stop()
+            if d.task is not None:
+                d.task.add_done_callback(
+                    lambda _, dev=d.agent.device_id: took.setdefault(dev, time.monotonic() - t0))
         limit = self.drain_timeout_s + 30.0
         tasks = [d.task for d in self.devices if d.task is not None]
         _, pending = await asyncio.wait(tasks, timeout=limit)
@@ -141,7 +146,9 @@ class AmqpFleet:
             for k in ("batches_sent", "batches_acked", "batches_failed", "readings_acked",
                       "duplicates"):
                 totals[k] += int(st.get(k, 0))
+        slow = sorted(took.items(), key=lambda kv: -kv[1])[:3]
         return {"agents_stopped_cleanly": sum(d.agent.stopped_cleanly for d in self.devices),
+                "slowest_drains_s": {k: round(v, 1) for k, v in slow},
                 "agents_not_stopped": len(pending), "agent_errors": self.failed(),
                 **dict(totals)}
 

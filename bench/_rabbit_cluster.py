@@ -2,13 +2,13 @@
 cluster benchmark and its integration test.
 
 Each node gets a distinct node name (``pm<i>-<run>@localhost``), AMQP and distribution
-ports (free ports), its own data, log and config files in a temp dir, no plugins (an
-empty enabled-plugins file) and the one Erlang cookie of the run (``HOME`` points at the
-temp dir, ``.erlang.cookie`` mode 400). Nodes start in parallel; nodes 2..n then join
-node 1 (``rabbitmqctl -n ... stop_app; join_cluster; start_app``). Every node runs in a
-process group of its own, so a node is killed (``kill -9``, a crash) and torn down by
-its process id; the machine's default node (``rabbit@localhost`` on 5672) is left alone
-(the shared ``epmd`` on 4369 is used, not owned). Each node is small: one scheduler
+ports (free ports), its own data, log and config files in a temp dir, no plugins (an empty
+enabled-plugins file) and the one Erlang cookie of the run (``HOME`` points at the temp
+dir, ``.erlang.cookie`` mode 400). Nodes start in parallel; nodes 2..n then join node 1
+one after the other (``rabbitmqctl -n ... stop_app; join_cluster; start_app``). Every node
+runs in a process group of its own, so a node is killed (``kill -9``, a crash) and torn
+down by its process id; the machine's default node (``rabbit@localhost`` on 5672) is left
+alone (the shared ``epmd`` on 4369 is used, not owned). Each node is small: one scheduler
 (``+S 1:1``), no busy waiting, a low disk limit. Every wait is bounded.
 
     async with RabbitCluster(3) as cluster:
@@ -188,7 +188,8 @@ class RabbitCluster:
             self._spawn(node)
         await asyncio.gather(*(self._wait_up(n, deadline) for n in self.nodes))
         first = self.nodes[0]
-        await asyncio.gather(*(self._join(n, first, deadline) for n in self.nodes[1:]))
+        for node in self.nodes[1:]:  # one at a time: concurrent joins can race in mnesia
+            await self._join(node, first, deadline)
         await asyncio.gather(*(self._wait_up(n, deadline) for n in self.nodes))
         self.start_s = time.monotonic() - t0
 
@@ -247,9 +248,15 @@ class RabbitCluster:
                              timeout_s=30)
         return sorted(t.strip(" []'\n") for t in out.split(",") if "@" in t)
 
-    async def kill(self, index: int) -> None:
-        """SIGKILL node ``index`` (0-based) and every process of its group: a crash."""
+    async def kill(self, index: int, *, stall_s: float = 0.0) -> None:
+        """SIGKILL node ``index`` (0-based) and every process of its group: a crash.
+        ``stall_s`` > 0: freeze it (SIGSTOP) that long first, so it dies holding work
+        (unconfirmed publishes, unacked deliveries) as a hung machine would."""
         node = self.nodes[index]
+        if stall_s > 0 and node.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.proc.pid, signal.SIGSTOP)
+            await asyncio.sleep(stall_s)
         await self._stop_node(node, signal.SIGKILL)
         node.kills += 1
 

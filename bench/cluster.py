@@ -14,9 +14,12 @@ What runs (all on loopback, all started and torn down here):
   AMQP uplink with the node list) in this process, one event loop, fed by a source that
   records what it produced (:mod:`bench._amqp_fleet`), ``--sensors`` readings every
   ``1/--rate`` s each;
-- at ``--node-kill-at`` s the node leading the ingest queue is killed (``kill -9`` of its
-  process group); at ``--replica-kill-at`` s one ingest replica is (``kill -9``). Each is
-  started again ``--restart-after`` s later (0: never).
+- at ``--node-kill-at`` s the node leading the ingest queue is frozen (``SIGSTOP``) for
+  ``--stall-s`` s, then killed (``kill -9`` of its process group); at
+  ``--replica-kill-at`` s one ingest replica is frozen and killed the same way. The freeze
+  makes each die holding work, as a hung machine would: publishes the node had not
+  confirmed, deliveries the replica had taken (prefetch) and not acked. Each is started
+  again ``--restart-after`` s later (0: never).
 
 At ``--duration`` s the sources stop and every agent drains its buffer (graceful stop);
 then the replicas stop (SIGTERM) and the audit reads the result two independent ways:
@@ -46,6 +49,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,6 +172,23 @@ async def _rows(dsn: str, schema: str) -> list[tuple[str, str, float, int, int]]
         await conn.close()
 
 
+async def _sample(dsn: str, schema: str, t0: float,
+                  out: list[tuple[float, int]]) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            try:
+                n = await conn.fetchval(f"SELECT count(*) FROM {schema}.readings")
+            except asyncpg.PostgresError:
+                n = 0  # the replicas have not created the table yet
+            out.append((round(time.monotonic() - t0, 1), int(n)))
+            await asyncio.sleep(2.0)
+    finally:
+        await conn.close()
+
+
 async def _drop_schema(dsn: str, schema: str) -> None:
     import asyncpg
 
@@ -180,7 +201,8 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 
 async def run_cluster(*, nodes: int, replicas: int, devices: int, sensors: int, rate: float,
                       duration: float, node_kill_at: float, replica_kill_at: float,
-                      restart_after: float, dsn: str, keep: bool) -> dict[str, Any]:
+                      restart_after: float, stall_s: float, dsn: str,
+                      keep: bool) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix="pm-cluster-"))
     schema = f"pm_cluster_{run}"
@@ -205,6 +227,8 @@ async def run_cluster(*, nodes: int, replicas: int, devices: int, sensors: int, 
                           drain_timeout_s=90.0, quiet=False)
         cpu0 = _cpu_self()
         t0 = time.monotonic()
+        timeline: list[tuple[float, int]] = []
+        sampler = asyncio.create_task(_sample(dsn, schema, t0, timeline), name="sampler")
         await fleet.start()
         event("agents started", devices=devices)
         plan = sorted([(node_kill_at, "node"), (replica_kill_at, "replica")])
@@ -216,11 +240,17 @@ async def run_cluster(*, nodes: int, replicas: int, devices: int, sensors: int, 
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
             if kind == "node":
                 killed_node = await _leader(cluster, f"cl{run}.ingest")
-                await cluster.kill(killed_node)
-                event("node killed", node=cluster.nodes[killed_node].nodename,
+                event("node frozen", node=cluster.nodes[killed_node].nodename,
                       queue_leader=True)
+                await cluster.kill(killed_node, stall_s=stall_s)
+                event("node killed", node=cluster.nodes[killed_node].nodename)
             else:
                 killed_replica = 0
+                victim = reps[0].proc.proc
+                if stall_s > 0 and victim is not None:
+                    victim.send_signal(signal.SIGSTOP)
+                    event("replica frozen", replica=reps[0].name)
+                    await asyncio.sleep(stall_s)
                 await reps[0].proc.kill9()
                 reps[0].kills += 1
                 event("replica killed", replica=reps[0].name)
@@ -245,6 +275,8 @@ async def run_cluster(*, nodes: int, replicas: int, devices: int, sensors: int, 
         event("sources stopping")
         agents = await fleet.stop()
         t_drained = time.monotonic()
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
         event("agents drained", **{k: agents[k] for k in ("agents_stopped_cleanly",
                                                           "agents_not_stopped")})
         agents_cpu_s = _cpu_self() - cpu0
@@ -291,6 +323,9 @@ async def run_cluster(*, nodes: int, replicas: int, devices: int, sensors: int, 
             "setup_s": round(ready_s, 1),
             "drain_s": round(t_drained - (t0 + duration), 1),
             "events": events,
+            # readings in the table, sampled every 2 s: [seconds since the agents started,
+            # rows]; shows the stall around each kill and the catch-up after it
+            "stored_timeline": timeline,
         }
     finally:
         if fleet is not None:
@@ -326,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-kill-at", type=float, default=15.0, help="0 = no node kill")
     p.add_argument("--replica-kill-at", type=float, default=30.0, help="0 = no replica kill")
     p.add_argument("--restart-after", type=float, default=10.0, help="0 = stay dead")
+    p.add_argument("--stall-s", type=float, default=2.0,
+                   help="freeze (SIGSTOP) a victim this long before the kill -9")
     p.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL (a fresh schema is used)")
     p.add_argument("--keep", action="store_true", help="keep the work dir and the schema")
     a = p.parse_args(argv)
@@ -342,13 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     res = asyncio.run(run_cluster(
         nodes=a.nodes, replicas=a.replicas, devices=a.devices, sensors=a.sensors,
         rate=a.rate, duration=a.duration, node_kill_at=a.node_kill_at,
-        replica_kill_at=a.replica_kill_at, restart_after=a.restart_after, dsn=a.dsn,
-        keep=a.keep))
+        replica_kill_at=a.replica_kill_at, restart_after=a.restart_after, stall_s=a.stall_s,
+        dsn=a.dsn, keep=a.keep))
     res["wall_s"] = round(time.monotonic() - t, 1)
     emit("cluster", {"nodes": a.nodes, "replicas": a.replicas, "devices": a.devices,
                      "sensors": a.sensors, "rate_hz": a.rate, "duration_s": a.duration,
                      "node_kill_at_s": a.node_kill_at, "replica_kill_at_s": a.replica_kill_at,
-                     "restart_after_s": a.restart_after, "store": "postgres",
+                     "restart_after_s": a.restart_after, "stall_before_kill_s": a.stall_s,
+                     "store": "postgres",
                      "queue_type": "quorum",
                      "agents": "in-process agent.supervisor.Agent (buffer, uploader, "
                                "AmqpUplink), one event loop"}, res)

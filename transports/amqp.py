@@ -156,8 +156,14 @@ class AmqpUplink:
         self._node = zlib.crc32(device_id.encode()) % len(self._endpoints)
 
     async def connect(self) -> None:
-        """Connect, open a confirmed channel, declare the exchange and the reply queue."""
-        await self._ensure()
+        """Connect, open a confirmed channel, declare the exchange and the reply queue
+        (bounded: every node's connect timeout, plus one for the set-up)."""
+        budget = self.cfg.connect_timeout_s * (len(self._endpoints) + 1)
+        try:
+            await asyncio.wait_for(self._ensure(), budget)
+        except TimeoutError as exc:
+            raise TransportError(f"AMQP connect timed out after {budget:.1f}s",
+                                 device=self.device_id) from exc
 
     async def _ensure(self) -> _Link:
         async with self._lock:
@@ -237,14 +243,21 @@ class AmqpUplink:
             user_id=self.cfg.username if self.cfg.identity == "user_id" else None)
         try:
             try:
-                await link.exchange.publish(msg, self.routing_key, mandatory=True,
-                                            timeout=max(0.01, deadline - self.clock.monotonic()))
+                # our own bound: the library's publish timeout does not cover the wait for
+                # the confirm, which never comes if the queue's leader died holding it
+                left = max(0.01, deadline - self.clock.monotonic())
+                await asyncio.wait_for(link.exchange.publish(msg, self.routing_key,
+                                                             mandatory=True, timeout=left), left)
             except aio_pika.exceptions.PublishError as exc:
                 raise TransportError(f"AMQP batch {batch_id} unroutable: no queue bound to "
                                      f"{self.cfg.exchange}/{self.routing_key}",
                                      reason="unroutable", batch_id=batch_id) from exc
             except aio_pika.exceptions.DeliveryError as exc:
-                # a broker nack: the ingest queue is full (x-overflow reject-publish)
+                # a broker nack: the ingest queue is full (x-overflow reject-publish), or
+                # a quorum queue could not take the message (no leader yet). A channel
+                # that published to a queue whose leader died can stay in a state where
+                # the broker nacks all it sends: the next attempt opens a fresh one
+                await self._drop(link)
                 raise ThrottledError(f"AMQP broker nacked batch {batch_id}",
                                      retry_after_s=self.cfg.throttle_retry_after_s,
                                      batch_id=batch_id) from exc
@@ -335,24 +348,13 @@ class AmqpIngestServer:
         conn, self._node = await _connect_any(self.cfg, self._tls, self._node,
                                               who="ingest")
         try:
-            channel = await conn.channel()
-            await channel.set_qos(prefetch_count=self.cfg.prefetch)
-            exchange = await channel.declare_exchange(
-                self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            queue = await channel.declare_queue(self.cfg.queue, durable=True,
-                                                arguments=self._queue_args() or None)
-            await queue.bind(exchange, f"{self.cfg.routing_prefix}.*")
-            self._conn, self._channel, self._queue = conn, channel, queue
-            self._lost.clear()
-            for source in (conn, channel):
-                source.close_callbacks.add(self._on_lost)
-            underlay = await channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
-            self._tag = await queue.consume(self._on_message)
-        except _LINK_ERRORS as exc:
+            # bounded: a declare can wait on a queue whose leader is gone
+            await asyncio.wait_for(self._setup(conn), self.cfg.connect_timeout_s * 2)
+        except _LINK_ERRORS as exc:  # TimeoutError among them
             with contextlib.suppress(*_LINK_ERRORS):
                 await asyncio.wait_for(conn.close(), 2.0)
             self._conn = self._channel = self._queue = None
+            self._tag = None
             self._next_node()
             if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
                 raise TransportError(
@@ -362,6 +364,22 @@ class AmqpIngestServer:
                     "name", reason="config", retriable=False) from exc
             raise TransportError(f"AMQP ingest cannot consume {self.cfg.queue} on "
                                  f"{self.node}: {exc or type(exc).__name__}") from exc
+
+    async def _setup(self, conn: aio_pika.abc.AbstractConnection) -> None:
+        channel = await conn.channel()
+        await channel.set_qos(prefetch_count=self.cfg.prefetch)
+        exchange = await channel.declare_exchange(
+            self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(self.cfg.queue, durable=True,
+                                            arguments=self._queue_args() or None)
+        await queue.bind(exchange, f"{self.cfg.routing_prefix}.*")
+        self._conn, self._channel, self._queue = conn, channel, queue
+        self._lost.clear()
+        for source in (conn, channel):
+            source.close_callbacks.add(self._on_lost)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        self._tag = await queue.consume(self._on_message)
 
     def _next_node(self) -> None:
         self._node = (self._node + 1) % len(self._endpoints)

@@ -1,5 +1,6 @@
 """The AMQP path on a real 3-node RabbitMQ cluster (quorum queue): agents keep sending
-while the node the ingest consumes from is killed; the ingest reconnects to another node,
+while the node the ingest consumes from (and the queue's leader) is frozen, then killed;
+the ingest reconnects to another node,
 the agents move too, and the completeness ledger and the harness's own record agree
 that every reading is stored exactly once."""
 
@@ -57,8 +58,11 @@ async def test_node_kill_loses_nothing_and_stores_nothing_twice(tmp_path: Path) 
         try:
             await fleet.start()
             assert await _until(lambda: _stored_any(store), 30), fleet.failed()
+            # the node the ingest consumes from (it declared the queue: its leader too),
+            # frozen first so that it dies holding publishes it has not confirmed and
+            # deliveries the ingest has not acked
             victim = cluster.hosts.index(server.node)
-            await cluster.kill(victim)
+            await cluster.kill(victim, stall_s=1.0)
             # the ingest finds another node and goes on; the agents keep producing
             assert await _until(lambda: _reconnected(server), 30)
             before = await store.count()

@@ -109,6 +109,9 @@ async def test_full_queue_nacks_as_throttling(rabbitmq: str, store: RecordingSto
                 assert ack.reason == "transport"  # confirm-only mode
             except ThrottledError as exc:
                 throttled = exc
+                # a nacking channel is not reused (a quorum queue that lost its leader can
+                # leave a channel the broker nacks forever): the next send opens a new one
+                assert up._link is None
                 break
     finally:
         gate.set()
