@@ -1,6 +1,7 @@
 """The cloud side on a real cluster, with a broker node and an ingest replica killed:
 ``python -m bench cluster [--nodes 3] [--replicas 3] [--devices 20] [--sensors 10]
-[--rate 1] [--duration 60] [--node-kill-at 15] [--replica-kill-at 30] [--restart-after 10]
+[--rate 5] [--duration 60] [--node-kill-at 15] [--replica-kill-at 30] [--restart-after 10]
+[--stall-s 2]
 [--dsn DSN] [--keep]``.
 
 What runs (all on loopback, all started and torn down here):
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=3, help="pymigrate cloud processes")
     p.add_argument("--devices", type=int, default=20, help="agents (in this process)")
     p.add_argument("--sensors", type=int, default=10)
-    p.add_argument("--rate", type=float, default=1.0, help="readings per sensor per second")
+    p.add_argument("--rate", type=float, default=5.0, help="readings per sensor per second")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of production")
     p.add_argument("--node-kill-at", type=float, default=15.0, help="0 = no node kill")
     p.add_argument("--replica-kill-at", type=float, default=30.0, help="0 = no replica kill")
