@@ -196,3 +196,19 @@ async def test_bad_login_is_not_retriable(rabbitmq: str) -> None:
         await up.connect()
     await up.close()
     assert ei.value.retriable is False and ei.value.reason == "auth"
+
+
+async def test_queue_of_another_type_is_a_config_error(rabbitmq: str) -> None:
+    """An existing classic queue cannot be redeclared as a quorum queue: the ingest says
+    which setting to change instead of retrying forever."""
+    classic = _cfg(queue_type="classic")
+    server = AmqpIngestServer(classic)
+    await server.start(IngestService(None).handle)  # type: ignore[arg-type]
+    try:
+        quorum = msgspec.structs.replace(classic, queue_type="quorum")
+        with pytest.raises(TransportError) as ei:
+            await AmqpIngestServer(quorum).start(IngestService(None).handle)  # type: ignore[arg-type]
+        assert not ei.value.retriable and ei.value.reason == "config"
+        assert "cloud.amqp.queue_type" in str(ei.value)
+    finally:
+        await _stop(server)

@@ -18,6 +18,7 @@ from transports.config import (
     AmqpConfig,
     CoapConfig,
     MqttConfig,
+    parse_endpoint,
     parse_transport,
     parse_transports,
 )
@@ -185,3 +186,55 @@ def test_tls_context_errors_name_the_key(tmp_path: Path) -> None:
     assert ctx.check_hostname is False
     with pytest.raises(ConfigError):
         build_uplink(MqttConfig(ca_file=str(tmp_path / "missing.pem")), "d")
+
+
+def test_amqp_cluster_nodes_parse_and_name_the_key() -> None:
+    cfg = parse_transport("amqp", {"hosts": ["a", "b:5673", "[::1]:5674", " c:1 "], "port": 5671})
+    assert isinstance(cfg, AmqpConfig)
+    assert cfg.endpoints() == [("a", 5671), ("b", 5673), ("::1", 5674), ("c", 1)]
+    assert AmqpConfig(host="h", port=1).endpoints() == [("h", 1)]
+    assert parse_endpoint("k", "[fe80::1]", 9) == ("fe80::1", 9)
+    for bad, key in ((["a:x"], "uplink.amqp.hosts[0]"), (["a", "b:0"], "uplink.amqp.hosts[1]"),
+                     (["[::1"], "uplink.amqp.hosts[0]"), (["[::1]5"], "uplink.amqp.hosts[0]"),
+                     ([""], "uplink.amqp.hosts[0]"), (["a b"], "uplink.amqp.hosts[0]"),
+                     (["a:1", "a:1"], "uplink.amqp.hosts")):
+        with pytest.raises(ConfigError) as ei:
+            parse_transport("amqp", {"hosts": bad})
+        assert ei.value.key == key, (bad, ei.value)
+    with pytest.raises(ConfigError) as ei:
+        parse_transport("amqp", {"queue_type": "stream"})
+    assert ei.value.key == "uplink.amqp.queue_type"
+    with pytest.raises(ConfigError) as ei:
+        parse_transport("amqp", {"reconnect_max_s": 0})
+    assert ei.value.key == "uplink.amqp.reconnect_max_s"
+    with pytest.raises(ConfigError) as ei:  # the cloud's table names its own key
+        parse_transport("amqp", {"hosts": ["a:99999"]}, section="cloud")
+    assert ei.value.key == "cloud.amqp.hosts[0]"
+
+
+def test_amqp_clients_spread_over_the_nodes() -> None:
+    cfg = AmqpConfig(hosts=["n1:1", "n2:2", "n3:3"])
+    first = {AmqpUplink(cfg, device_id=f"d{i}")._node for i in range(30)}
+    assert first == {0, 1, 2}  # devices start on different nodes
+    up = AmqpUplink(cfg, device_id="d0")
+    start = up._node
+    up._next_node()
+    assert up._node == (start + 1) % 3  # a lost link moves it to the next node
+    server = AmqpIngestServer(cfg)
+    assert server.node in ("n1:1", "n2:2", "n3:3")
+    assert server._queue_args() == {"x-queue-type": "quorum"}
+    classic = AmqpIngestServer(AmqpConfig(queue_type="classic", max_queue_length=5))
+    assert classic._queue_args() == {"x-max-length": 5, "x-overflow": "reject-publish"}
+
+
+async def test_amqp_connect_tries_every_node_then_fails() -> None:
+    from tests.conftest import free_port
+
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    up = AmqpUplink(AmqpConfig(hosts=dead, connect_timeout_s=1.0), device_id="d")
+    with pytest.raises(TransportError) as ei:
+        await up.connect()
+    assert ei.value.retriable and all(h in str(ei.value) for h in dead)
+    server = AmqpIngestServer(AmqpConfig(hosts=dead, connect_timeout_s=1.0))
+    with pytest.raises(TransportError):
+        await server.start(lambda inc: None)  # type: ignore[arg-type,return-value]
