@@ -124,3 +124,12 @@ async def test_rate_limiter_buckets() -> None:
     assert len(lim) == 1
     with pytest.raises(ValueError):
         DeviceRateLimiter(0)
+
+
+def test_cluster_example_config_is_valid() -> None:
+    from pymigrate.configload import load_toml
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "cloud-cluster.toml"
+    cfg = parse_cloud_config(load_toml(str(path))["cloud"])
+    assert cfg.listeners == ["amqp"] and cfg.rate_limit.backend == "redis"
+    assert len(cfg.amqp["hosts"]) == 3 and cfg.amqp["queue_type"] == "quorum"
