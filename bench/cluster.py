@@ -62,6 +62,7 @@ from typing import Any
 from bench._amqp_fleet import AmqpFleet, audit_rows
 from bench._chaos_env import PY, ROOT, Proc, wait_until
 from bench._rabbit_cluster import RabbitCluster, rabbitmq_missing
+from bench.common import drop_pg_schema
 
 DEFAULT_DSN = os.environ.get("PYMIGRATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -186,16 +187,6 @@ async def _sample(dsn: str, schema: str, t0: float,
                 n = 0  # the replicas have not created the table yet
             out.append((round(time.monotonic() - t0, 1), int(n)))
             await asyncio.sleep(2.0)
-    finally:
-        await conn.close()
-
-
-async def _drop_schema(dsn: str, schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     finally:
         await conn.close()
 
@@ -339,7 +330,7 @@ async def run_cluster(*, nodes: int, replicas: int, devices: int, sensors: int, 
         await cluster.stop()
         if not keep:
             try:
-                await _drop_schema(dsn, schema)
+                await drop_pg_schema(dsn, schema)
             except Exception as exc:  # the report matters more than the clean-up
                 print(f"could not drop schema {schema}: {exc}", file=sys.stderr)
             shutil.rmtree(workdir, ignore_errors=True)

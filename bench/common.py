@@ -25,3 +25,14 @@ def emit(name: str, params: dict[str, Any], results: dict[str, Any]) -> None:
     }
     json.dump(out, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
+
+
+async def drop_pg_schema(dsn: str, schema: str) -> None:
+    """Drop a throwaway PostgreSQL schema and all it holds (benchmarks and tests)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()

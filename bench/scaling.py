@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.codec import open_chunk, seal_chunk
-from bench.common import emit
+from bench.common import drop_pg_schema, emit
 from bench.ingest import DEFAULT_DSN, DEFAULT_TSDB, make_readings
 from pymigrate.envelope import Batch, decode_batch, encode_batch
 
@@ -94,8 +94,6 @@ def _reachable(dsn: str) -> bool:
 async def measure_write(dsn: str, items: list[tuple[str, bytes]], *,
                         timescale: str) -> dict[str, Any]:
     """The ingest's CPU per reading for ``handle`` (decode + write) and the backend's."""
-    import asyncpg
-
     from cloud.ingest import IngestService
     from cloud.stores.postgres import PostgresStore
     from transports.base import Incoming
@@ -124,11 +122,7 @@ async def measure_write(dsn: str, items: list[tuple[str, bytes]], *,
                 "readings_per_s_one_in_flight": round(n / wall)}
     finally:
         await store.close()
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        finally:
-            await conn.close()
+        await drop_pg_schema(dsn, schema)
 
 
 def _publisher(hosts: list[str], exchange: str, payload: bytes, n: int, links: int,

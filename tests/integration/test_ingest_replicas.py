@@ -9,10 +9,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 
+from bench.common import drop_pg_schema
 from cloud.ingest import IngestService
 from cloud.stores.postgres import PostgresStore
 from tests.unit.cloud_helpers import make_readings, payload
@@ -32,11 +32,7 @@ async def stores(postgres_dsn: str) -> AsyncIterator[list[PostgresStore]]:
     yield out
     for s in out:
         await s.close()
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
+    await drop_pg_schema(postgres_dsn, schema)
 
 
 async def _devices_resend(make_uplink: Any, prefix: str) -> list[str]:

@@ -1,23 +1,21 @@
 """The InfluxDB/Timestream idempotency ledger in PostgreSQL (``ledger_dsn``): the store
-contract over a PgLedger on the real PostgreSQL, with an in-process InfluxDB double that
-records every point it is sent (no overwrite hides a second write). Two replicas with
-their own ledger objects on one schema stand for replicas on two hosts: every point is
-sent once."""
+contract over a PgLedger on the real PostgreSQL (a fresh schema per test, dropped), with
+the in-process InfluxDB double that records every point it is sent (no overwrite hides a
+second write: ``count`` counts them all). Two replicas with their own ledger objects on
+one schema stand for replicas on two hosts: every point is sent once."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
-from aiohttp import web
 
+from bench.common import drop_pg_schema
 from cloud.audit import main as completeness_main
 from cloud.config import build_store, parse_cloud_config
 from cloud.ingest import IngestService
@@ -29,45 +27,22 @@ from pymigrate.errors import ConfigError
 from tests.conftest import free_port
 from tests.unit import cloud_contract as contract
 from tests.unit.cloud_helpers import InstantClock, incoming, make_readings, payload
-from tests.unit.test_cloud_influx import FakeInflux
+from tests.unit.test_cloud_influx import FakeInflux, serve_fake
 
 pytestmark = pytest.mark.integration
 
 
-class CountingInflux(FakeInflux):
-    """Answers ``count`` per device from every point ever sent (duplicates included)."""
-
-    def query_answer(self, q: str) -> dict[str, Any]:
-        if q.startswith("SELECT count"):
-            m = re.search(r"\"device\" = '([^']*)'", q)
-            n = sum(1 for p in self.points if m is None or f",device={m.group(1)}," in p)
-            return {"results": [{"series": [{"name": "readings", "columns": ["time", "count"],
-                                             "values": [[0, n]]}]}]}
-        return super().query_answer(q)
-
-
 @pytest.fixture
-async def influx() -> AsyncIterator[tuple[CountingInflux, str]]:
-    f = CountingInflux()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", f.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+async def fake() -> AsyncIterator[tuple[FakeInflux, str]]:
+    async with serve_fake() as served:
+        yield served
 
 
 @pytest.fixture
 async def schema(postgres_dsn: str) -> AsyncIterator[str]:
     name = f"pm_led_{uuid.uuid4().hex[:10]}"
     yield name
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
-    finally:
-        await conn.close()
+    await drop_pg_schema(postgres_dsn, name)
 
 
 def factory(url: str, dsn: str, schema: str, **kw: Any) -> contract.StoreFactory:
@@ -79,32 +54,32 @@ def factory(url: str, dsn: str, schema: str, **kw: Any) -> contract.StoreFactory
     return make
 
 
-async def test_resend_written_once_across_restart(influx: tuple[CountingInflux, str],
+async def test_resend_written_once_across_restart(fake: tuple[FakeInflux, str],
                                                   postgres_dsn: str, schema: str) -> None:
-    f, url = influx
+    f, url = fake
     await contract.check_resend_written_once(factory(url, postgres_dsn, schema), "dev-a")
     assert len(f.points) == 300
 
 
 async def test_replicas_on_two_hosts_send_each_point_once(
-        influx: tuple[CountingInflux, str], postgres_dsn: str, schema: str) -> None:
-    f, url = influx
+        fake: tuple[FakeInflux, str], postgres_dsn: str, schema: str) -> None:
+    f, url = fake
     await contract.check_replicas_race(factory(url, postgres_dsn, schema), "race-")
     assert len(f.points) == 3 * 6 * 200  # the other replica's copy was never sent
 
 
-async def test_malformed_dead_lettered(influx: tuple[CountingInflux, str], postgres_dsn: str,
+async def test_malformed_dead_lettered(fake: tuple[FakeInflux, str], postgres_dsn: str,
                                        schema: str) -> None:
-    await contract.check_malformed_dead_lettered(factory(influx[1], postgres_dsn, schema),
+    await contract.check_malformed_dead_lettered(factory(fake[1], postgres_dsn, schema),
                                                  "dev-m")
 
 
-async def test_completeness_ledger(influx: tuple[CountingInflux, str], postgres_dsn: str,
+async def test_completeness_ledger(fake: tuple[FakeInflux, str], postgres_dsn: str,
                                    schema: str, tmp_path: Path) -> None:
-    await contract.check_completeness_ledger(factory(influx[1], postgres_dsn, schema), "dev-l")
+    await contract.check_completeness_ledger(factory(fake[1], postgres_dsn, schema), "dev-l")
     # the CLI reads the same ledger from the ingest's config
     cfg = tmp_path / "cloud.toml"
-    cfg.write_text(f'[cloud]\nstore = "influx"\n[cloud.influx]\nurl = "{influx[1]}"\n'
+    cfg.write_text(f'[cloud]\nstore = "influx"\n[cloud.influx]\nurl = "{fake[1]}"\n'
                    f'ledger_dsn = "{postgres_dsn}"\nledger_schema = "{schema}"\n')
     out: list[str] = []
 
@@ -120,8 +95,8 @@ async def test_completeness_ledger(influx: tuple[CountingInflux, str], postgres_
 
 
 async def test_later_request_failing_keeps_the_ledger_on_what_landed(
-        influx: tuple[CountingInflux, str], postgres_dsn: str, schema: str) -> None:
-    f, url = influx
+        fake: tuple[FakeInflux, str], postgres_dsn: str, schema: str) -> None:
+    f, url = fake
     s = await factory(url, postgres_dsn, schema, max_lines=4, max_retries=1)()
     try:
         f.fail_writes_after = 2  # requests 1-2 (8 points) land, request 3 fails
@@ -137,9 +112,9 @@ async def test_later_request_failing_keeps_the_ledger_on_what_landed(
         await s.close()
 
 
-async def test_ingest_rejection_dead_letter(influx: tuple[CountingInflux, str],
+async def test_ingest_rejection_dead_letter(fake: tuple[FakeInflux, str],
                                             postgres_dsn: str, schema: str) -> None:
-    s = await factory(influx[1], postgres_dsn, schema)()
+    s = await factory(fake[1], postgres_dsn, schema)()
     try:
         svc = IngestService(s)
         ack = await svc.handle(incoming(payload("x", make_readings("x", 3)), "y"))
@@ -149,9 +124,9 @@ async def test_ingest_rejection_dead_letter(influx: tuple[CountingInflux, str],
         await s.close()
 
 
-async def test_unreachable_ledger_is_an_outage(influx: tuple[CountingInflux, str]) -> None:
+async def test_unreachable_ledger_is_an_outage(fake: tuple[FakeInflux, str]) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
-    s = InfluxStore(influx[1], ledger=PgLedger(dead, schema="x", connect_timeout_s=1.0))
+    s = InfluxStore(fake[1], ledger=PgLedger(dead, schema="x", connect_timeout_s=1.0))
     with pytest.raises(StoreUnavailable):
         await s.open()
     with pytest.raises(ValueError):

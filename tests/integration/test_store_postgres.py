@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 import pytest
 
+from bench.common import drop_pg_schema
 from cloud.ingest import IngestService
 from cloud.stores.base import StoreUnavailable
 from cloud.stores.postgres import PostgresStore
@@ -28,11 +29,7 @@ pytestmark = pytest.mark.integration
 async def schema(postgres_dsn: str) -> AsyncIterator[str]:
     name = f"pm_test_{uuid.uuid4().hex[:10]}"
     yield name
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
-    finally:
-        await conn.close()
+    await drop_pg_schema(postgres_dsn, name)
 
 
 def factory(dsn: str, schema: str, **kw: object) -> contract.StoreFactory:
@@ -70,11 +67,7 @@ async def test_replicas_starting_together_on_a_new_schema(postgres_dsn: str,
         finally:
             for s in stores:
                 await s.close()
-            conn = await asyncpg.connect(postgres_dsn)
-            try:
-                await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
-            finally:
-                await conn.close()
+            await drop_pg_schema(postgres_dsn, name)
 
 
 async def test_malformed_dead_lettered(postgres_dsn: str, schema: str) -> None:

@@ -3,6 +3,8 @@ retry on 5xx/429 obeying Retry-After, refusal on 400, unreachable server, line f
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,11 @@ class FakeInflux:
         return web.Response(status=204)
 
     def query_answer(self, q: str) -> dict[str, Any]:
-        if q.startswith("SELECT count"):
+        if q.startswith("SELECT count"):  # every point ever sent (of the device asked for)
+            m = re.search(r"\"device\" = '([^']*)'", q)
+            n = sum(1 for p in self.points if m is None or f",device={m.group(1)}," in p)
             return {"results": [{"series": [{"name": "readings", "columns": ["time", "count"],
-                                             "values": [[0, len(self.points)]]}]}]}
+                                             "values": [[0, n]]}]}]}
         if q.startswith("SELECT *"):
             cols = ["time", "agg_count", "agg_fn", "agg_rule", "agg_window_end_ms", "device",
                     "priority", "quality", "raw_ts_ms", "sensor", "seq", "uncert_ms", "value"]
@@ -55,8 +59,9 @@ class FakeInflux:
         return {"results": [{"error": "unsupported"}]}
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeInflux, str]]:
+@contextlib.asynccontextmanager
+async def serve_fake() -> AsyncIterator[tuple[FakeInflux, str]]:
+    """A FakeInflux on a free loopback port: (the fake, its URL)."""
     f = FakeInflux()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", f.handle)
@@ -65,8 +70,16 @@ async def fake() -> AsyncIterator[tuple[FakeInflux, str]]:
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    yield f, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    try:
+        yield f, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeInflux, str]]:
+    async with serve_fake() as served:
+        yield served
 
 
 async def _store(url: str, tmp: Path, **kw: Any) -> InfluxStore:
