@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -84,12 +82,10 @@ class AmqpFleet:
     def __init__(self, n: int, hosts: list[str], workdir: Path, *, exchange: str,
                  routing_prefix: str = "up", sensors: int = 10, rate_hz: float = 1.0,
                  prefix: str = "dev", chunk_max_age_s: float = 1.0,
-                 drain_timeout_s: float = 60.0, quiet: bool = True) -> None:
+                 drain_timeout_s: float = 60.0) -> None:
         self.produced: dict[Key, int] = {}
         self.devices: list[FleetDevice] = []
         self.drain_timeout_s = drain_timeout_s
-        if quiet:
-            _quiet_logs()
         t0 = time.time_ns() // 1_000_000
         for i in range(n):
             dev = f"{prefix}{i:03d}"
@@ -151,15 +147,6 @@ class AmqpFleet:
                 "slowest_drains_s": {k: round(v, 1) for k, v in slow},
                 "agents_not_stopped": len(pending), "agent_errors": self.failed(),
                 **dict(totals)}
-
-
-def _quiet_logs() -> None:
-    """The agents' logs would drown the benchmark's output: errors only, on stderr."""
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    logging.getLogger("transports").setLevel(logging.ERROR)
 
 
 def audit_rows(produced: dict[Key, int],

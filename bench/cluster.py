@@ -216,7 +216,7 @@ async def run_cluster(*, nodes: int, replicas: int, devices: int, sensors: int, 
         ready_s = time.monotonic() - t_start
         fleet = AmqpFleet(devices, cluster.hosts, workdir / "agents", exchange=f"cl{run}",
                           sensors=sensors, rate_hz=rate, chunk_max_age_s=1.0,
-                          drain_timeout_s=90.0, quiet=False)
+                          drain_timeout_s=90.0)
         cpu0 = _cpu_self()
         t0 = time.monotonic()
         timeline: list[tuple[float, int]] = []
