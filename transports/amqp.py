@@ -21,11 +21,13 @@ nacks publishes and the device gets :class:`ThrottledError` (``throttle_retry_af
 A cluster (``hosts``): every client holds one connection to one node. A device starts on
 the node its id hashes to (devices spread over the nodes) and, when its connection is
 lost, connects to the next node on its next send; a refused node is skipped within the
-same attempt. The ingest queue is a quorum queue by default (``queue_type``): each
-message is on a majority of the nodes before the publisher confirm, so a node that dies
-takes nothing with it, and consumers on the other nodes go on after the queue elects a
-new leader. The ingest watches its connection, its channel and its consumer (a broker may
-cancel it); when one goes it reconnects to the next node with capped, jittered backoff
+same attempt. A new ingest queue is a quorum queue (``queue_type = "auto"``, the default,
+or ``"quorum"``): each message is on a majority of the nodes before the publisher confirm,
+so a node that dies takes nothing with it, and consumers on the other nodes go on after
+the queue elects a new leader. An existing queue is used as it is with ``auto`` (a classic
+queue made by an earlier version keeps working: RabbitMQ cannot redeclare a queue as
+another type). The ingest watches its connection, its channel and its consumer (a broker
+may cancel it); when one goes it reconnects to the next node with capped, jittered backoff
 (``reconnect_max_s``), declares the topology again and consumes again. Deliveries it had
 not acked go back to the queue with the connection and reach a replica again; the store
 answers them ``duplicate`` if they were committed.
@@ -324,7 +326,7 @@ class AmqpIngestServer:
 
     def _queue_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {}
-        if self.cfg.queue_type == "quorum":
+        if self.cfg.queue_type in ("quorum", "auto"):
             args["x-queue-type"] = "quorum"
         if self.cfg.max_queue_length:
             args |= {"x-max-length": self.cfg.max_queue_length, "x-overflow": "reject-publish"}
@@ -366,12 +368,16 @@ class AmqpIngestServer:
                                  f"{self.node}: {exc or type(exc).__name__}") from exc
 
     async def _setup(self, conn: aio_pika.abc.AbstractConnection) -> None:
+        existing = self.cfg.queue_type == "auto" and await self._queue_exists(conn)
         channel = await conn.channel()
         await channel.set_qos(prefetch_count=self.cfg.prefetch)
         exchange = await channel.declare_exchange(
             self.cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(self.cfg.queue, durable=True,
-                                            arguments=self._queue_args() or None)
+        if existing:  # "auto": a queue that exists is used as it is (e.g. a classic one)
+            queue = await channel.declare_queue(self.cfg.queue, passive=True)
+        else:
+            queue = await channel.declare_queue(self.cfg.queue, durable=True,
+                                                arguments=self._queue_args() or None)
         await queue.bind(exchange, f"{self.cfg.routing_prefix}.*")
         self._conn, self._channel, self._queue = conn, channel, queue
         self._lost.clear()
@@ -380,6 +386,19 @@ class AmqpIngestServer:
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
         self._tag = await queue.consume(self._on_message)
+
+    async def _queue_exists(self, conn: aio_pika.abc.AbstractConnection) -> bool:
+        """Whether ``queue`` exists (a passive declare on a channel of its own: the
+        broker closes the channel when it does not)."""
+        probe = await conn.channel()
+        try:
+            await probe.declare_queue(self.cfg.queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            with contextlib.suppress(*_LINK_ERRORS):
+                await probe.close()
+        return True
 
     def _next_node(self) -> None:
         self._node = (self._node + 1) % len(self._endpoints)

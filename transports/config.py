@@ -166,10 +166,12 @@ class AmqpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="a
 
     A RabbitMQ cluster: list its nodes in ``hosts`` (``"host:port"``; ``host``/``port``
     are then unused). A client connects to one node and moves to the next one in the list
-    when its connection is lost or refused. ``queue_type = "quorum"`` (default) makes the
-    ingest queue a replicated quorum queue (a majority of the nodes holds each message
-    before the publisher confirm); ``"classic"`` is for an existing classic queue, which
-    cannot be redeclared as another type.
+    when its connection is lost or refused. ``queue_type`` (ingest side): ``"auto"``
+    (default) uses the queue as it is when it exists and creates a quorum queue when it
+    does not; ``"quorum"`` declares a replicated quorum queue (a majority of the nodes
+    holds each message before the publisher confirm) and refuses a queue of another type;
+    ``"classic"`` a classic one. RabbitMQ cannot redeclare a queue as another type, so
+    ``auto`` keeps a classic queue made by an earlier version working on a single node.
     """
 
     host: str = "127.0.0.1"
@@ -193,7 +195,7 @@ class AmqpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="a
     max_queue_length: int = 0  # ingest side: >0 makes a full queue nack publishes (throttle)
     identity: str = "routing_key"  # ingest side: "routing_key" or "user_id"
     throttle_retry_after_s: float = 5.0  # device side: wait after a broker nack
-    queue_type: str = "quorum"  # ingest side: "quorum" (replicated) or "classic"
+    queue_type: str = "auto"  # ingest side: auto (existing as is, new: quorum) | quorum | classic
     reconnect_max_s: float = 5.0  # ingest side: longest wait between reconnect attempts
 
     def __post_init__(self) -> None:
@@ -202,9 +204,9 @@ class AmqpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="a
             parse_endpoint(f"uplink.amqp.hosts[{i}]", item, self.port)
         if len(set(self.endpoints())) != len(self.endpoints()):
             raise ConfigError("uplink.amqp.hosts", f"names a node twice: {self.hosts}")
-        if self.queue_type not in ("quorum", "classic"):
+        if self.queue_type not in ("auto", "quorum", "classic"):
             raise ConfigError("uplink.amqp.queue_type",
-                              f"must be 'quorum' or 'classic', got {self.queue_type!r}")
+                              f"must be 'auto', 'quorum' or 'classic', got {self.queue_type!r}")
         _check_positive("amqp", "reconnect_max_s", self.reconnect_max_s)
         for key in ("exchange", "queue", "routing_prefix"):
             if not getattr(self, key):

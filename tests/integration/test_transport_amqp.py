@@ -212,3 +212,31 @@ async def test_queue_of_another_type_is_a_config_error(rabbitmq: str) -> None:
         assert "cloud.amqp.queue_type" in str(ei.value)
     finally:
         await _stop(server)
+
+
+async def test_auto_uses_an_existing_queue_as_it_is(rabbitmq: str, store: RecordingStore) -> None:
+    """``queue_type = "auto"`` (default): a classic queue made by an earlier version is
+    consumed as it is; a queue that does not exist yet is created as a quorum queue."""
+    classic = _cfg(queue_type="classic")
+    old = AmqpIngestServer(classic)
+    await old.start(IngestService(store).handle)
+    await old.stop()
+    auto = AmqpIngestServer(msgspec.structs.replace(classic, queue_type="auto"))
+    await auto.start(IngestService(store).handle)
+    device = f"au{uuid.uuid4().hex[:8]}"
+    up = AmqpUplink(classic, device_id=device)
+    try:
+        batch_id, payload, _ = make_batch(device, 0)
+        assert (await up.send(payload, batch_id=batch_id, timeout=5)).status == "ok"
+    finally:
+        await up.close()
+        await _stop(auto)
+    fresh = AmqpIngestServer(_cfg())  # auto, new queue
+    await fresh.start(IngestService(store).handle)
+    try:
+        assert fresh._queue_args() == {"x-queue-type": "quorum"}
+        strict = AmqpIngestServer(msgspec.structs.replace(fresh.cfg, queue_type="quorum"))
+        await strict.start(IngestService(store).handle)  # it is a quorum queue: accepted
+        await strict.stop()
+    finally:
+        await _stop(fresh)

@@ -222,6 +222,7 @@ def test_amqp_clients_spread_over_the_nodes() -> None:
     assert up._node == (start + 1) % 3  # a lost link moves it to the next node
     server = AmqpIngestServer(cfg)
     assert server.node in ("n1:1", "n2:2", "n3:3")
+    assert cfg.queue_type == "auto"  # a new queue is a quorum queue
     assert server._queue_args() == {"x-queue-type": "quorum"}
     classic = AmqpIngestServer(AmqpConfig(queue_type="classic", max_queue_length=5))
     assert classic._queue_args() == {"x-max-length": 5, "x-overflow": "reject-publish"}
