@@ -97,7 +97,7 @@ async def test_admit_skip_and_delete(tmp_path: Path) -> None:
 
         def admit(fresh: list[Reading]) -> Admission:
             assert [r.seq for r in fresh] == [1, 2, 3]
-            return Admission(write=[fresh[0]], skip=fresh[1:], delete=[("gw1", 1)])
+            return Admission(write=[fresh[0]], skip=fresh[1:], delete=[("gw1", "", 1)])
 
         res = await s.write("gw2", "b", rs, admit=admit)
         assert (res.written, res.gateway_dropped, res.replaced, res.duplicates) == (1, 2, 1, 0)
