@@ -715,7 +715,7 @@ class DurableBuffer:
     async def _txn_once(self, body: Callable[[aiosqlite.Connection, Effects],
                                              Awaitable[None]]) -> Effects:
         db = self._require_db()
-        fx = Effects()
+        fx = Effects(gap_open=frozenset(self._ledger.gaps_open))
         await db.execute("BEGIN IMMEDIATE")
         try:
             await body(db, fx)
@@ -751,7 +751,7 @@ class DurableBuffer:
                     "bytes": sum(r.nbytes for r in rs)}
             log.warning("buffer.evicted", **data)
             self._emit("evicted", data)
-        self._stats.gaps_recorded += fx.gaps
+        self._stats.gaps_recorded += fx.gaps + fx.gaps_merged
         self._stats.gap_readings += fx.gap_readings
         if fx.inserted or fx.gaps:
             self._wake_data()
@@ -907,6 +907,7 @@ class DurableBuffer:
             out = await gaps.read_gaps(db, exclude=led.gaps_inflight, limit=limit,
                                        device_id=device_id)
         led.gaps_inflight.update(g.id for g in out)
+        led.gaps_open.difference_update(g.id for g in out)  # handed out: never merged into
         return out
 
     async def ack(self, ids: Sequence[int], gap_ids: Sequence[int] = ()) -> None:

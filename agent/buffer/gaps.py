@@ -8,6 +8,14 @@ transaction as the removal. The row names the exact sequence numbers when the ch
 still be decoded (``runs``), else the chunk's range and count. Gap rows ride to the cloud
 in batches like chunks and are deleted only when the cloud acks them, so "stored + gaps =
 every sequence number issued" holds even through ``kill -9`` and full disks.
+
+A week offline on a full disk evicts thousands of chunks: one row each would fill the
+budget with gap records and push out the data they were meant to protect. A new record
+is therefore folded into the newest pending record of the same device, reason and detail,
+up to ``MERGE_MAX_RUNS`` runs per record, but only into one this process wrote and never
+handed out (a record the cloud may have seen is never changed: the cloud keeps the first
+version it got). :func:`read_gaps` hands out at most ``READ_MAX_RUNS`` runs at a time, so
+decoding them stays small.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from pymigrate.types import Chunk, Gap, Priority, seq_runs_of
 __all__ = ["GAP_COLS", "GapRow", "chunk_gap", "insert_gaps", "read_gaps", "runs_blob"]
 
 GAP_COLS = "device_id, seq_first, seq_last, count, reason, ts_ms, runs, detail"
+MERGE_MAX_RUNS = 1024  # runs one record may hold after merging
+READ_MAX_RUNS = 4096  # runs read_gaps hands out at once (at least one record)
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(list[tuple[int, int]])
 
@@ -108,18 +118,92 @@ def chunk_from_row(row: Sequence[Any]) -> Chunk:
                  int(tl or 0), int(codec), bytes(payload or b""), int(crc))
 
 
+def _merged_runs(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]
+                 ) -> list[tuple[int, int]] | None:
+    """Union of two disjoint run lists, or None when they overlap (not one record)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted([*a, *b]):
+        if out and lo <= out[-1][1]:
+            return None
+        if out and lo == out[-1][1] + 1:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _fold(items: Iterable[tuple[str, Gap]]) -> list[tuple[str, Gap]]:
+    """Records of one call with the same device, reason and detail folded together."""
+    out: list[tuple[str, Gap]] = []
+    last: dict[tuple[str, str, str], int] = {}
+    for dev, g in items:
+        k = (dev, g.reason, g.detail)
+        i = last.get(k)
+        if i is not None and g.runs and out[i][1].runs:
+            prev = out[i][1]
+            runs = _merged_runs(prev.runs, g.runs)
+            if runs is not None and len(runs) <= MERGE_MAX_RUNS:
+                out[i] = (dev, Gap(runs[0][0], runs[-1][1], prev.count + g.count, g.reason,
+                                   max(prev.ts_ms, g.ts_ms), runs, g.detail))
+                continue
+        last[k] = len(out)
+        out.append((dev, g))
+    return out
+
+
+async def _merge_into_pending(db: aiosqlite.Connection, dev: str, g: Gap,
+                              open_ids: frozenset[int]) -> bool:
+    """Fold ``g`` into the newest pending record of its kind; False when it cannot be."""
+    if not g.runs:
+        return False
+    rows = list(await db.execute_fetchall(
+        "SELECT id, count, ts_ms, runs FROM gaps WHERE device_id = ? AND reason = ? "
+        "AND detail = ? ORDER BY id DESC LIMIT 1", (dev, g.reason, g.detail)))
+    if not rows:
+        return False
+    gid, count, ts, blob = rows[0]
+    if int(gid) not in open_ids or not blob:
+        return False
+    try:
+        old = runs_of_blob(bytes(blob))
+    except (msgspec.DecodeError, zlib.error, ValueError):
+        return False
+    runs = _merged_runs(old, g.runs)
+    if runs is None or len(runs) > MERGE_MAX_RUNS:
+        return False
+    await db.execute("UPDATE gaps SET seq_first = ?, seq_last = ?, count = ?, ts_ms = ?, "
+                     "runs = ? WHERE id = ?",
+                     (runs[0][0], runs[-1][1], int(count) + g.count, max(int(ts), g.ts_ms),
+                      runs_blob(runs), int(gid)))
+    return True
+
+
 async def insert_gaps(db: aiosqlite.Connection, items: Iterable[tuple[str, Gap]],
                       fx: Effects | None = None) -> int:
-    """Write gap records inside the caller's transaction; returns how many."""
-    rows = [(dev, g.seq_first, g.seq_last, g.count, g.reason, g.ts_ms, runs_blob(g.runs),
-             g.detail) for dev, g in items]
-    if not rows:
-        return 0
-    await db.executemany(f"INSERT INTO gaps ({GAP_COLS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+    """Write gap records inside the caller's transaction (folded into pending records
+    of the same kind where they fit, see the module docstring); returns how many
+    records were given, merged or not."""
+    given = list(items)
+    rows = []
+    merged = readings = 0
+    open_ids = fx.gap_open if fx is not None else frozenset()
+    for dev, g in _fold(given):
+        readings += g.count
+        if open_ids and await _merge_into_pending(db, dev, g, open_ids):
+            merged += 1
+            continue
+        rows.append((dev, g.seq_first, g.seq_last, g.count, g.reason, g.ts_ms,
+                     runs_blob(g.runs), g.detail))
+    for row in rows:
+        for (gid,) in await db.execute_fetchall(
+                f"INSERT INTO gaps ({GAP_COLS}) VALUES (?,?,?,?,?,?,?,?) RETURNING id", row):
+            if fx is not None:
+                fx.gap_new.append(int(gid))
     if fx is not None:
         fx.gaps += len(rows)
-        fx.gap_readings += sum(r[3] for r in rows)
-    return len(rows)
+        fx.gaps_merged += len(given) - len(rows)
+        fx.gap_readings += readings
+    return len(given)
 
 
 async def gaps_for_chunk_ids(db: aiosqlite.Connection, ids: Sequence[int], reason: str,
@@ -156,11 +240,15 @@ async def read_gaps(db: aiosqlite.Connection, *, exclude: Iterable[int] = (),
     sql += " ORDER BY id LIMIT ?"
     args.append(limit)
     out: list[GapRow] = []
+    held = 0
     for gid, dev, sf, sl, cnt, reason, ts, runs, detail in await db.execute_fetchall(sql, args):
         try:
             rr = runs_of_blob(bytes(runs)) if runs else []
         except (msgspec.DecodeError, zlib.error, ValueError):
             rr = []  # a damaged runs blob: the range still accounts for the readings
+        if out and held + len(rr) > READ_MAX_RUNS:
+            break  # the rest on the next read: bounded memory and batch size
+        held += len(rr)
         out.append(GapRow(int(gid), str(dev), Gap(int(sf), int(sl), int(cnt), str(reason),
                                                   int(ts), rr, str(detail or ""))))
     return out

@@ -38,6 +38,11 @@ class Effects:
     gaps: int = 0  # gap records written
     gap_readings: int = 0  # sequence numbers they account for
     gaps_acked: int = 0  # gap records the cloud acknowledged (deleted)
+    gaps_merged: int = 0  # gap records folded into a pending record (no new row)
+    # ids of gap records written by this process and never handed out: the only ones a
+    # new record may be folded into (the cloud keeps the first version of a record it saw)
+    gap_open: frozenset[int] = frozenset()
+    gap_new: list[int] = field(default_factory=list)  # ids of the rows this txn wrote
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Ledger:
     inflight: dict[int, int] = field(default_factory=dict)  # id -> priority
     gaps: int = 0  # gap records pending (not yet acked by the cloud)
     gaps_inflight: set[int] = field(default_factory=set)
+    gaps_open: set[int] = field(default_factory=set)  # see Effects.gap_open
 
     @property
     def staged_bytes(self) -> int:
@@ -74,6 +80,7 @@ class Ledger:
 
     def apply(self, fx: Effects) -> None:
         self.gaps += fx.gaps - fx.gaps_acked
+        self.gaps_open.update(fx.gap_new)
         for p, nbytes, count in fx.inserted:
             self.chunks[p] += 1
             self.readings[p] += count

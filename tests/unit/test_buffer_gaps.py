@@ -51,8 +51,10 @@ async def test_gap_records_survive_a_crash_until_the_cloud_acks_them(tmp_path: P
     async with opened(path, budget_bytes=BUDGET, chunk_max_readings=CH) as buf:
         for i in range(80):
             await buf.append(readings(CH, device="d", noisy=True, seed=i))
+            if i % 8 == 7:  # handed out and given back: the next evictions make a new record
+                await buf.release([], gap_ids=[g.id for g in await buf.take_gaps("d")])
         n = buf.stats().gaps_pending
-        assert n > 0
+        assert n > 3
         first = await buf.take_gaps("d", limit=2)
         assert len(first) == 2
         assert len(await buf.take_gaps("d", limit=10_000)) == n - 2  # in flight: not again
@@ -65,6 +67,28 @@ async def test_gap_records_survive_a_crash_until_the_cloud_acks_them(tmp_path: P
         rest = await buf.take_gaps("d", limit=10_000)
         await buf.release([], gap_ids=[g.id for g in rest])
         assert len(await buf.take_gaps("d", limit=10_000)) == n - 3
+
+
+async def test_a_long_outage_folds_gap_records_and_never_changes_one_handed_out(
+        tmp_path: Path) -> None:
+    """A week offline must not fill the budget with gap records: evictions fold into the
+    open record (exact runs kept); a record handed out is never changed afterwards."""
+    async with opened(tmp_path / "b.db", budget_bytes=BUDGET, chunk_max_readings=CH) as buf:
+        for i in range(40):
+            await buf.append(readings(CH, device="d", noisy=True, seed=i))
+        s = buf.stats()
+        assert s.gaps_recorded > 5 and s.gaps_pending == 1  # every eviction, one row
+        first = await buf.take_gaps("d")
+        assert len(first) == 1 and first[0].gap.count == s.evicted_readings
+        assert first[0].gap.count == sum(b - a + 1 for a, b in first[0].gap.runs)
+        before = first[0].gap
+        await buf.release([], gap_ids=[first[0].id])
+        for i in range(40, 60):
+            await buf.append(readings(CH, device="d", noisy=True, seed=i))
+        rows = await buf.take_gaps("d", limit=10_000)
+        assert len(rows) == 2 and rows[0].gap == before  # the handed-out one as it was
+        assert _seqs(rows) == _seqs(first) | _seqs(rows[1:])
+        assert sum(g.gap.count for g in rows) == buf.stats().evicted_readings
 
 
 async def test_retention_and_give_up_leave_gaps(tmp_path: Path) -> None:
