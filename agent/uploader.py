@@ -278,8 +278,12 @@ class Uploader:
         take_gaps = getattr(self.buffer, "take_gaps", None)
         if take_gaps is not None and not probe:
             gap_rows = list(await take_gaps(items[0].chunk.device_id if items else None))
+        elif take_gaps is not None and not items:
+            # a half-open breaker with only gap records left: they are the probe (else
+            # the breaker would never close and the records never leave)
+            gap_rows = list(await take_gaps(None, limit=8))
         if not items and gap_rows:
-            self._spawn(slot, self._gap_batch(gap_rows))
+            self._spawn(slot, self._gap_batch(gap_rows, probe))
             return
         if not items:
             self._linger_until = None
@@ -326,12 +330,12 @@ class Uploader:
     def _new_batch_id(self, device_id: str, tag: str) -> str:
         return f"{device_id}-{self._epoch}-{tag}-{next(self._bseq)}"
 
-    def _gap_batch(self, gap_rows: Sequence[Any]) -> _Batch:
+    def _gap_batch(self, gap_rows: Sequence[Any], probe: bool = False) -> _Batch:
         """A batch that carries only gap records (what the device gave up, and why)."""
         dev = gap_rows[0].device_id
         batch_id = self._new_batch_id(dev, "gaps")
         payload = encode_batch(self._batch(dev, batch_id, [], self.clock.time_ms(), gap_rows))
-        return _Batch([], 1, batch_id, payload, False, [g.id for g in gap_rows])
+        return _Batch([], 1, batch_id, payload, probe, [g.id for g in gap_rows])
 
     async def _sync_ping(self) -> None:
         """An empty batch whose ack carries server times (clock sync while idle)."""

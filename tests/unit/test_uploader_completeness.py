@@ -138,3 +138,31 @@ async def test_a_conflict_is_acked_reported_and_blocks_identity(tmp_path: Path) 
         assert st["blocked"] == {"identity": "conflict"}
     finally:
         await buf.close()
+
+
+async def test_gap_records_alone_probe_a_half_open_breaker(tmp_path: Path) -> None:
+    """Only gap records left and the breaker opened by failures: the half-open probe must
+    carry them (a probe that takes chunks only never closes the breaker again)."""
+    clock, buf, ul, up = await _agent(tmp_path, budget_bytes=280 * 1024)
+    try:
+        for i in range(90):
+            await buf.append(readings(100, device="d", noisy=True, seed=i))
+        await buf.flush()
+        while chunks := await buf.take(1 << 20, 64):  # the chunks went out another way
+            await buf.ack([c.id for c in chunks])
+        assert buf.stats().gaps_pending > 0 and buf.stats().chunks_pending == 0
+        ul.default = "fail"
+        async with running(up):
+
+            def breaker() -> str:
+                return str(up.stats()["uplinks"]["fake"]["breaker"])
+
+            await pump(clock, 10, lambda: breaker() != "closed")
+            assert buf.stats().gaps_pending > 0 and breaker() != "closed"
+            ul.default = "ok"
+            await pump(clock, 10, lambda: buf.stats().gaps_pending == 0)
+        assert buf.stats().gaps_pending == 0
+        assert sum(g.count for b in ul.delivered for g in b.gaps) == \
+            buf.stats().evicted_readings
+    finally:
+        await buf.close()
