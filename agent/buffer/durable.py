@@ -673,10 +673,11 @@ class DurableBuffer:
             disk_limit = on_disk + max(0, room) - footprint.HEADROOM
             if disk_limit < limit:
                 limit, reason = disk_limit, "disk_full"
-        if self._learnt_cap is not None:
-            if self._clock.monotonic() - self._learnt_at > _LEARNT_CAP_S:
-                self._learnt_cap = None  # let the file try to grow again
-            elif (learnt := footprint.learnt_target(self._learnt_cap, lay.page_size)) < limit:
+        # a learnt capacity holds for a while; then the file may try to grow again
+        if self._learnt_cap is not None and \
+                self._clock.monotonic() - self._learnt_at <= _LEARNT_CAP_S:
+            learnt = footprint.learnt_target(self._learnt_cap, lay.page_size)
+            if learnt < limit:
                 limit, reason = learnt, "disk_full"
         self._effective = min(self._cfg.budget_bytes,
                               lay.budget - lay.target + max(limit, 0))
@@ -713,9 +714,10 @@ class DurableBuffer:
     async def _learn_capacity(self) -> None:
         """A commit failed with SQLITE_FULL: the storage holds no more than the database
         has now, whatever the budget and ``statvfs`` say (a filesystem or container quota
-        that ``statvfs`` does not show, SQLite's ``max_page_count``). From now on that
-        size is the database's limit: :meth:`_fit` evicts by policy to keep HEADROOM of
-        it free, so commits go on instead of failing, and the effective budget says so.
+        that ``statvfs`` does not show, SQLite's ``max_page_count``). For the next
+        ``_LEARNT_CAP_S`` that size is the database's limit: :meth:`_fit` evicts by policy
+        to keep a margin of it free (:func:`footprint.learnt_target`), so commits go on
+        instead of failing one after another, and the effective budget says so.
         """
         db = self._require_db()
         rows = list(await db.execute_fetchall("PRAGMA page_count"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent.buffer import DurableBuffer
 from agent.codec import open_chunk
+from pymigrate.clock import VirtualClock
 from pymigrate.types import Priority, Reading
 from tests.unit.buffer_helpers import opened, readings, within
 
@@ -77,3 +78,25 @@ async def test_storage_full_below_budget_evicts_low_and_keeps_accepting(tmp_path
         assert stored | gap == set(range(1, n * per + 1)), dev  # each number stored or a gap
         if dev != "l":
             assert not gap
+
+
+async def test_learnt_capacity_is_tried_again_later(tmp_path: Path) -> None:
+    budget = 4 * 1024 * 1024
+    clock = VirtualClock()
+    async with opened(tmp_path / "b.db", clock=clock, budget_bytes=budget,
+                      chunk_max_readings=CH) as buf:
+        await buf.append(mixed(0))
+        assert buf._db is not None
+        pages = next(iter(await buf._db.execute_fetchall("PRAGMA page_count")))[0]
+        await buf._db.execute(f"PRAGMA max_page_count = {pages + 8}")
+        for i in range(1, 30):
+            await within(buf.append(mixed(i)), 10.0)
+        s = buf.stats()
+        assert s.evicted and s.effective_budget_bytes < budget // 4
+        await buf._db.execute("PRAGMA max_page_count = 1000000")  # the quota was raised
+        await clock.advance(601)  # ... and the buffer tries to grow the file again
+        for i in range(30, 40):
+            await within(buf.append(mixed(i)), 10.0)
+        after = buf.stats()
+        assert after.evicted == s.evicted  # room again: nothing more evicted
+        assert after.effective_budget_bytes == budget
