@@ -1,10 +1,12 @@
 """A constrained device: the real agent with a storage quota, a battery and a clock of its own.
 
-* **Storage quota** (:class:`StorageQuota`): enforced by SQLite itself on the buffer file
-  (``PRAGMA max_page_count``): past the quota a write fails with ``SQLITE_FULL`` exactly
-  as on a full disk, and the buffer's disk-full path (evict by policy, retry) takes over.
-  The data directory's real size (database, WAL, sidecar) is measured at every sample
-  and its peak reported, so the quota is checked, not assumed.
+* **Storage quota** (:class:`StorageQuota`): a disk that holds only the state directory,
+  ``quota_bytes`` for every file in it (database, WAL, sidecars, ballast). The agent sees
+  it as ``statvfs`` would show such a disk (free = quota - the directory's files), and the
+  database cannot outgrow it (SQLite ``max_page_count``: past it a write fails with
+  ``SQLITE_FULL``, as ENOSPC would). The directory's size is measured at every free-space
+  probe (each group commit) and every sample, and its peak reported, so the quota is
+  checked, not assumed.
 * **Memory budget**: measured with :mod:`tracemalloc` by the fleet runner (Python heap;
   SQLite's page cache is fixed by ``buffer.cache_kib`` and reported alongside).
 * **CPU time per stage**: :class:`simulators.driver.CpuMeter` (per device and task).
@@ -109,20 +111,43 @@ class Battery:
 
 
 class StorageQuota:
-    """A hard size limit on the buffer file plus measurement of the data directory."""
+    """A disk holding only the device's state directory, ``quota_bytes`` for all its files.
+
+    * What the agent sees: :meth:`install` gives the buffer :meth:`free` as its free-space
+      probe (``DurableBuffer.watch_disk``, in place of ``statvfs``) before the buffer
+      opens, so every decision (ballast, eviction) counts the WAL and the sidecars.
+    * What stops a write: :meth:`apply` caps the database file at the whole disk (SQLite
+      ``max_page_count``; writes past it fail with ``SQLITE_FULL``, as ENOSPC would).
+      SQLite has no hook on its WAL writes: the WAL is held to the disk by the buffer's
+      own accounting, and :meth:`measure` checks that (sizes as ``st_size``).
+    """
 
     PAGE = 4096
 
     def __init__(self, quota_bytes: int | None) -> None:
         self.quota_bytes = quota_bytes
         self.peak_dir_bytes = 0
+        self._dir: Path | None = None
+
+    def install(self, agent: Agent, data_dir: Path) -> None:
+        """Before the agent starts: its buffer sees this disk's free space."""
+        if self.quota_bytes is None:
+            return
+        self._dir = data_dir
+        agent.buffer.watch_disk(self.free)
+
+    def free(self, _path: Path) -> int:
+        """What ``statvfs`` would report free on this disk (the buffer's probe: it runs
+        at each group commit, in a worker thread)."""
+        assert self.quota_bytes is not None and self._dir is not None
+        return max(0, self.quota_bytes - self.measure(self._dir))
 
     async def apply(self, agent: Agent) -> None:
-        """Cap the buffer database at the quota (SQLite refuses to grow it further)."""
+        """Cap the buffer database at the disk (SQLite refuses to grow it further)."""
         if self.quota_bytes is None:
             return
         # the buffer's connection is private; a page limit is the one knob SQLite offers
-        # to make a file full before the disk is (max_page_count is per connection)
+        # to refuse writes before the real disk does (max_page_count is per connection)
         db = agent.buffer._db
         if db is None:
             raise RuntimeError("buffer not open")
@@ -179,6 +204,7 @@ class SimDevice:
         """Start a new agent incarnation and wait until its stages run."""
         self.agent = Agent(self.config, clock=self.clock, uplinks=[self.uplink],
                            sources=list(self.generators), on_event=self._event)
+        self.quota.install(self.agent, self.data_dir)
         self.incarnations += 1
         token = current_device.set(self.id)
         try:

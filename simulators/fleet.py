@@ -354,7 +354,8 @@ class Fleet:
 
     def _all_delivered(self) -> bool:
         """Sources finished and nothing left anywhere in any agent (queue, open windows,
-        pending group commit, open or sealed chunks, batches in flight)."""
+        pending group commit, open or sealed chunks, batches in flight, gap records the
+        cloud has not acked)."""
         for d in self.devices:
             if d.agent is None:
                 continue
@@ -366,7 +367,7 @@ class Fleet:
             if ag.ingest._has_rules and ag.aggregator.next_deadline_ms() is not None:
                 return False
             st = ag.buffer.stats()
-            if st.chunks_pending or st.in_flight or st.open_chunks:
+            if st.chunks_pending or st.in_flight or st.open_chunks or st.gaps_pending:
                 return False
         return True
 

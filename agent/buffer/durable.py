@@ -38,6 +38,9 @@ log = structlog.get_logger("agent.buffer")
 
 EventSink = Callable[[str, dict[str, Any]], None]
 _DISK_FULL_RETRIES = 8
+# how long a capacity learnt from SQLITE_FULL holds before the file may try to grow again
+# (a quota raised, space freed elsewhere); a refusal then costs one retried commit
+_LEARNT_CAP_S = 600.0
 
 
 class _Corrupt(sqlite3.DatabaseError):
@@ -123,6 +126,11 @@ class DurableBuffer:
         self._ballast_try = -1e18  # monotonic time of the last attempt to make it
         self._effective = config.budget_bytes
         self._disk_full = False
+        # bytes the database file could hold when the storage refused to grow it although
+        # budget and statvfs said there was room (see _learn_capacity), and when learnt
+        self._learnt_cap: int | None = None
+        self._learnt_at = 0.0
+        self._chunk_n = 0  # the counter in chunk ids (footprint.chunk_id): last one used
         self._staging_pending = False  # staging left from a crash, not yet sealed
         self._disk_free: Callable[[Path], int | None] = footprint.disk_free
 
@@ -223,6 +231,7 @@ class DurableBuffer:
             led.chunks[p], led.readings[p] = int(n), int(cnt)
             led.payload += int(nb)
         await self._refresh_heads(set(range(len(Priority))))
+        self._chunk_n = await self._last_chunk_n()
         self._next_seq = {str(d): int(n) for d, n in
                           await db.execute_fetchall("SELECT device_id, next_seq FROM seqs")}
         self._reserved = self._sidecar.read()
@@ -251,6 +260,19 @@ class DurableBuffer:
         led.gaps = int(rows[0][0]) if rows else 0
         await self._load_identity()
         await self._ensure_ballast()
+
+    async def _last_chunk_n(self) -> int:
+        """The highest counter in a chunk id held (chunks or quarantine), so new ids are
+        never ids of rows still there: per id band, one index seek each."""
+        db = self._require_db()
+        n = 0
+        for table in ("chunks", "quarantine"):
+            for lo, hi in footprint.id_bands():
+                rows = list(await db.execute_fetchall(
+                    f"SELECT max(id) FROM {table} WHERE id >= ? AND id < ?", (lo, hi)))
+                if rows and rows[0][0] is not None:
+                    n = max(n, int(rows[0][0]) - lo)
+        return n
 
     def age_ms(self) -> int:
         """The buffer's own clock (ms): monotonic time accumulated over every run of this
@@ -559,6 +581,7 @@ class DurableBuffer:
                 except (sqlite3.Error, OSError) as exc:
                     if not _is_disk_full(exc) or attempt == _DISK_FULL_RETRIES:
                         raise
+                    await self._learn_capacity()
                     need = max(plan.new_bytes, 4096) * (2 ** attempt)
                     if not await self._free_disk(need, plan.floor):
                         raise
@@ -614,12 +637,14 @@ class DurableBuffer:
         now_ms = self._clock.time_ms()
         age = self.age_ms()
         free = await asyncio.to_thread(self._disk_free, self._path.parent)
+        n = self._chunk_n
+        ids = [footprint.chunk_id(c.priority, n + i) for i, c in enumerate(plan.seal, 1)]
 
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
             await write_plan(db, plan, self._ledger, fx, now_ms=now_ms, born_ms=age,
                              codec_id=self._codec.codec_id, clear_all_staging=clear_all_staging,
                              dedup_keep_ms=self.dedup_keep_ms,
-                             dedup_keep_bytes=self.dedup_keep_bytes)
+                             dedup_keep_bytes=self.dedup_keep_bytes, chunk_ids=ids)
             await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('age_ms', ?)",
                              (age,))
             await evict.expire(db, self._ledger, self._ttl, now_ms, fx, age_ms=age)
@@ -630,6 +655,7 @@ class DurableBuffer:
             await self._fit(db, fx, floor, free if incoming else None, now_ms)
 
         await self._txn(body)
+        self._chunk_n = max(self._chunk_n, n + len(ids))
         await self._ensure_ballast(free)
 
     async def _fit(self, db: aiosqlite.Connection, fx: Effects, floor: int,
@@ -647,15 +673,22 @@ class DurableBuffer:
             disk_limit = on_disk + max(0, room) - footprint.HEADROOM
             if disk_limit < limit:
                 limit, reason = disk_limit, "disk_full"
+        # a learnt capacity holds for a while; then the file may try to grow again
+        if self._learnt_cap is not None and \
+                self._clock.monotonic() - self._learnt_at <= _LEARNT_CAP_S:
+            learnt = footprint.learnt_target(self._learnt_cap, lay.page_size)
+            if learnt < limit:
+                limit, reason = learnt, "disk_full"
         self._effective = min(self._cfg.budget_bytes,
                               lay.budget - lay.target + max(limit, 0))
         pc = int(next(iter(await db.execute_fetchall("PRAGMA page_count")))[0])
         fl = int(next(iter(await db.execute_fetchall("PRAGMA freelist_count")))[0])
         excess = (pc - fl) * lay.page_size - limit
         if excess > 0:
-            # one pass, by payload bytes: a page frees only once all its rows are gone, so
-            # re-measuring here would evict more than needed; what is left over is taken
-            # by the next commit, within HEADROOM (max_page_count is the hard stop)
+            # one pass, by payload bytes: the oldest chunks of a priority fill pages of
+            # their own (footprint.chunk_id), so as many pages free as bytes go, give or
+            # take the page at the edge; re-measuring would evict more than needed, what
+            # is left over is taken by the next commit, within HEADROOM
             await evict.make_room(db, excess, floor=floor, reason=reason, fx=fx,
                                   codec=self._codec, degrader=self._degrader,
                                   busy=set(self._ledger.inflight), now_ms=now_ms)
@@ -678,13 +711,42 @@ class DurableBuffer:
             return
         self._ballast = await asyncio.to_thread(footprint.make_ballast, self._path, lay.ballast)
 
+    async def _learn_capacity(self) -> None:
+        """A commit failed with SQLITE_FULL: the storage holds no more than the database
+        has now, whatever the budget and ``statvfs`` say (a filesystem or container quota
+        that ``statvfs`` does not show, SQLite's ``max_page_count``). For the next
+        ``_LEARNT_CAP_S`` that size is the database's limit: :meth:`_fit` evicts by policy
+        to keep a margin of it free (:func:`footprint.learnt_target`), so commits go on
+        instead of failing one after another, and the effective budget says so.
+        """
+        db = self._require_db()
+        rows = list(await db.execute_fetchall("PRAGMA page_count"))
+        cap = int(rows[0][0]) * self._layout.page_size
+        if cap >= self._layout.db_cap:
+            return  # the budget's own limit: nothing to learn
+        if cap != self._learnt_cap:
+            log.warning("buffer.capacity_learnt", database_bytes=cap,
+                        budget_share_bytes=self._layout.db_cap,
+                        hint="the storage refused to grow the database below the budget")
+        self._learnt_cap = cap
+        self._learnt_at = self._clock.monotonic()
+
     async def _free_disk(self, need: int, floor: int) -> bool:
+        """Evict ``need`` bytes by policy in a transaction of its own; False when nothing
+        more may go."""
         async def body(db: aiosqlite.Connection, fx: Effects) -> None:
             await evict.make_room(db, need, floor=floor, reason="disk_full",
                                   fx=fx, codec=self._codec, busy=set(self._ledger.inflight),
                                   now_ms=self._clock.time_ms())
 
-        fx = await self._txn(body)
+        try:
+            fx = await self._txn(body)
+        except (sqlite3.Error, OSError) as exc:
+            if not _is_disk_full(exc):
+                raise
+            # the eviction's own writes (gap records) found no free page: the caller's
+            # next attempt asks for twice as much, which empties whole pages first
+            return True
         return bool(fx.removed)
 
     async def _txn(self, body: Callable[[aiosqlite.Connection, Effects],

@@ -27,7 +27,18 @@ default ``commit_max_readings`` a few pages), which the benchmark measures
 
 Free space is watched too (``statvfs``): the database may only grow into what the disk
 has left minus ``buffer.disk_reserve_bytes``, so a disk another process fills makes the
-buffer evict by its policy (reason ``disk_full``) instead of failing.
+buffer evict by its policy (reason ``disk_full``) instead of failing. Where the storage
+refuses to grow while ``statvfs`` still shows room (a filesystem or container quota,
+SQLite's ``max_page_count``), the buffer learns its capacity from the ``SQLITE_FULL``:
+the database's size then is its limit (see ``DurableBuffer._learn_capacity``).
+
+Row layout: chunk ids are banded by priority (:func:`chunk_id`). SQLite keeps a table's
+rows in id order, so with ids in arrival order every page held chunks of every priority,
+and evicting the lowest priority (even all of it) freed almost no page: a page returns to
+the free list only once all its rows are gone, and new rows go at the end of the table.
+The buffer then evicted far more than its budget asked, and under a hard cap could not
+make room at all. Banded, each priority fills pages of its own, and removing its oldest
+chunks (eviction, acks) empties whole pages that any new row can reuse.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ HEADROOM = 32 * KIB
 WAL_MIN = 64 * KIB
 WAL_MAX = 1024 * KIB
 MIN_BUDGET = 256 * KIB
+ID_BITS = 40  # chunk ids: (priority + 1) << ID_BITS | n; band 0 holds older plain ids
+ID_BANDS = 5  # the plain band and one per priority
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,25 @@ class Layout:
         return [f"PRAGMA journal_size_limit={self.wal_limit}",
                 f"PRAGMA wal_autocheckpoint={self.autocheckpoint_pages}",
                 f"PRAGMA max_page_count={self.max_pages}"]
+
+
+def learnt_target(cap: int, page_size: int) -> int:
+    """Bytes of database pages in use that eviction keeps below when the storage turned
+    out to hold only ``cap`` bytes of database: HEADROOM free for the next commits, less
+    on a small database (a sixteenth, at least two pages), where it would cost a third of
+    what the storage holds."""
+    return cap - min(HEADROOM, max(2 * page_size, cap // 16))
+
+
+def chunk_id(priority: int, n: int) -> int:
+    """The id of the ``n``-th chunk sealed (one counter for every priority) when its
+    priority is ``priority``: ids sort by priority, then by age."""
+    return ((priority + 1) << ID_BITS) | n
+
+
+def id_bands() -> list[tuple[int, int]]:
+    """``[lo, hi)`` of every chunk id band: plain ids first, then one per priority."""
+    return [(b << ID_BITS, (b + 1) << ID_BITS) for b in range(ID_BANDS)]
 
 
 def own_files(db: Path) -> list[Path]:

@@ -111,8 +111,12 @@ DEDUP_ROWS = 4096
 async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: Effects, *,
                      now_ms: int, codec_id: int, clear_all_staging: bool = False,
                      dedup_keep_ms: int = 600_000, born_ms: int = 0,
-                     dedup_keep_bytes: int = 128 * 1024) -> None:
-    """Write a plan's rows inside the caller's transaction, recording the effects."""
+                     dedup_keep_bytes: int = 128 * 1024,
+                     chunk_ids: Sequence[int] = ()) -> None:
+    """Write a plan's rows inside the caller's transaction, recording the effects.
+
+    ``chunk_ids`` (one per sealed chunk) are the ids of the new chunk rows (see
+    :func:`agent.buffer.footprint.chunk_id`); without them SQLite numbers the rows."""
     if clear_all_staging:
         await db.execute("DELETE FROM staging")
         fx.staging.update(dict.fromkeys(ledger.staging, 0))
@@ -121,13 +125,14 @@ async def write_plan(db: aiosqlite.Connection, plan: Plan, ledger: Ledger, fx: E
                              list(plan.clear_staging))
         fx.staging.update(dict.fromkeys(plan.clear_staging, 0))
     if plan.seal:
+        ids: Sequence[int | None] = chunk_ids or [None] * len(plan.seal)
         await db.executemany(
-            "INSERT INTO chunks (device_id, priority, seq_first, seq_last, count, "
+            "INSERT INTO chunks (id, device_id, priority, seq_first, seq_last, count, "
             "ts_first, ts_last, codec, checksum, nbytes, created_ms, payload, born_ms) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [(c.device_id, int(c.priority), c.seq_first, c.seq_last, c.count,
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(i, c.device_id, int(c.priority), c.seq_first, c.seq_last, c.count,
               c.ts_first, c.ts_last, c.codec, c.checksum, len(c.payload), now_ms,
-              c.payload, born_ms) for c in plan.seal])
+              c.payload, born_ms) for i, c in zip(ids, plan.seal, strict=True)])
         fx.inserted.extend((int(c.priority), len(c.payload), c.count)
                            for c in plan.seal)
     if plan.stage:

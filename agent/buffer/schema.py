@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.buffer.footprint import id_bands
+
 SCHEMA_VERSION = 3  # 3: chunks.born_ms (age on the buffer's own clock)
 
 SCHEMA = """
@@ -224,12 +226,22 @@ def _readable_chunk_rows(src: sqlite3.Connection, res: SalvageResult) -> list[tu
     try:
         ids = [int(r[0]) for r in src.execute("SELECT id FROM chunks ORDER BY id")]
     except sqlite3.Error:
-        try:  # the index or the table b-tree may be damaged: probe the id range
-            hi = src.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0
-            ids = list(range(1, int(hi) + 1))
-        except sqlite3.Error:
-            res.unknown += 1
-            return []
+        ids = []  # the index or the table b-tree may be damaged: probe each id band
+        for lo, hi in id_bands():
+            try:
+                last = src.execute("SELECT max(id) FROM chunks WHERE id >= ? AND id < ?",
+                                   (lo, hi)).fetchone()[0]
+            except sqlite3.Error:
+                res.unknown += 1
+                continue
+            if last is None:
+                continue
+            try:  # the band's first id narrows the probe when its pages can be read
+                first = src.execute("SELECT min(id) FROM chunks WHERE id >= ? AND id < ?",
+                                    (lo, hi)).fetchone()[0]
+            except sqlite3.Error:
+                first = None
+            ids.extend(range(lo + 1 if first is None else int(first), int(last) + 1))
     rows: list[tuple[Any, ...]] = []
     for i in ids:
         try:

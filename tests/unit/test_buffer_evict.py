@@ -32,7 +32,7 @@ async def test_budget_evicts_low_oldest_first_then_normal_never_critical(tmp_pat
         await fill(buf, Priority.NORMAL, 20, device="n", seed=2)
         assert buf.stats().evicted == {}
         crit = buf.stats().readings_pending["critical"]
-        await fill(buf, Priority.NORMAL, 20, device="n", seed=3)  # over budget now
+        await fill(buf, Priority.NORMAL, 15, device="n", seed=3)  # over budget now
         s = buf.stats()
         assert s.payload_bytes <= BUDGET
         assert set(s.evicted) == {"budget:low"}

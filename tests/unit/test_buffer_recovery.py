@@ -24,6 +24,15 @@ def _flip_payload(db: Path, chunk_id: int) -> None:
     con.close()
 
 
+def _chunk_ids(db: Path) -> list[int]:
+    """Ids of the stored chunks, oldest first within a priority (ids are banded by
+    priority: agent.buffer.footprint.chunk_id)."""
+    con = sqlite3.connect(db)
+    ids = [int(r[0]) for r in con.execute("SELECT id FROM chunks ORDER BY id")]
+    con.close()
+    return ids
+
+
 def _aside_files(d: Path) -> list[Path]:
     return list(d.glob("b.db.corrupt-*"))
 
@@ -32,16 +41,17 @@ async def test_corrupt_chunk_quarantined_others_delivered(tmp_path: Path) -> Non
     db = tmp_path / "b.db"
     async with opened(db, chunk_max_readings=CH) as buf:
         await buf.append(readings(5 * CH))
-    _flip_payload(db, 2)
+    bad = _chunk_ids(db)[1]
+    _flip_payload(db, bad)
     ev = Events()
     async with opened(db, chunk_max_readings=CH, events=ev) as buf:
         got = await drain(buf)
         s = buf.stats()
         assert s.quarantined == 1 and s.chunks_pending == 0
         assert sorted(r.seq for r in got) == [*range(1, CH + 1), *range(2 * CH + 1, 5 * CH + 1)]
-        assert ev.named("quarantined")[0]["id"] == 2
+        assert ev.named("quarantined")[0]["id"] == bad
     con = sqlite3.connect(db)
-    assert con.execute("SELECT id, seq_first FROM quarantine").fetchall() == [(2, CH + 1)]
+    assert con.execute("SELECT id, seq_first FROM quarantine").fetchall() == [(bad, CH + 1)]
     con.close()
 
 
@@ -49,13 +59,14 @@ async def test_unparseable_chunk_header_quarantined(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     async with opened(db, chunk_max_readings=CH) as buf:
         await buf.append(readings(2 * CH))
+    ids = _chunk_ids(db)
     con = sqlite3.connect(db)
-    con.execute("UPDATE chunks SET priority = -1 WHERE id = 1")
+    con.execute("UPDATE chunks SET priority = -1 WHERE id = ?", (ids[0],))
     con.commit()
     con.close()
     async with opened(db, chunk_max_readings=CH) as buf:
         got = await buf.take(1 << 20, max_chunks=1)  # the bad one is skipped, not returned
-        assert [c.id for c in got] == [2]
+        assert [c.id for c in got] == [ids[1]]
         assert buf.stats().quarantined == 1
 
 
@@ -97,7 +108,8 @@ async def test_damaged_page_salvages_readable_chunks(tmp_path: Path) -> None:
             await buf.append(readings(CH, noisy=True, seed=i, priority=Priority.HIGH))
         await buf.flush()
         assert buf._db is not None
-        rows = await buf._db.execute_fetchall("SELECT payload FROM chunks WHERE id = 15")
+        rows = await buf._db.execute_fetchall(
+            "SELECT payload FROM chunks ORDER BY id LIMIT 1 OFFSET 14")
         marker = bytes(next(iter(rows))[0][:32])
     data = bytearray(db.read_bytes())
     page = data.index(marker) // 4096
@@ -138,7 +150,7 @@ async def test_broken_event_sink_does_not_break_buffer(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     async with opened(db, chunk_max_readings=CH) as buf:
         await buf.append(readings(2 * CH))
-    _flip_payload(db, 1)
+    _flip_payload(db, _chunk_ids(db)[0])
     async with opened(db, chunk_max_readings=CH, events=sink) as buf:  # type: ignore[arg-type]
         got = await drain(buf)
         assert len(got) == CH and buf.stats().quarantined == 1

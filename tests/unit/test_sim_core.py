@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiosqlite
 import pytest
@@ -154,6 +156,24 @@ def test_storage_quota_measures_the_directory(tmp_path: Path) -> None:
     q.measure(tmp_path)
     assert q.peak_dir_bytes == 3000
     assert dir_bytes(tmp_path / "missing") == 0
+
+
+def test_storage_quota_is_the_disk_the_buffer_sees(tmp_path: Path) -> None:
+    probes: list[Callable[[Path], int | None]] = []
+
+    class Buffer:
+        def watch_disk(self, free: Callable[[Path], int | None]) -> None:
+            probes.append(free)
+
+    q = StorageQuota(4096)
+    q.install(SimpleNamespace(buffer=Buffer()), tmp_path)  # type: ignore[arg-type]
+    (tmp_path / "buffer.db").write_bytes(b"x" * 1000)
+    (tmp_path / "buffer.db-wal").write_bytes(b"x" * 2000)  # the WAL is on the disk too
+    assert probes[0](tmp_path) == 4096 - 3000 and q.peak_dir_bytes == 3000
+    (tmp_path / "buffer.db.reserve").write_bytes(b"x" * 2000)
+    assert probes[0](tmp_path) == 0  # full: never negative
+    StorageQuota(None).install(SimpleNamespace(buffer=Buffer()), tmp_path)  # type: ignore[arg-type]
+    assert len(probes) == 1  # no quota: the buffer keeps statvfs
 
 
 # ------------------------------------------------------------------ fleet pieces
