@@ -24,6 +24,7 @@ import structlog
 
 from agent.aggregate import Aggregator
 from agent.buffer import DurableBuffer
+from agent.clockjournal import ClockJournal
 from agent.config import SensorPriority
 from agent.dedup import Deduplicator
 from agent.sources.base import SourceBatch
@@ -74,13 +75,14 @@ class IngestStage:
     def __init__(self, queue: asyncio.Queue[Any], *, buffer: DurableBuffer, clock: Clock,
                  validator: Validator, dedup: Deduplicator, timesync: TimeCorrector,
                  aggregator: Aggregator, priorities: PriorityMap,
-                 max_pending: int = 256) -> None:
+                 max_pending: int = 256, clockjournal: ClockJournal | None = None) -> None:
         self.queue = queue
         self.buffer = buffer
         self.clock = clock
         self.validator = validator
         self.dedup = dedup
         self.timesync = timesync
+        self.clockjournal = clockjournal
         self.aggregator = aggregator
         self.priorities = priorities
         self.counts: collections.Counter[str] = collections.Counter()
@@ -169,6 +171,8 @@ class IngestStage:
                      else self.dedup.filter_keyed(readings, batch.msg_key, admitted))
             self.counts["duplicates_dropped"] += len(readings) - len(fresh)
             corrected = self.timesync.correct(fresh) if batch.local_clock else fresh
+            if self.clockjournal is not None and batch.local_clock:
+                self.clockjournal.note_stamped(corrected)
             valid = self.validator.filter(corrected)
             prioritized = self.priorities.apply(valid)
             out = self.aggregator.process(prioritized) if self._has_rules else prioritized
@@ -235,6 +239,8 @@ class IngestStage:
                 await self._sleep_unless_stopping(delay)
                 delay = min(delay * 2, 5.0)
         self.counts["accepted"] += len(accepted)
+        if self.clockjournal is not None:
+            self.clockjournal.note_stored(accepted)
         return True
 
     async def _sleep_unless_stopping(self, delay: float) -> None:

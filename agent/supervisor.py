@@ -22,6 +22,7 @@ import structlog
 
 from agent.aggregate import Aggregator, make_degrader
 from agent.buffer import DurableBuffer
+from agent.clockjournal import ClockJournal
 from agent.config import AgentConfig, resolve_device_id
 from agent.dedup import Deduplicator
 from agent.pipeline import IngestStage, PriorityMap
@@ -33,7 +34,7 @@ from agent.timesync import TimeCorrector
 from agent.uploader import Uploader
 from agent.validate import Validator
 from pymigrate.clock import Clock, WallClock
-from pymigrate.errors import ConfigError
+from pymigrate.errors import ConfigError, PyMigrateError
 from pymigrate.types import Ack
 from transports.base import Uplink
 
@@ -68,6 +69,10 @@ class Agent:
             new_instance=None if seed is None else
             (lambda: f"{agent_rng(cfg.device.id, seed).getrandbits(64):016x}"))
         self.timesync = TimeCorrector(cfg.timesync, clock=self.clock)
+        # readings stamped without a clock model wait for one and are sent corrected
+        self.clockjournal = (ClockJournal(self.timesync, self.buffer, clock=self.clock,
+                                          hold_answers=cfg.timesync.hold_answers)
+                             if cfg.timesync.enabled else None)
         self.dedup = Deduplicator(cfg.dedup, clock=self.clock)
         self.validator = Validator(cfg.validation, now_ms=self.timesync.now_ms)
         self.aggregator = Aggregator(cfg.aggregation, clock=self.clock)
@@ -75,12 +80,14 @@ class Agent:
         self.ingest = IngestStage(self.queue, buffer=self.buffer, clock=self.clock,
                                   validator=self.validator, dedup=self.dedup,
                                   timesync=self.timesync, aggregator=self.aggregator,
-                                  priorities=PriorityMap(cfg.priorities))
+                                  priorities=PriorityMap(cfg.priorities),
+                                  clockjournal=self.clockjournal)
         self.uplinks = list(uplinks) if uplinks is not None else build_uplinks(cfg, self.clock)
         self.uploader = Uploader(self.buffer, self.uplinks, device_id=self.device_id,
                                  clock=self.clock, config=cfg.retry, on_ack=self._on_ack,
                                  on_event=self._event,
-                                 wants_sync=self.timesync.wants_samples)
+                                 wants_sync=self.timesync.wants_samples,
+                                 clock_fix=self.clockjournal)
         self.sources: list[Source] = list(sources) if sources is not None else [
             build_source(s, device_id=self.device_id, clock=self.clock) for s in cfg.sources]
         self._stop = asyncio.Event()
@@ -98,7 +105,9 @@ class Agent:
             self.on_event(name, data)
 
     def _on_ack(self, ack: Ack, t1_ms: float, t4_ms: float) -> None:
-        self.timesync.add_sample(int(t1_ms), ack.t_recv_ms, ack.t_send_ms, int(t4_ms))
+        ok = self.timesync.add_sample(int(t1_ms), ack.t_recv_ms, ack.t_send_ms, int(t4_ms))
+        if self.clockjournal is not None:
+            self.clockjournal.on_sample(ok)
 
     async def _emit(self, batch: SourceBatch) -> None:
         await self.queue.put(batch)  # bounded: a full queue slows the source
@@ -118,6 +127,8 @@ class Agent:
         """Run every stage until stopped; raises if a stage fails."""
         await self.buffer.open()
         try:
+            if self.clockjournal is not None:  # before any reading of this run is stored
+                await self.clockjournal.start()
             await self.ingest.restore()
             async with asyncio.TaskGroup() as tg:
                 src_tasks = [tg.create_task(self._run_source(s),
@@ -268,6 +279,11 @@ class Agent:
             except TimeoutError:
                 log.warning("uploader did not stop in time: cancelling")
                 upload.cancel()
+        if self.clockjournal is not None:  # the newest samples, for the next run
+            try:
+                await self.clockjournal.save()
+            except PyMigrateError as exc:  # a full disk: the last staged copy stays
+                log.warning("clock journal not saved at stop", error=str(exc))
         self.stopped_cleanly = True
         log.info("stopped", drained=drained)
 
@@ -305,6 +321,7 @@ class Agent:
             "delivered": up.get("readings_acked", 0),
             "batches_acked": up.get("batches_acked", 0),
             "batches_failed": up.get("batches_failed", 0),
-            "clock": self.timesync.status(),
+            "clock": {**self.timesync.status(),
+                      **(self.clockjournal.status() if self.clockjournal else {})},
             "uplinks": up.get("uplinks", {}),
         }

@@ -62,9 +62,17 @@ Correction and flags
     earlier; flags ``TIME_ANCHORED | TIME_UNCERTAIN`` (plus ``TIME_CORRECTED`` with a
     model). ``raw_ts_ms`` always keeps the device's original time.
 
-The corrector is in-memory; after an agent restart it needs acks to sync again: send
-a short burst of sync pings at start (one ack may be a delayed one) and keep pinging
-while :meth:`TimeCorrector.wants_samples` is true (until the drift is estimated).
+Unsynced times and restarts
+    Every time handed out without a model is ``m + base`` (``base`` = ``wall -
+    monotonic`` of the process's first regime, :meth:`TimeCorrector.unsynced_base`), so
+    it can be mapped to true time once a model exists (:meth:`TimeCorrector.stamp_map`):
+    the uploader holds such readings until then and sends them mapped
+    (:mod:`agent.clockjournal`). The samples are kept in the buffer with the boot id of
+    the monotonic clock: a restart in the same boot imports them
+    (:meth:`TimeCorrector.import_samples`) and corrects from its first reading, even
+    when the RTC jumped meanwhile and no ack can come. Otherwise it needs acks to sync
+    again: the uploader pings while :meth:`TimeCorrector.wants_samples` is true (until
+    the drift is estimated), at once while it holds unsynced readings.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ from pymigrate.clock import Clock
 from pymigrate.errors import ConfigError
 from pymigrate.types import Quality, Reading
 
-__all__ = ["TimeCorrector", "TimeSyncConfig"]
+__all__ = ["StampMap", "TimeCorrector", "TimeSyncConfig"]
 
 _TIME_FLAGS = int(Quality.TIME_CORRECTED | Quality.TIME_ANCHORED | Quality.TIME_UNCERTAIN)
 _CORRECTED = int(Quality.TIME_CORRECTED)
@@ -111,6 +119,9 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     slew_max_ms: float = 128.0  # ... when it is at most this large; larger ones step
     min_year: int = 2020  # RTC times outside [min_year, max_year] are implausible
     max_year: int = 2100
+    # readings stamped without a model wait in the buffer for one (sync pings go at
+    # once), until this many answers came back without a usable sample; 0: never wait
+    hold_answers: int = 3
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -132,10 +143,28 @@ class TimeSyncConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("slew_max_ms", self.slew_max_ms >= 0, ">= 0"),
             ("min_year", 1970 <= self.min_year < self.max_year <= 9999,
              "a year >= 1970 below max_year"),
+            ("hold_answers", 0 <= self.hold_answers <= 1000, "between 0 and 1000"),
         ]
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"timesync.{key}", f"must be {what}, got {getattr(self, key)}")
+
+
+class StampMap(msgspec.Struct, frozen=True, array_like=True):
+    """A clock model as a map of an unsynced time ``ts`` to true time:
+    ``v + k * (ts - t0)``, uncertain by ``u0 + |ts - t0| * rate`` (ms)."""
+
+    t0: float
+    v: float
+    k: float
+    u0: float
+    rate: float
+
+    def at(self, ts: float) -> int:
+        return _round(self.v + self.k * (ts - self.t0))
+
+    def uncert(self, ts: float) -> int:
+        return math.ceil(self.u0 + abs(ts - self.t0) * self.rate)
 
 
 class _Regime:
@@ -229,6 +258,7 @@ class TimeCorrector:
         self._lo_ms = _year_ms(config.min_year)
         self._hi_ms = _year_ms(config.max_year)
         self._regimes: list[_Regime] = []
+        self._first: _Regime | None = None  # the process's first regime (see unsynced_base)
         self._last_obs: float = 0.0
         self._samples: list[tuple[float, float, float]] = []  # (m, offset, delay) by m
         self._model: _Model | None = None
@@ -242,7 +272,7 @@ class TimeCorrector:
         self.counters: dict[str, int] = {
             "samples_accepted": 0, "samples_rejected_delay": 0, "samples_rejected_jump": 0,
             "jumps": 0, "rtc_resets": 0, "backward_steps": 0, "forward_steps": 0,
-            "small_steps": 0,
+            "small_steps": 0, "samples_imported": 0,
             "corrected": 0, "anchored": 0, "uncertain": 0,
         }
 
@@ -388,7 +418,8 @@ class TimeCorrector:
             # readings stamped shortly before the first observation (queued in the source,
             # redelivered after a restart) are of the same boot: they map through it
             start = now - cfg.backfill_s * 1000.0
-            self._regimes.append(_Regime(lo, hi, now, start, plausible, plausible))
+            self._first = _Regime(lo, hi, now, start, plausible, plausible)
+            self._regimes.append(self._first)
         else:
             cur = self._regimes[-1]
             step = (lo + hi) / 2.0 - cur.rmm
@@ -459,7 +490,7 @@ class TimeCorrector:
                 flags |= _CORRECTED | (0 if trusted else _ANCHORED)
                 uncert = self._uncert(model, m) + math.ceil(abs(applied - model.at(m)))
                 counters["corrected"] += 1
-            elif trusted:
+            elif trusted:  # without a model only the first regime is trusted: raw = m + base
                 ts, flags, uncert = raw, flags | _UNCERTAIN, 0
                 counters["uncertain"] += 1
             elif anchor is not None:
@@ -470,7 +501,9 @@ class TimeCorrector:
                 flags = _ANCHORED | _UNCERTAIN
                 counters["anchored"] += 1
             else:
-                ts, flags, uncert = raw, _UNCERTAIN, 0
+                # every unsynced time is ``m + base`` (see unsynced_base): a model found
+                # later can still map it (agent.clockjournal)
+                ts, flags, uncert = _round(m + self._base_rmm()), _UNCERTAIN, 0
                 counters["uncertain"] += 1
             if loc is not None and m > self._done:
                 self._done = m
@@ -479,6 +512,57 @@ class TimeCorrector:
             out.append(replace(r, ts_ms=ts, raw_ts_ms=raw, uncert_ms=uncert,
                                quality=(r.quality & ~_TIME_FLAGS) | flags))
         return out
+
+    # -- unsynced times, persistence --------------------------------------------------
+    def _base_rmm(self) -> float:
+        assert self._first is not None
+        return self._first.rmm
+
+    def unsynced_base(self) -> float:
+        """``wall - monotonic`` (ms) of this process's first regime. Every time handed
+        out without a model is ``m + unsynced_base()`` (``m`` the reading's monotonic
+        time): the RTC's own time while it was trusted, anchored on it after a jump. So a
+        model found later (or by a later process of the same boot) maps such a time
+        back to true time: see :meth:`stamp_map`."""
+        if self._first is None:
+            self._observe()
+        return self._base_rmm()
+
+    def stamp_map(self, base: float, shift_ms: float = 0.0) -> StampMap | None:
+        """The current model as a function of a time handed out unsynced as ``m + base``
+        (by this or an earlier process; ``shift_ms`` moves that process's monotonic
+        time onto this one's), None while unsynced."""
+        model = self._fit()
+        if model is None:
+            return None
+        rate = (model.drift_err if model.drift_err is not None
+                else self.config.unsynced_drift_ppm * 1e-6)
+        return StampMap(t0=base - shift_ms + model.ref, v=model.ref + model.a,
+                        k=1.0 + model.b, u0=model.d_min / 2.0 + 2.0 * model.sigma, rate=rate)
+
+    def export_samples(self) -> list[tuple[float, float, float]]:
+        """The samples of the current window, (monotonic ms, offset, delay): with the boot
+        id they let the next process of this boot start synced (:meth:`import_samples`)."""
+        return list(self._samples)
+
+    def import_samples(self, samples: Sequence[tuple[float, float, float]]) -> int:
+        """Take samples an earlier process of this boot exported (same monotonic clock);
+        returns how many were kept. With them the model exists at once: readings are
+        corrected from the first one, whatever the RTC says after a restart."""
+        if not self.config.enabled:
+            return 0
+        now = self._observe()
+        good = sorted((float(m), float(o), float(d)) for m, o, d in samples
+                      if m <= now and 0 <= d <= self.config.max_delay_ms)
+        if not good:
+            return 0
+        for smp in good:
+            bisect.insort(self._samples, smp)
+        self._trim(now)
+        self._dirty = True
+        self._dirty_at = max(self._dirty_at, self._samples[-1][0])
+        self.counters["samples_imported"] += len(good)
+        return len(good)
 
     # -- introspection --------------------------------------------------------------
     def synced(self) -> bool:

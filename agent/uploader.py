@@ -31,6 +31,7 @@ from agent.retry.power import PowerState
 from agent.retry.quality import Aimd, NetworkQuality
 from agent.retry.state import (
     AckCallback,
+    ClockFix,
     DeadLetterCallback,
     EventCallback,
     StoredChunkLike,
@@ -42,7 +43,7 @@ from agent.retry.windows import parse_windows
 from pymigrate.clock import Clock
 from pymigrate.envelope import Batch, encode_batch
 from pymigrate.errors import PayloadRejected, ThrottledError, TransportError
-from pymigrate.types import CONFIG_REJECTIONS, Ack, Priority
+from pymigrate.types import CLOCK_REJECTIONS, CONFIG_REJECTIONS, Ack, Priority
 from transports.base import Uplink
 
 __all__ = ["AckCallback", "EventCallback", "StoredChunkLike", "UploadBuffer", "Uploader"]
@@ -63,7 +64,8 @@ class Uploader:
                  on_ack: AckCallback | None = None, on_event: EventCallback | None = None,
                  on_dead_letter: DeadLetterCallback | None = None,
                  power: PowerState | None = None, rng: random.Random | None = None,
-                 wants_sync: Callable[[], bool] | None = None) -> None:
+                 wants_sync: Callable[[], bool] | None = None,
+                 clock_fix: ClockFix | None = None) -> None:
         if not uplinks:
             raise ValueError("Uploader needs at least one uplink")
         self.cfg = cfg = config or RetryConfig()
@@ -74,6 +76,9 @@ class Uploader:
         self.on_event = on_event
         self.on_dead_letter = on_dead_letter
         self.wants_sync = wants_sync
+        self.clock_fix = clock_fix
+        self._clock_refused: set[int] = set()  # chunk ids refused as clock_unsynced
+        self._hold_ping_at = 0.0
         self.rng = rng or agent_rng(device_id, cfg.seed)
         self.quality = NetworkQuality(alpha=cfg.rtt_alpha, beta=cfg.rtt_beta, k=cfg.rtt_k)
         self.aimd = Aimd(cfg)
@@ -167,7 +172,7 @@ class Uploader:
                 "batches_rejected", "bytes_sent", "readings_acked", "wakeups", "loop_wakeups",
                 "duplicates", "readings_dead_lettered", "sync_pings", "conflicts",
                 "readings_conflicted", "gaps_acked", "ack_mismatches", "readings_given_up",
-                "readings_dead_lettered_in_cloud")},
+                "readings_dead_lettered_in_cloud", "clock_holds", "clock_rejections")},
             "blocked": dict(self.blocked),
             "dead_letters": dict(self.dead_letters),
             "attempts": dict(sorted(self.batches_by_attempt.items())),
@@ -222,6 +227,9 @@ class Uploader:
         if self._inflight_full():
             await self._wait(None)
             return
+        if self.clock_fix is not None and self.clock_fix.holding():
+            await self._hold_for_clock(now)
+            return
         slot, mode, ready_at = self._pick(now)
         if slot is None or mode is None or ready_at > now:
             await self._wait(None, deadline=ready_at)
@@ -229,6 +237,18 @@ class Uploader:
         if not self._draining and not await self._lingered(now):
             return
         await self._take_and_send(slot, mode == "probe", minp)
+
+    async def _hold_for_clock(self, now: float) -> None:
+        """Readings stamped without a clock model wait for one (they would reach the
+        cloud with the RTC's time, days off after a jump): ping now, and again every few
+        seconds (the breaker and backoff pace a dead link), and sleep until an answer or
+        the next ping. :class:`ClockFix` bounds the hold."""
+        if now >= self._hold_ping_at:
+            self.counts["clock_holds"] += 1
+            if not self._inflight:
+                await self._sync_ping()
+            self._hold_ping_at = now + min(self.cfg.sync_ping_s, 5.0)
+        await self._wait(None, deadline=self._hold_ping_at)
 
     def _inflight_full(self) -> bool:
         return len(self._inflight) >= max(1, self.aimd.inflight_limit)
@@ -301,6 +321,8 @@ class Uploader:
             return
         self._empty_takes = 0
         items = await self._screen(items)
+        if self.clock_fix is not None and items:
+            items = await self.clock_fix.restamp(items, self._clock_refused)
         if items and gap_rows and gap_rows[0].device_id != items[0].chunk.device_id:
             await self.buffer.release([], failed=False, gap_ids=[g.id for g in gap_rows])
             gap_rows = []
@@ -482,8 +504,14 @@ class Uploader:
         except ThrottledError as exc:
             outcome = self._throttled(slot, batch, exc.retry_after_s)
         except PayloadRejected as exc:
-            outcome = self._rejected(slot, batch, exc.reason,
-                                     bool(exc.attrs.get("dead_lettered", False)))
+            if exc.reason in CLOCK_REJECTIONS:
+                ans = exc.attrs.get("ack")
+                if isinstance(ans, Ack) and self.on_ack is not None:  # a clock sample
+                    self.on_ack(ans, w0, float(self.clock.time_ms()))
+                outcome = self._clock_refused_batch(slot, batch, exc.reason)
+            else:
+                outcome = self._rejected(slot, batch, exc.reason,
+                                         bool(exc.attrs.get("dead_lettered", False)))
         except (TransportError, OSError, TimeoutError) as exc:
             # an attempt that used up its timeout doubles the next one (Karn)
             spent = self.clock.monotonic() - t0
@@ -498,6 +526,10 @@ class Uploader:
                     outcome = self._acked(slot, batch, ack, rtt, w0)
             elif ack.status == "throttled":
                 outcome = self._throttled(slot, batch, ack.retry_after_s)
+            elif ack.status == "rejected" and ack.reason in CLOCK_REJECTIONS:
+                if self.on_ack is not None:  # the answer's server times: a clock sample
+                    self.on_ack(ack, w0, float(self.clock.time_ms()))
+                outcome = self._clock_refused_batch(slot, batch, ack.reason)
             elif ack.status == "rejected":
                 outcome = self._rejected(slot, batch, ack.reason or "rejected",
                                          ack.dead_lettered)
@@ -654,6 +686,23 @@ class Uploader:
             return
         # the cloud holds the payload in its dead letters: the device may let go
         await self._dead_letter(batch.items, f"rejected:{reason}", in_cloud=True)
+
+    async def _clock_refused_batch(self, slot: _Slot, batch: _Batch, reason: str) -> None:
+        """The cloud refused readings stamped without a clock model (far ahead of its
+        clock). Not the data's fault and nothing is dead-lettered: keep the chunks, mark
+        them to be sent again with mapped times (the answer was a clock sample), back
+        off so that a cloud that keeps refusing is not hammered."""
+        await self._release(batch, failed=False)
+        self._clock_refused.update(batch.ids)
+        if len(self._clock_refused) > _ATTEMPTS_CAP:
+            self._clock_refused.clear()  # a hint: a refused chunk comes back refused again
+        self.counts["clock_rejections"] += 1
+        slot.counts["rejected"] += 1
+        slot.breaker.record_neutral(probe=batch.probe)
+        slot.retry_at = self.clock.monotonic() + slot.backoff.next_delay()
+        log.warning("uploader.clock_rejected", uplink=slot.name, reason=reason,
+                    batch_id=batch.batch_id, chunks=len(batch.items))
+        self._event("clock_rejected", uplink=slot.name, reason=reason)
 
     async def _dead_letter(self, items: Sequence[StoredChunkLike], reason: str, *,
                            in_cloud: bool = False) -> None:

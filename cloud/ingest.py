@@ -9,6 +9,12 @@ the data and retries), so an outage is back-pressure, not loss. Data the store r
 cannot hold) is answered ``rejected`` (non-retriable) and written to the dead-letter table
 with its reason.
 
+A reading far ahead of the cloud's clock (``max_future_s``) is refused: as
+``timestamp_future`` (dead-lettered, final) when the device's clock model corrected it,
+as ``clock_unsynced`` (:data:`~pymigrate.types.CLOCK_REJECTIONS`: retriable, the device
+keeps it, takes the answer's server times as a clock sample and sends it again with a
+corrected time) when it was stamped without a model.
+
 Every rejection is written to the dead letters (device, batch, reason, peer, the whole
 payload) before it is answered. The ack says ``dead_lettered`` -- the device may let go
 of the data -- only when the cloud could also name the rejected sequence numbers in the
@@ -18,8 +24,8 @@ cannot read a chunk that passed its checksum). An envelope that does not decode,
 chunk whose checksum fails, was damaged on the way: the device keeps it and sends it
 again. A rejection caused by configuration or identity
 (:data:`~pymigrate.types.CONFIG_REJECTIONS`, e.g. ``device_mismatch``) keeps the data on
-the device too; those dead letters are rate-limited per device and reason, since the
-device keeps resending the same data.
+the device too; those dead letters (and ``clock_unsynced`` ones) are rate-limited per
+device and reason, since the device keeps resending the same data.
 
 Completeness (:mod:`cloud.stores.completeness`): the envelope's stream identity (agent
 instance), chunk digests and gap records go to the store with the readings; the same
@@ -63,10 +69,26 @@ from cloud.stores.completeness import BatchMeta, ChunkDigest
 from pymigrate.clock import Clock, WallClock
 from pymigrate.envelope import DEFAULT_MAX_BYTES, decode_batch
 from pymigrate.errors import DecodeError, ThrottledError
-from pymigrate.types import CONFIG_REJECTIONS, Ack, Gap, Reading, seq_runs_of
+from pymigrate.types import (
+    CLOCK_REJECTIONS,
+    CONFIG_REJECTIONS,
+    Ack,
+    Gap,
+    Quality,
+    Reading,
+    seq_runs_of,
+)
 from transports.base import Incoming
 
 log = structlog.get_logger("pymigrate.cloud.ingest")
+
+_CORRECTED = int(Quality.TIME_CORRECTED)
+
+
+class _ClockUnsynced(Exception):
+    """A reading far ahead of the cloud's clock that the device stamped without a clock
+    model: answered ``clock_unsynced`` (retriable, not dead-lettered: the device maps
+    it to true time once it has a model, and the answer carries the server times)."""
 
 
 class IngestService:
@@ -180,6 +202,9 @@ class IngestService:
             self._plausible(readings, t_recv)
             result = await self.store.write(batch.device_id, batch.batch_id, readings,
                                             admit=admit, meta=meta)
+        except _ClockUnsynced as exc:  # retriable: the device keeps the data
+            return await self._reject(inc, "clock_unsynced", t_recv, batch.batch_id,
+                                      device=batch.device_id, error=str(exc)[:200])
         except StoreRejected as exc:  # bad data: never retried, kept for inspection
             runs = seq_runs_of([r.seq for r in readings if r.seq >= 1])
             ledger = None if not batch.instance or not runs else BatchMeta(
@@ -218,6 +243,12 @@ class IngestService:
 
     def _plausible(self, readings: list[Reading], now_ms: int) -> None:
         limit = now_ms + self.max_future_ms
+        for r in readings:
+            if r.ts_ms > limit and not r.quality & _CORRECTED:
+                raise _ClockUnsynced(
+                    f"{r.sensor[:40]} seq {r.seq}: timestamp {r.ts_ms} is "
+                    f"{(r.ts_ms - now_ms) / 86_400_000:.1f} days ahead of the cloud's clock "
+                    "and was not corrected by a clock model")
         for r in readings:
             if r.ts_ms > limit:
                 raise StoreRejected(
@@ -279,7 +310,7 @@ class IngestService:
         """Keep a rejected payload (whole: it is the only copy once the device lets go).
         True when it is kept (or, for a configuration rejection the device keeps the data
         of, when a recent dead letter of that device and reason already says it)."""
-        if reason in CONFIG_REJECTIONS:
+        if reason in CONFIG_REJECTIONS or reason in CLOCK_REJECTIONS:
             key = (device_id, reason)
             now = self.clock.time_ms()
             if now - self._config_dl_at.get(key, -(2**62)) < self.config_dead_letter_interval_ms:

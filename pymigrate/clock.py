@@ -29,8 +29,25 @@ class Clock(Protocol):
         """Sleep until ``monotonic() >= deadline``."""
 
 
+_BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
 class WallClock:
     """The real clock."""
+
+    _boot: str | None = None
+
+    def boot_id(self) -> str | None:
+        """What makes ``monotonic()`` comparable across processes: the kernel's boot id
+        (CLOCK_MONOTONIC counts from boot, the same for every process of one boot);
+        None where the system does not say."""
+        if WallClock._boot is None:
+            try:
+                with open(_BOOT_ID_FILE, encoding="ascii") as f:
+                    WallClock._boot = f.read().strip()
+            except OSError:
+                WallClock._boot = ""
+        return WallClock._boot or None
 
     def time_ms(self) -> int:
         return time.time_ns() // 1_000_000
@@ -59,6 +76,13 @@ class VirtualClock:
         self.wall_offset_ms = wall_offset_ms
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._ids = itertools.count()
+        self._boot = f"virtual-{id(self):x}-{start_ms}"
+
+    def boot_id(self) -> str:
+        """One "boot" per virtual clock: its monotonic time is shared by whatever runs on
+        it (an agent restarted on the same VirtualClock is a process restart, not a
+        reboot)."""
+        return self._boot
 
     def time_ms(self) -> int:
         return self._start_ms + round(self._now * 1000) + self.wall_offset_ms
@@ -142,11 +166,21 @@ class OffsetClock:
     def monotonic(self) -> float:
         return self.base.monotonic()
 
+    def boot_id(self) -> str | None:
+        return boot_id_of(self.base)
+
     async def sleep(self, seconds: float) -> None:
         await self.base.sleep(seconds)
 
     async def sleep_until(self, deadline: float) -> None:
         await self.base.sleep_until(deadline)
+
+
+def boot_id_of(clock: object) -> str | None:
+    """The boot id of ``clock`` (see :meth:`WallClock.boot_id`), None when it has none:
+    then monotonic times of two processes are not comparable."""
+    get = getattr(clock, "boot_id", None)
+    return get() if callable(get) else None
 
 
 def clock_from_env(env: dict[str, str] | None = None) -> Clock:

@@ -114,6 +114,11 @@ class Gap(msgspec.Struct, frozen=True, array_like=True):
 #: keeps the data, opens its breaker and reports itself unhealthy.
 CONFIG_REJECTIONS = frozenset({"device_mismatch", "unauthorized", "forbidden", "bad_version"})
 
+#: Rejections of readings the device stamped without a clock model (far ahead of the
+#: cloud's clock): retriable. The device keeps the data, takes the answer's server times
+#: as a clock sample and sends the readings again with corrected times.
+CLOCK_REJECTIONS = frozenset({"clock_unsynced"})
+
 
 def seq_runs_of(seqs: list[int]) -> list[tuple[int, int]]:
     """Sorted inclusive runs of distinct sequence numbers."""

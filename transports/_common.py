@@ -29,7 +29,7 @@ def check_ack(ack: Ack, batch_id: str, transport: str) -> Ack:
     if ack.status == "rejected":
         raise PayloadRejected(f"{transport} ingest rejected batch {batch_id}: {ack.reason}",
                               reason=ack.reason or "rejected", batch_id=batch_id,
-                              transport=transport, dead_lettered=ack.dead_lettered)
+                              transport=transport, dead_lettered=ack.dead_lettered, ack=ack)
     raise TransportError(f"{transport} ingest answered {ack.status!r} ({ack.reason})",
                          batch_id=batch_id, transport=transport)
 

@@ -134,7 +134,7 @@ def _ack_from_response(resp: Message, batch_id: str) -> Ack:
         raise PayloadRejected(f"ingest rejected batch: {ack.reason if ack else code}",
                               reason=ack.reason if ack and ack.reason else "rejected",
                               batch_id=batch_id,
-                              dead_lettered=bool(ack is not None and ack.dead_lettered))
+                              dead_lettered=bool(ack is not None and ack.dead_lettered), ack=ack)
     raise TransportError(f"CoAP ingest answered {code}", batch_id=batch_id)
 
 

@@ -471,6 +471,16 @@ class DurableBuffer:
         self._states[key] = bytes(value)
         await self._request(urgent=False)
 
+    def stage_state(self, key: str, value: bytes) -> None:
+        """Like :meth:`put_state` without waiting: the blob rides the next group commit
+        (at the latest with the readings appended after this call)."""
+        self._states[key] = bytes(value)
+
+    def next_seqs(self) -> dict[str, int]:
+        """Per device, the sequence number the next accepted reading will get (devices
+        never seen start at 1)."""
+        return dict(self._next_seq)
+
     async def get_state(self, key: str) -> bytes | None:
         """The last value stored with :meth:`put_state`, or None."""
         if key in self._states:

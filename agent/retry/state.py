@@ -15,8 +15,8 @@ from agent.retry.breaker import CircuitBreaker
 from pymigrate.types import Ack, Chunk, Priority
 from transports.base import Uplink
 
-__all__ = ["AckCallback", "DeadLetterCallback", "Destination", "EventCallback", "PendingBatch",
-           "StoredChunkLike", "UploadBuffer"]
+__all__ = ["AckCallback", "ClockFix", "DeadLetterCallback", "Destination", "EventCallback",
+           "PendingBatch", "StoredChunkLike", "UploadBuffer"]
 
 
 class StoredChunkLike(Protocol):
@@ -44,6 +44,17 @@ class UploadBuffer(Protocol):
                       gap_ids: Sequence[int] = ()) -> Any: ...
 
     async def wait_for_data(self, min_priority: Priority = Priority.LOW) -> Any: ...
+
+
+class ClockFix(Protocol):
+    """Readings stamped without a clock model (``agent.clockjournal.ClockJournal``):
+    held until a model exists, then sent with mapped times."""
+
+    def holding(self) -> bool: ...
+
+    async def restamp(self, items: list[StoredChunkLike],
+                      refused: set[int] | frozenset[int] = frozenset()
+                      ) -> list[StoredChunkLike]: ...
 
 
 AckCallback = Callable[[Ack, float, float], None]

@@ -18,11 +18,11 @@ from tests.conftest import require_binary, require_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-KNOWN_BAD = ("clock_jump_8d",)
+KNOWN_BAD: tuple[str, ...] = ()
 # five kill -9 cycles take too long for the short run's minute; the same "done when" of
 # issue 16 is tests/integration/test_completeness_kill9.py (CoAP, replay source). A real
-# full filesystem on a tmpfs has its own run below.
-OWN_TEST = ("offline_kill9_cycles", "disk_full")
+# full filesystem on a tmpfs and the 8-day clock jump have their own runs below.
+OWN_TEST = ("offline_kill9_cycles", "disk_full", "clock_jump_8d")
 
 
 def _services() -> None:
@@ -86,12 +86,6 @@ async def test_chaos_full_filesystem_drains() -> None:
     _assert_accounted(res)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: after an 8-day forward clock jump while offline, readings stamped "
-    "during the jump are refused by the cloud (timestamp_future: hundreds of dead "
-    "letters), then given up as 'rejected' gaps, and some stay on the device after the "
-    "drain; before main had the plausibility check, chunks buffered seconds before the "
-    "jump were given up as 'expired' (retry.retention_s measured on the wall clock)"))
 async def test_chaos_clock_jump_8d_gives_nothing_up() -> None:
     _services()
     from bench.chaos import run_chaos

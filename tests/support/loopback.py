@@ -34,7 +34,7 @@ class LoopbackUplink:
         if ack.status == "throttled":
             raise ThrottledError(retry_after_s=ack.retry_after_s)
         if ack.status == "rejected":
-            raise PayloadRejected(ack.reason, reason=ack.reason)
+            raise PayloadRejected(ack.reason, reason=ack.reason, ack=ack)
         if ack.status not in ("ok", "duplicate"):
             raise TransportError(f"ingest answered {ack.status}")
         return ack

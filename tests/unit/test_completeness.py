@@ -16,7 +16,7 @@ from cloud.ingest import IngestService
 from cloud.stores.completeness import account, runs_subtract, runs_union
 from cloud.stores.sqlite import SqliteStore
 from pymigrate.envelope import Batch, decode_batch, encode_batch
-from pymigrate.types import Gap, Reading
+from pymigrate.types import Gap, Quality, Reading
 from tests.unit.cloud_helpers import make_readings
 from transports.base import Incoming
 
@@ -215,7 +215,15 @@ async def test_implausible_readings_are_refused_with_their_reason(store: SqliteS
 
     svc = IngestService(store)
     now = time.time_ns() // 1_000_000
-    future = [Reading("p", "s", now + 10 * 365 * 86_400_000, 1.0, seq=1)]
+    ahead = now + 10 * 365 * 86_400_000
+    # stamped without a clock model: retriable, the device keeps it (no gap, no letting go)
+    unsynced = [Reading("p", "s", ahead, 1.0, seq=1)]
+    ack = await svc.handle(inc(env("p", unsynced, "b0")))
+    assert ack.status == "rejected" and ack.reason == "clock_unsynced"
+    assert not ack.dead_lettered and ack.t_recv_ms >= now
+    assert all(r.gaps == {} and r.stored == 0 for r in await store.completeness("p"))
+    # corrected by the device's clock model and still ahead: bad data, dead-lettered
+    future = [Reading("p", "s", ahead, 1.0, seq=1, quality=Quality.TIME_CORRECTED)]
     ack = await svc.handle(inc(env("p", future, "b1")))
     assert ack.status == "rejected" and ack.reason == "timestamp_future" and ack.dead_lettered
     nan = [Reading("p", "s", now, math.nan, seq=2)]
