@@ -29,8 +29,11 @@ How unsynced readings are mapped
       ``m`` (exact up to the model's uncertainty). A change within ``slew_max_ms`` keeps
       the stamps (the corrector slews such a change in the same way);
     - another boot: ``m`` is moved onto this boot through the buffer clock (monotonic
-      time accumulated across runs); the time the device was off is unknown, so such
-      readings are flagged ``TIME_ANCHORED | TIME_UNCERTAIN`` with ``uncert_ms`` 0.
+      time accumulated across runs). That clock stops while the device is off, so the
+      mapped time is the latest the reading can have been taken: stamps of a plausible
+      RTC that lie between the true time earlier runs knew and that bound are kept;
+      others (a jump ahead, or behind what was already seen) are mapped and flagged
+      ``TIME_ANCHORED | TIME_UNCERTAIN`` with ``uncert_ms`` 0 (the time off is unknown).
 
     Chunks are re-encoded with the mapped times when they are packed (the stored chunk
     keeps the device's times; the mapping is deterministic). Readings that had a model
@@ -100,12 +103,14 @@ class Session(msgspec.Struct):
     unsynced: bool = False
     end: dict[str, int] = msgspec.field(default_factory=dict)  # unsynced range end, excl.
     fix: Fix | None = None
+    floor: int = 0  # the latest true time known before this run began (0: none)
 
 
 class _State(msgspec.Struct):
     boot: str = ""
     samples: list[tuple[float, float, float]] = msgspec.field(default_factory=list)
     sessions: list[Session] = msgspec.field(default_factory=list)
+    seen: int = 0  # the latest true time any run knew (its model's time)
 
 
 class JournalBuffer(Protocol):
@@ -113,7 +118,7 @@ class JournalBuffer(Protocol):
 
     async def get_state(self, key: str) -> bytes | None: ...
 
-    async def put_state(self, key: str, value: bytes) -> None: ...
+    async def put_state(self, key: str, value: bytes, *, urgent: bool = False) -> None: ...
 
     def stage_state(self, key: str, value: bytes) -> None: ...
 
@@ -136,6 +141,7 @@ class ClockJournal:
         self._answers = 0  # exchanges answered while unsynced (bounds the hold)
         self._unsaved_fix = False
         self._saved_at = -1e18
+        self._seen = 0
         self.counts = {"readings_restamped": 0, "chunks_restamped": 0, "sessions_fixed": 0,
                        "sessions_raw": 0, "samples_imported": 0}
 
@@ -159,6 +165,7 @@ class ClockJournal:
             self.counts["samples_imported"] = n
             log.info("clock.samples_imported", samples=n, synced=self.corrector.synced())
         self.sessions = st.sessions
+        self._seen = st.seen
         seq0 = self.buffer.next_seqs()
         if self.sessions:  # the previous run's unsynced range ends where this one begins
             prev = self.sessions[-1]
@@ -166,15 +173,15 @@ class ClockJournal:
                 prev.end.setdefault(dev, n)
         self.sessions.append(Session(
             sid=(self.sessions[-1].sid + 1) if self.sessions else 1, boot=self.boot,
-            base=self.corrector.unsynced_base(), m0=self.clock.monotonic() * 1000.0,
-            age0=self.buffer.age_ms(), seq0=seq0))
+            base=self.corrector.unsynced_base() or 0.0, m0=self.clock.monotonic() * 1000.0,
+            age0=self.buffer.age_ms(), seq0=seq0, floor=st.seen))
         self._prune()
         self._freeze()
         await self.save()
 
     async def save(self) -> None:
         """Write the journal now (waits for its commit)."""
-        await self.buffer.put_state(STATE_KEY, self._blob())
+        await self.buffer.put_state(STATE_KEY, self._blob(), urgent=True)
         self._unsaved_fix = False
         self._saved_at = self.clock.monotonic()
 
@@ -186,9 +193,16 @@ class ClockJournal:
     def _blob(self) -> bytes:
         cur = self.current
         if cur.unsynced and cur.fix is None:
-            cur.base = self.corrector.unsynced_base()
+            cur.base = self._base()
+        if self.corrector.synced():
+            self._seen = max(self._seen, self.corrector.now_ms())
         return msgspec.msgpack.encode(_State(self.boot, self.corrector.export_samples(),
-                                             self.sessions))
+                                             self.sessions, self._seen))
+
+    def _base(self) -> float:
+        # read lazily: the corrector reads the clocks first when it corrects a reading
+        base = self.corrector.unsynced_base()
+        return self.current.base if base is None else base
 
     def _prune(self) -> None:
         """Keep the current session and the sessions with unsynced readings (bounded)."""
@@ -249,7 +263,7 @@ class ClockJournal:
                 continue
             raw = s.fix is not None and s.fix.raw
             if s is cur or (s.boot and s.boot == self.boot):
-                base = self.corrector.unsynced_base() if s is cur else s.base
+                base = self._base() if s is cur else s.base
                 m = self.corrector.stamp_map(base)
                 assert m is not None
                 t_a = s.m0 + base
@@ -259,8 +273,7 @@ class ClockJournal:
                 keep = all(abs(m.at(t) - t) <= slew for t in (t_a, t_b))
                 fix = Fix(m, keep=keep and not raw, raw=raw)
             else:  # another boot: move its monotonic time onto ours by the buffer clock
-                shift = (cur.m0 - cur.age0) - (s.m0 - s.age0)
-                fix = Fix(self.corrector.stamp_map(s.base, shift), other_boot=True, raw=raw)
+                fix = self._other_boot_fix(s, raw)
             s.fix = fix
             done = True
             self._unsaved_fix = True
@@ -270,6 +283,24 @@ class ClockJournal:
                      shift_ms=None if fix.map is None else fix.map.at(s.m0 + s.base)
                      - (s.m0 + s.base))
         return done
+
+    def _other_boot_fix(self, s: Session, raw: bool) -> Fix:
+        """Map a run of another boot through the buffer clock, which stops while the
+        device is off: its mapped time is the latest the true time can have been. The
+        stamps are kept when the RTC was plausible and they lie between what the
+        earlier runs knew (``floor``) and that latest time: an RTC that was right stays
+        right; one ahead (a forward jump) or behind what was already seen is mapped."""
+        cur = self.current
+        shift = (cur.m0 - cur.age0) - (s.m0 - s.age0)
+        m = self.corrector.stamp_map(s.base, shift)
+        assert m is not None
+        nxt = self._next(s)
+        t_a = s.m0 + s.base
+        t_b = s.m0 + ((nxt.age0 if nxt is not None else cur.age0) - s.age0) + s.base
+        slew = self.corrector.config.slew_max_ms
+        ok = (self.corrector.plausible(t_a) and self.corrector.plausible(t_b)
+              and t_a >= s.floor - slew and t_b <= m.at(t_b) + slew)
+        return Fix(m, keep=ok and not raw, other_boot=True, raw=raw)
 
     def _next(self, s: Session) -> Session | None:
         i = self.sessions.index(s)

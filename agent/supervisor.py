@@ -87,7 +87,8 @@ class Agent:
                                  clock=self.clock, config=cfg.retry, on_ack=self._on_ack,
                                  on_event=self._event,
                                  wants_sync=self.timesync.wants_samples,
-                                 clock_fix=self.clockjournal)
+                                 clock_fix=self.clockjournal,
+                                 retention_action=cfg.buffer.retention_action)
         self.sources: list[Source] = list(sources) if sources is not None else [
             build_source(s, device_id=self.device_id, clock=self.clock) for s in cfg.sources]
         self._stop = asyncio.Event()

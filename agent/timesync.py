@@ -518,15 +518,14 @@ class TimeCorrector:
         assert self._first is not None
         return self._first.rmm
 
-    def unsynced_base(self) -> float:
-        """``wall - monotonic`` (ms) of this process's first regime. Every time handed
-        out without a model is ``m + unsynced_base()`` (``m`` the reading's monotonic
-        time): the RTC's own time while it was trusted, anchored on it after a jump. So a
-        model found later (or by a later process of the same boot) maps such a time
-        back to true time: see :meth:`stamp_map`."""
-        if self._first is None:
-            self._observe()
-        return self._base_rmm()
+    def unsynced_base(self) -> float | None:
+        """``wall - monotonic`` (ms) of this process's first regime (None before the
+        clocks were first read). Every time handed out without a model is
+        ``m + unsynced_base()`` (``m`` the reading's monotonic time): the RTC's own time
+        while it was trusted, anchored on it after a jump. So a model found later (or by
+        a later process of the same boot) maps such a time back to true time: see
+        :meth:`stamp_map`."""
+        return None if self._first is None else self._base_rmm()
 
     def stamp_map(self, base: float, shift_ms: float = 0.0) -> StampMap | None:
         """The current model as a function of a time handed out unsynced as ``m + base``
@@ -539,6 +538,10 @@ class TimeCorrector:
                 else self.config.unsynced_drift_ppm * 1e-6)
         return StampMap(t0=base - shift_ms + model.ref, v=model.ref + model.a,
                         k=1.0 + model.b, u0=model.d_min / 2.0 + 2.0 * model.sigma, rate=rate)
+
+    def plausible(self, wall_ms: float) -> bool:
+        """True when ``wall_ms`` lies in [min_year, max_year)."""
+        return self._plausible(wall_ms)
 
     def export_samples(self) -> list[tuple[float, float, float]]:
         """The samples of the current window, (monotonic ms, offset, delay): with the boot

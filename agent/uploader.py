@@ -65,7 +65,7 @@ class Uploader:
                  on_dead_letter: DeadLetterCallback | None = None,
                  power: PowerState | None = None, rng: random.Random | None = None,
                  wants_sync: Callable[[], bool] | None = None,
-                 clock_fix: ClockFix | None = None) -> None:
+                 clock_fix: ClockFix | None = None, retention_action: str = "gap") -> None:
         if not uplinks:
             raise ValueError("Uploader needs at least one uplink")
         self.cfg = cfg = config or RetryConfig()
@@ -77,6 +77,9 @@ class Uploader:
         self.on_dead_letter = on_dead_letter
         self.wants_sync = wants_sync
         self.clock_fix = clock_fix
+        # what retention does with an expired chunk: "gap" gives it up with a gap record,
+        # "dead_letter" uploads it to the cloud's dead letters (buffer.retention_action)
+        self.retention_action = retention_action
         self._clock_refused: set[int] = set()  # chunk ids refused as clock_unsynced
         self._hold_ping_at = 0.0
         self.rng = rng or agent_rng(device_id, cfg.seed)
@@ -240,15 +243,24 @@ class Uploader:
 
     async def _hold_for_clock(self, now: float) -> None:
         """Readings stamped without a clock model wait for one (they would reach the
-        cloud with the RTC's time, days off after a jump): ping now, and again every few
-        seconds (the breaker and backoff pace a dead link), and sleep until an answer or
-        the next ping. :class:`ClockFix` bounds the hold."""
-        if now >= self._hold_ping_at:
-            self.counts["clock_holds"] += 1
-            if not self._inflight:
-                await self._sync_ping()
-            self._hold_ping_at = now + min(self.cfg.sync_ping_s, 5.0)
-        await self._wait(None, deadline=self._hold_ping_at)
+        cloud with the RTC's time, days off after a jump): send a sync ping (the probe,
+        when the breaker is half-open) and sleep until its answer; a link that fails is
+        paced by the backoff and the breaker, an answer without a model by a few
+        seconds. :class:`ClockFix` bounds the hold."""
+        if self._inflight:  # its completion wakes us
+            await self._wait(None)
+            return
+        slot, mode, ready_at = self._pick(now)
+        if slot is None or mode is None or ready_at > now:
+            await self._wait(None, deadline=ready_at)
+            return
+        if now < self._hold_ping_at:
+            await self._wait(None, deadline=self._hold_ping_at)
+            return
+        self.counts["clock_holds"] += 1
+        self._hold_ping_at = now + min(self.cfg.sync_ping_s, 5.0)
+        self._ping(slot, probe=mode == "probe")
+        await self._wait(None)
 
     def _inflight_full(self) -> bool:
         return len(self._inflight) >= max(1, self.aimd.inflight_limit)
@@ -320,17 +332,18 @@ class Uploader:
                 await self._wait(None)
             return
         self._empty_takes = 0
-        items = await self._screen(items)
-        if self.clock_fix is not None and items:
+        items, dead_letter = await self._screen(items)
+        if self.clock_fix is not None and items and not dead_letter:
             items = await self.clock_fix.restamp(items, self._clock_refused)
-        if items and gap_rows and gap_rows[0].device_id != items[0].chunk.device_id:
+        if items and gap_rows and (dead_letter or
+                                   gap_rows[0].device_id != items[0].chunk.device_id):
             await self.buffer.release([], failed=False, gap_ids=[g.id for g in gap_rows])
             gap_rows = []
         if not items:
             if gap_rows:
                 self._spawn(slot, self._gap_batch(gap_rows))
             return
-        packed = await self._pack(slot, items, probe, gap_rows)
+        packed = await self._pack(slot, items, probe, gap_rows, dead_letter)
         if packed is None:
             if gap_rows:
                 await self.buffer.release([], failed=False, gap_ids=[g.id for g in gap_rows])
@@ -342,12 +355,12 @@ class Uploader:
         self._spawn(slot, batch)
 
     def _batch(self, device_id: str, batch_id: str, chunks: list[Any], sent_ms: int,
-               gap_rows: Sequence[Any] = ()) -> Batch:
+               gap_rows: Sequence[Any] = (), dead_letter: str = "") -> Batch:
         """A batch with this device's stream identity (when the buffer keeps one)."""
         stream_of = getattr(self.buffer, "stream_of", None)
         instance, base, hwm = stream_of(device_id) if stream_of is not None else ("", 1, 0)
         return Batch(device_id, batch_id, chunks, sent_ms, instance, base, hwm,
-                     [g.gap for g in gap_rows])
+                     [g.gap for g in gap_rows], dead_letter)
 
     def _new_batch_id(self, device_id: str, tag: str) -> str:
         return f"{device_id}-{self._epoch}-{tag}-{next(self._bseq)}"
@@ -367,10 +380,16 @@ class Uploader:
         if (slot is None or mode != "send" or ready_at > now or self._inflight_full()
                 or not self.windows.is_open(self.clock.time_ms())):
             return
+        self._ping(slot, probe=False)
+
+    def _ping(self, slot: _Slot, *, probe: bool) -> None:
+        self._last_exchange = self.clock.monotonic()
         batch_id = self._new_batch_id(self.device_id, "sync")
         payload = encode_batch(self._batch(self.device_id, batch_id, [], self.clock.time_ms()))
         self.counts["sync_pings"] += 1
-        self._spawn(slot, _Batch([], 1, batch_id, payload, False))
+        if probe:
+            slot.breaker.begin_probe()
+        self._spawn(slot, _Batch([], 1, batch_id, payload, probe))
 
     def _spawn(self, slot: _Slot, batch: _Batch) -> None:
         task = asyncio.create_task(self._send(slot, batch),
@@ -386,15 +405,28 @@ class Uploader:
             self.counts["send_task_errors"] += 1
 
     # ------------------------------------------------------------------ batching
-    async def _screen(self, items: list[StoredChunkLike]) -> list[StoredChunkLike]:
-        """Dead-letter expired/exhausted chunks; keep one device; isolate suspects."""
+    async def _screen(self, items: list[StoredChunkLike]
+                      ) -> tuple[list[StoredChunkLike], str]:
+        """Dead-letter expired/exhausted chunks; keep one device; isolate suspects.
+
+        Returns the chunks to send and, when they are expired chunks to upload to the
+        cloud's dead letters (``retention_action = "dead_letter"``), that reason."""
         cfg = self.cfg
         # age as the buffer measures it (its own monotonic clock, kept across runs), never
         # the wall clock: a clock jump must not make data old. A buffer that does not
         # measure age (no ``age_ms``) never expires anything here.
         limit_ms = cfg.retention_s * 1000
-        expired = [i for i in items if limit_ms > 0
-                   and getattr(i, "age_ms", None) is not None and i.age_ms > limit_ms]  # type: ignore[attr-defined]
+        expired = [i for i in items if getattr(i, "expired", False) or (
+            limit_ms > 0 and getattr(i, "age_ms", None) is not None
+            and i.age_ms > limit_ms)]  # type: ignore[attr-defined]
+        if expired and self.retention_action == "dead_letter":
+            # sent on their own, asking the cloud to keep them as dead letters; they are
+            # deleted here only once it acked them (a failed send keeps them)
+            dev = expired[0].chunk.device_id
+            send = [i for i in expired if i.chunk.device_id == dev]
+            ids = {i.id for i in send}
+            await self._spill([i for i in items if i.id not in ids])
+            return send, "expired"
         gone = {i.id for i in expired}
         exhausted = [i for i in items if i.id not in gone and cfg.max_attempts > 0
                      and self._attempt_of(i) >= cfg.max_attempts]
@@ -405,7 +437,7 @@ class Uploader:
             await self._dead_letter(exhausted, "max_attempts")
         items = [i for i in items if i.id not in gone]
         if not items:
-            return items
+            return items, ""
         keep: list[StoredChunkLike] = []
         rest: list[StoredChunkLike] = []
         dev = items[0].chunk.device_id
@@ -417,7 +449,7 @@ class Uploader:
                 (keep if i.chunk.device_id == dev else rest).append(i)
         if rest:
             await self._spill(rest)
-        return keep
+        return keep, ""
 
     def _attempt_of(self, item: StoredChunkLike) -> int:
         """Attempts already made for this chunk (ours in this process, else the buffer's)."""
@@ -430,7 +462,8 @@ class Uploader:
         await self.buffer.release([i.id for i in items], failed=False)
 
     async def _pack(self, slot: _Slot, items: list[StoredChunkLike], probe: bool,
-                    gap_rows: Sequence[Any] = ()) -> tuple[_Slot, _Batch] | None:
+                    gap_rows: Sequence[Any] = (), dead_letter: str = ""
+                    ) -> tuple[_Slot, _Batch] | None:
         """Encode a batch that fits ``max_payload``; spill the tail back to the buffer.
 
         A chunk that already failed is retried in a minimal batch (``batch_min_bytes``):
@@ -449,7 +482,7 @@ class Uploader:
         sent_ms = self.clock.time_ms()
         while True:
             payload = encode_batch(self._batch(first.device_id, "", [i.chunk for i in items],
-                                               sent_ms, gap_rows))
+                                               sent_ms, gap_rows, dead_letter))
             if len(payload) <= slot.uplink.max_payload or len(items) == 1:
                 break
             cut = max(1, len(items) // 2)
@@ -458,7 +491,8 @@ class Uploader:
         attempt = 1 + max(self._attempt_of(i) for i in items)
         batch_id = self._new_batch_id(first.device_id, f"{first.seq_first}-a{attempt}")
         payload = encode_batch(self._batch(first.device_id, batch_id,
-                                           [i.chunk for i in items], sent_ms, gap_rows))
+                                           [i.chunk for i in items], sent_ms, gap_rows,
+                                           dead_letter))
         if len(payload) > slot.uplink.max_payload:
             slot.counts["oversized_for_uplink"] += 1
             if len(payload) > max(s.uplink.max_payload for s in self._slots):
@@ -481,7 +515,7 @@ class Uploader:
         if len(self._suspect) > _ATTEMPTS_CAP:
             self._suspect.clear()  # only a batching hint: forgetting it loses nothing
         return slot, _Batch(items, attempt, batch_id, payload, probe,
-                            [g.id for g in gap_rows])
+                            [g.id for g in gap_rows], dead_letter)
 
     # ------------------------------------------------------------------ one attempt
     async def _send(self, slot: _Slot, batch: _Batch) -> None:
@@ -590,7 +624,17 @@ class Uploader:
             self._attempts.pop(i.id, None)
             self._isolate.discard(i.id)
             self._suspect.discard(i.id)
-        if batch.items:
+        if batch.items and batch.dead_letter and ack.dead_lettered:
+            # the cloud keeps them as dead letters (and their numbers as gaps): deleted
+            n = batch.readings
+            self.counts["readings_dead_lettered"] += n
+            self.counts["readings_dead_lettered_in_cloud"] += n
+            self.dead_letters[batch.dead_letter] += len(batch.items)
+            log.warning("uploader.dead_letter", device=self.device_id, chunks=len(batch.items),
+                        readings=n, reason=batch.dead_letter, in_cloud=True)
+            self._event("dead_letter", reason=batch.dead_letter, chunks=len(batch.items),
+                        readings=n)
+        elif batch.items:
             self.counts["batches_acked"] += 1
             self.counts["readings_acked"] += batch.readings
             if ack.status == "duplicate":

@@ -67,7 +67,7 @@ from cloud.dedup import ConflictPolicy, ConflictResolver, GatewayDeduper
 from cloud.stores.base import Admission, Store, StoreRejected
 from cloud.stores.completeness import BatchMeta, ChunkDigest
 from pymigrate.clock import Clock, WallClock
-from pymigrate.envelope import DEFAULT_MAX_BYTES, decode_batch
+from pymigrate.envelope import DEFAULT_MAX_BYTES, Batch, decode_batch
 from pymigrate.errors import DecodeError, ThrottledError
 from pymigrate.types import (
     CLOCK_REJECTIONS,
@@ -193,6 +193,8 @@ class IngestService:
             return await self._reject(inc, exc.reason, t_recv, batch.batch_id,
                                       device=batch.device_id, ledger=ledger,
                                       error=str(exc)[:200])
+        if batch.dead_letter:
+            return await self._keep_as_dead_letters(inc, batch, readings, t_recv)
         admit = (functools.partial(self._admit, instance=batch.instance)
                  if self.gateway is not None or self.conflicts is not None else None)
         meta = BatchMeta(batch.instance, batch.seq_base, batch.hwm,
@@ -240,6 +242,40 @@ class IngestService:
                    t_send_ms=self.clock.time_ms(), accepted=result.written,
                    duplicates=result.duplicates, count=len(readings), gaps=len(batch.gaps),
                    conflicts=result.conflicts)
+
+    async def _keep_as_dead_letters(self, inc: Incoming, batch: Batch,
+                                    readings: list[Reading], t_recv: int) -> Ack:
+        """The device gives these chunks up (``batch.dead_letter``, e.g. ``expired`` by
+        its retention) and asks the cloud to keep them: the payload goes to the dead
+        letters and their sequence numbers to the ledger as gaps of that reason, nothing
+        is stored as readings. Acked ``ok`` with ``dead_lettered`` once both are written
+        (only then may the device delete them); a failure answers ``error`` (retriable)."""
+        reason = batch.dead_letter
+        runs = seq_runs_of([r.seq for r in readings if r.seq >= 1])
+        gaps = list(batch.gaps)
+        if runs:
+            gaps.append(Gap(runs[0][0], runs[-1][1], sum(b - a + 1 for a, b in runs),
+                            reason, t_recv, runs, "dead_letter"))
+        kept = await self._dead_letter(batch.device_id, batch.batch_id, reason, inc.payload,
+                                       peer=inc.peer)
+        try:
+            if not kept:
+                raise RuntimeError("dead letter not written")
+            await self.store.write(batch.device_id, batch.batch_id, [], meta=BatchMeta(
+                batch.instance, batch.seq_base, batch.hwm, [], gaps, b"", inc.peer))
+        except Exception as exc:  # the device keeps the chunks and sends them again
+            self.counters["store_errors"] += 1
+            log.error("dead-letter request not kept", batch_id=batch.batch_id,
+                      device=batch.device_id[:80], error=str(exc)[:200])
+            return Ack(batch_id=batch.batch_id, status="error", t_recv_ms=t_recv,
+                       t_send_ms=self.clock.time_ms(), reason="store_unavailable")
+        self.counters["batches_dead_letter_requests"] += 1
+        self.counters[f"readings_dead_lettered:{reason[:32]}"] += len(readings)
+        log.info("chunks kept as dead letters at the device's request", reason=reason,
+                 device=batch.device_id[:80], batch_id=batch.batch_id, readings=len(readings))
+        return Ack(batch_id=batch.batch_id, status="ok", t_recv_ms=t_recv,
+                   t_send_ms=self.clock.time_ms(), count=len(readings), gaps=len(batch.gaps),
+                   dead_lettered=True)
 
     def _plausible(self, readings: list[Reading], now_ms: int) -> None:
         limit = now_ms + self.max_future_ms

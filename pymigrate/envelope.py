@@ -6,6 +6,10 @@ with one device id are two streams, not one), ``seq_base`` (the first sequence n
 that stream), ``hwm`` (the highest sequence number the agent has issued so far) and the
 gap records (:class:`~pymigrate.types.Gap`) it wants the cloud to keep. A batch may carry
 gaps and no chunks.
+Version 4 may end with ``dead_letter``: a reason (e.g. ``expired``) asking the cloud to
+keep the batch's chunks in its dead letters, with gap records of that reason, instead of
+storing the readings (``buffer.retention_action = "dead_letter"``). A cloud that predates
+the field ignores it and stores the readings.
 Version 5 is version 4 with a body that did not shrink when compressed (sent plain).
 Version 3 is version 2 with the body zstd-compressed as a whole
 (falling back to version 2 when that does not shrink it): chunk payloads are already
@@ -55,6 +59,7 @@ class Batch(msgspec.Struct, frozen=True):
     seq_base: int = 1
     hwm: int = 0
     gaps: list[Gap] = msgspec.field(default_factory=list)
+    dead_letter: str = ""  # non-empty: keep the chunks as dead letters of this reason
 
     @property
     def count(self) -> int:
@@ -83,6 +88,7 @@ class _BatchV2(msgspec.Struct, array_like=True, frozen=True):
     seq_base: int = 1
     hwm: int = 0
     gaps: list[Gap] = msgspec.field(default_factory=list)
+    dead_letter: str = ""
 
 
 _benc = msgspec.msgpack.Encoder()
@@ -97,14 +103,14 @@ def _to_v2(batch: Batch, version: int) -> _BatchV2:
     if version < 4:
         return _BatchV2(batch.device_id, batch.batch_id, batch.sent_ms, chunks)
     return _BatchV2(batch.device_id, batch.batch_id, batch.sent_ms, chunks, batch.instance,
-                    batch.seq_base, batch.hwm, batch.gaps)
+                    batch.seq_base, batch.hwm, batch.gaps, batch.dead_letter)
 
 
 def _from_v2(b: _BatchV2) -> Batch:
     return Batch(b.device_id, b.batch_id, [
         Chunk(b.device_id, c.priority, c.seq_first, c.seq_first + c.seq_span, c.count,
               c.ts_first, c.ts_first + c.ts_span, c.codec, c.payload, c.checksum)
-        for c in b.chunks], b.sent_ms, b.instance, b.seq_base, b.hwm, b.gaps)
+        for c in b.chunks], b.sent_ms, b.instance, b.seq_base, b.hwm, b.gaps, b.dead_letter)
 
 
 def _check_gap(g: Gap) -> None:
@@ -165,8 +171,9 @@ def encode_batch(batch: Batch, *, version: int = VERSION) -> bytes:
     """Encode a batch into a checksummed envelope (``version`` 4 by default; 1-3 for old peers)."""
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"cannot write envelope version {version}")
-    if version < 4 and (batch.gaps or batch.instance):
-        raise ValueError(f"envelope version {version} cannot carry gaps or an instance id")
+    if version < 4 and (batch.gaps or batch.instance or batch.dead_letter):
+        raise ValueError(f"envelope version {version} cannot carry gaps, an instance id or "
+                         "a dead-letter request")
     body = _benc.encode(batch if version == 1 else _to_v2(batch, version))
     if version in (3, 4):
         packed = _zc.compress(body)
@@ -217,6 +224,8 @@ def decode_batch(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
                           reason="oversized")
     for g in batch.gaps:
         _check_gap(g)
+    if len(batch.dead_letter) > 64:
+        raise DecodeError("dead-letter reason too long", reason="malformed")
     if len(batch.instance) > 64 or batch.seq_base < 1 or not 0 <= batch.hwm <= _I64_MAX:
         raise DecodeError("bad stream identity (instance, seq_base, hwm)", reason="malformed")
     if batch.count > max_points:

@@ -31,6 +31,9 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return int(v * 1000) if v else None
 
 
+RETENTION_ACTIONS = ("gap", "dead_letter")
+
+
 class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Durable buffer settings; every field has a default.
 
@@ -41,6 +44,11 @@ class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     and ``commit_max_readings`` shape group commit; ``chunk_max_readings`` and
     ``chunk_max_age_s`` decide when an open chunk is sealed. ``degrade_low_priority``
     compacts old LOW chunks through the degrader passed to the buffer before evicting.
+    ``retention_action`` says what retention (``retention_s`` here and
+    ``retry.retention_s``) does with an expired chunk: ``gap`` deletes it with a gap
+    record (reason ``expired``); ``dead_letter`` keeps it until the link is back, uploads
+    it to the cloud's dead letters (reason ``expired``) and deletes it once the cloud
+    acked it as dead-lettered.
     """
 
     path: str = "buffer.db"
@@ -51,6 +59,7 @@ class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chunk_max_age_s: float = 60.0
     codec: str = DEFAULT_CODEC
     retention_s: Retention = msgspec.field(default_factory=Retention)
+    retention_action: str = "gap"
     cache_kib: int = 128
     disk_reserve_bytes: int = 64 * 1024
     degrade_low_priority: bool = False
@@ -81,5 +90,9 @@ class BufferConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             v = getattr(self.retention_s, p.name.lower())
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise bad(f"retention_s.{p.name.lower()}", f"must be >= 0 seconds, got {v}")
+        if self.retention_action not in RETENTION_ACTIONS:
+            raise bad("retention_action", f"must be \"gap\" (delete with a gap record) or "
+                      f"\"dead_letter\" (upload to the cloud's dead letters), got "
+                      f"{self.retention_action!r}")
         if not 64 <= self.cache_kib <= 1024 * 1024:
             raise bad("cache_kib", f"must be in 64..1048576, got {self.cache_kib}")

@@ -91,7 +91,12 @@ class DurableBuffer:
         self._codec = codec_by_name(config.codec)
         self._path = Path(config.path)
         self._sidecar = schema.SeqSidecar(self._path)
-        self._ttl = [config.retention_s.ttl_ms(p) for p in Priority]
+        ttl = [config.retention_s.ttl_ms(p) for p in Priority]
+        # retention deletes (with a gap record), or only marks a chunk expired for the
+        # uploader to dead-letter in the cloud (retention_action = "dead_letter")
+        dead_letter = config.retention_action == "dead_letter"
+        self._ttl: list[int | None] = [None] * len(ttl) if dead_letter else ttl
+        self._mark_ttl: list[int | None] = ttl if dead_letter else [None] * len(ttl)
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._ledger = Ledger()
@@ -466,10 +471,11 @@ class DurableBuffer:
             # the open chunks stay staged (durable): they are sealed once there is room
             log.warning("buffer.flush_deferred", reason="disk_full", open_chunks=len(self._open))
 
-    async def put_state(self, key: str, value: bytes) -> None:
-        """Persist a small state blob; it rides on the next group commit."""
+    async def put_state(self, key: str, value: bytes, *, urgent: bool = False) -> None:
+        """Persist a small state blob; it rides on the next group commit (``urgent``: one
+        that does not wait for the commit window)."""
         self._states[key] = bytes(value)
-        await self._request(urgent=False)
+        await self._request(urgent=urgent)
 
     def stage_state(self, key: str, value: bytes) -> None:
         """Like :meth:`put_state` without waiting: the blob rides the next group commit
@@ -928,8 +934,11 @@ class DurableBuffer:
             except (PyMigrateError, ValueError, TypeError) as exc:
                 bad.append((cid, str(exc)))
                 continue
+            held = max(0, age - int(row[3]))
+            ttl = self._mark_ttl[chunk.priority]
             got[cid] = StoredChunk(id=cid, chunk=chunk, attempts=int(row[1]),
-                                   created_ms=int(row[2]), age_ms=max(0, age - int(row[3])))
+                                   created_ms=int(row[2]), age_ms=held,
+                                   expired=ttl is not None and held >= ttl)
         if bad:
             try:
                 await self._quarantine(bad)

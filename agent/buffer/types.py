@@ -10,13 +10,16 @@ from pymigrate.types import Chunk
 class StoredChunk(msgspec.Struct, frozen=True):
     """A sealed chunk as stored: row ``id`` (for ack/release), failed ``attempts`` so far,
     ``created_ms`` (wall time it was sealed: information only) and ``age_ms`` (how long
-    it has been buffered, on the buffer's own clock, immune to wall-clock jumps)."""
+    it has been buffered, on the buffer's own clock, immune to wall-clock jumps).
+    ``expired``: older than its priority's retention, kept to be dead-lettered
+    (``retention_action = "dead_letter"``)."""
 
     id: int
     chunk: Chunk
     attempts: int
     created_ms: int
     age_ms: int = 0
+    expired: bool = False
 
 
 class BufferStats(msgspec.Struct):

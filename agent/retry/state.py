@@ -86,16 +86,18 @@ class Destination:
 class PendingBatch:
     """A batch being sent: its stored chunks, attempt number and encoded payload."""
 
-    __slots__ = ("attempt", "batch_id", "gap_ids", "items", "payload", "probe")
+    __slots__ = ("attempt", "batch_id", "dead_letter", "gap_ids", "items", "payload", "probe")
 
     def __init__(self, items: list[StoredChunkLike], attempt: int, batch_id: str,
-                 payload: bytes, probe: bool, gap_ids: Sequence[int] = ()) -> None:
+                 payload: bytes, probe: bool, gap_ids: Sequence[int] = (),
+                 dead_letter: str = "") -> None:
         self.items = items
         self.attempt = attempt
         self.batch_id = batch_id
         self.payload = payload
         self.probe = probe
         self.gap_ids = list(gap_ids)  # gap records the batch carries (ack/release with it)
+        self.dead_letter = dead_letter  # the cloud is asked to keep the chunks as dead letters
 
     @property
     def ids(self) -> list[int]:

@@ -190,6 +190,20 @@ async def test_jump_in_another_boot_is_mapped_through_the_buffer_clock(tmp_path:
     assert agent.clockjournal is not None and agent.clockjournal.counts["sessions_fixed"] >= 1
 
 
+async def test_a_right_rtc_in_another_boot_keeps_its_stamps(tmp_path: Path) -> None:
+    """The same reboot with the RTC right: its stamps lie between what was known before
+    and the latest possible time, so they are kept (not anchored, not shifted by the
+    restart's downtime)."""
+    truth: dict[float, int] = {}
+    async with cloud(tmp_path) as c:
+        await run(tmp_path, c, RtcClock(0, "boot-1"), truth, start=0, n=30, online=False)
+        await asyncio.sleep(1.0)  # off for a second: the buffer clock does not count it
+        await run(tmp_path, c, RtcClock(0, "boot-2"), truth, start=30, n=10, online=True,
+                  until=stored_all(c, 40))
+        rows = await check(c, truth, tolerance_ms=200)
+    assert not any(rows[float(i)][1] & Quality.TIME_ANCHORED for i in range(40))
+
+
 async def test_unsynced_readings_sent_anyway_are_refused_retriably_then_mapped(
         tmp_path: Path) -> None:
     """Without the hold (``hold_answers = 0``) the jumped readings go as stamped: the
