@@ -252,6 +252,12 @@ class ClockJournal:
         elif self.clock.monotonic() - self._saved_at >= _SAVE_EVERY_S:
             self._stage()  # samples for the next run of this boot
 
+    def answered_without_sample(self) -> None:
+        """An answer that gave no sample (a sync ping the cloud refused): it counts
+        towards the hold's bound."""
+        if not self.corrector.synced():
+            self._answers += 1
+
     def _freeze(self) -> bool:
         """Give every session waiting for a model its fix; True when one was given."""
         if not self.corrector.synced():

@@ -4,8 +4,12 @@ Takes the highest-priority oldest chunks, packs a batch within the current AIMD 
 the transport's ``max_payload``, sends it with an adaptive number of batches in flight and
 acks it out of the buffer on an end-to-end ack. A failed batch goes back to the head of the
 buffer; a batch the cloud rejects, or one older than its retention, is dead-lettered with
-a logged, counted reason. Uplinks form an ordered failover list (e.g. MQTT then CoAP), each
-with its own circuit breaker and backoff.
+a logged, counted reason (expired chunks with ``retention_action = "dead_letter"``: sent in
+a batch asking the cloud to keep them as dead letters, deleted once it acked that).
+Uplinks form an ordered failover list (e.g. MQTT then CoAP), each with its own circuit
+breaker and backoff. Readings stamped without a clock model wait for one
+(:class:`~agent.retry.state.ClockFix`: sync pings go at once) and go with mapped times; a
+``clock_unsynced`` refusal keeps the chunks and its server times are a clock sample.
 
 Waiting is sleeping: the loop blocks on the buffer's data event, on in-flight completions
 and on computed deadlines (backoff, breaker, throttle, window, linger), never on a tick.
@@ -711,6 +715,8 @@ class Uploader:
         if not batch.items and not batch.gap_ids:  # a sync ping: nothing to lose
             slot.breaker.record_neutral(probe=batch.probe)
             log.warning("uploader.sync_ping_refused", uplink=slot.name, reason=reason)
+            if self.clock_fix is not None:
+                self.clock_fix.answered_without_sample()
             return
         if reason in CONFIG_REJECTIONS or not dead_lettered:
             await self._release(batch, failed=False)
