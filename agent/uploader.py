@@ -249,8 +249,8 @@ class Uploader:
         """Readings stamped without a clock model wait for one (they would reach the
         cloud with the RTC's time, days off after a jump): send a sync ping (the probe,
         when the breaker is half-open) and sleep until its answer; a link that fails is
-        paced by the backoff and the breaker, an answer without a model by a few
-        seconds. :class:`ClockFix` bounds the hold."""
+        paced by the backoff and the breaker, an answer without a model by a second.
+        :class:`ClockFix` bounds the hold (a few such answers end it)."""
         if self._inflight:  # its completion wakes us
             await self._wait(None)
             return
@@ -262,7 +262,7 @@ class Uploader:
             await self._wait(None, deadline=self._hold_ping_at)
             return
         self.counts["clock_holds"] += 1
-        self._hold_ping_at = now + min(self.cfg.sync_ping_s, 5.0)
+        self._hold_ping_at = now + min(self.cfg.sync_ping_s, 1.0)
         self._ping(slot, probe=mode == "probe")
         await self._wait(None)
 

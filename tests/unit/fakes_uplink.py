@@ -86,7 +86,10 @@ class FakeUplink:
             return Ack(batch_id, "what", now, now)
         self.delivered.append(batch)
         status = "duplicate" if kind == "dup" else "ok"
-        return Ack(batch_id, status, now - 5, now - 1, accepted=batch.count, count=batch.count,
+        # server times half a round trip back (received and answered at once): a sample
+        # the clock model can take
+        mid = now - int(self.delay_s * 500)
+        return Ack(batch_id, status, mid, mid, accepted=batch.count, count=batch.count,
                    gaps=len(batch.gaps))
 
     @property
