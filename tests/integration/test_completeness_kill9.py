@@ -5,7 +5,7 @@ stored + gaps = max_seq, nothing unexplained, nothing stored twice, the eviction
 as such, and its ``stored`` equal to what the store holds.
 
 Real processes: ``pymigrate agent`` (replaying 60,000 incompressible readings as fast
-as it can, a 64 KiB buffer budget) and ``pymigrate cloud`` (CoAP on loopback into SQLite).
+as it can, a 512 KiB buffer budget) and ``pymigrate cloud`` (CoAP on loopback into SQLite).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _config(tmp: Path, port: int) -> Path:
     cfg.write_text(agent_cloud_toml(
         tmp, port, device="ledger-dev", data_dir="var",
         source=f'type = "replay"\npath = "{csv}"\nspeed = 0',
-        buffer="budget_bytes = 262144",
+        buffer="budget_bytes = 524288",  # 256 KiB (the minimum) holds barely a chunk
         retry="breaker_open_base_s = 0.2\nbreaker_open_cap_s = 0.5",
         pipeline="drain_timeout_s = 20.0"))
     return cfg
