@@ -8,84 +8,31 @@ buffer ever committed (its persisted counter) must then be in the cloud store ex
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port
+from tests.support.agent_cloud import agent_cloud_toml, cloud_rows
+from tests.support.agent_cloud import spawn as _spawn
+from tests.support.agent_cloud import wait_for as _wait_for
 
 pytestmark = pytest.mark.integration
 
-PY = sys.executable
 
 
 def _config(tmp: Path, port: int) -> Path:
     cfg = tmp / "agent.toml"
-    cfg.write_text(f"""
-[device]
-id = "kill9-dev"
-data_dir = "{tmp / 'var'}"
-
-[[sources]]
-type = "weather"
-sensors = 5
-interval_s = 0.01
-
-[buffer]
-commit_window_ms = 20
-chunk_max_age_s = 0.3
-
-[uplink]
-transports = ["coap"]
-
-[uplink.coap]
-host = "127.0.0.1"
-port = {port}
-
-[retry]
-backoff_base_s = 0.05
-backoff_cap_s = 0.5
-
-[pipeline]
-drain_timeout_s = 15.0
-
-[log]
-level = "warning"
-
-[cloud]
-store = "sqlite"
-listeners = ["coap"]
-
-[cloud.sqlite]
-path = "{tmp / 'cloud.db'}"
-
-[cloud.coap]
-host = "127.0.0.1"
-port = {port}
-""")
+    cfg.write_text(agent_cloud_toml(
+        tmp, port, device="kill9-dev", data_dir="var",
+        source='type = "weather"\nsensors = 5\ninterval_s = 0.01',
+        retry="backoff_cap_s = 0.5", pipeline="drain_timeout_s = 15.0"))
     return cfg
-
-
-def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([PY, "-m", "pymigrate.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_for(pred: object, timeout: float) -> bool:
-    assert callable(pred)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _committed_high_water(db: Path) -> int:
@@ -121,17 +68,9 @@ def test_kill9_loses_nothing(tmp_path: Path) -> None:
         agent = _spawn("agent", "--config", str(cfg))
         # signal handlers are installed before the first reading is accepted: wait for
         # that (a fixed sleep raced a slow start under load)
-        def cloud_rows() -> int:
-            con = sqlite3.connect(tmp_path / "cloud.db")
-            try:
-                return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
-            except sqlite3.OperationalError:
-                return 0
-            finally:
-                con.close()
-
-        rows = cloud_rows()  # the buffer is held exclusively while the agent runs
-        assert _wait_for(lambda: cloud_rows() > rows, 30)
+        store = tmp_path / "cloud.db"
+        rows = cloud_rows(store)  # the buffer is held exclusively while the agent runs
+        assert _wait_for(lambda: cloud_rows(store) > rows, 30)
         time.sleep(0.5)
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=60)

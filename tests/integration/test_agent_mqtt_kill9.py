@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -41,6 +40,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import free_port
+from tests.support.agent_cloud import agent_cloud_toml
+from tests.support.agent_cloud import spawn as _spawn
+from tests.support.agent_cloud import wait_for as _wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,67 +57,12 @@ TS0 = 1_767_225_600_000
 
 def _config(tmp: Path, port: int, relay_port: int, prefix: str, client_id: str) -> Path:
     cfg = tmp / "agent.toml"
-    cfg.write_text(f"""
-[device]
-id = "{DEVICE}"
-data_dir = "{tmp / 'var'}"
-
-[[sources]]
-type = "mqtt"
-host = "127.0.0.1"
-port = {relay_port}
-topics = ["{prefix}/#"]
-qos = 1
-client_id = "{client_id}"
-
-[buffer]
-commit_window_ms = 20
-chunk_max_age_s = 0.3
-
-[uplink]
-transports = ["coap"]
-
-[uplink.coap]
-host = "127.0.0.1"
-port = {port}
-
-[retry]
-backoff_base_s = 0.05
-backoff_cap_s = 0.5
-
-[pipeline]
-drain_timeout_s = 15.0
-
-[log]
-level = "warning"
-
-[cloud]
-store = "sqlite"
-listeners = ["coap"]
-
-[cloud.sqlite]
-path = "{tmp / 'cloud.db'}"
-
-[cloud.coap]
-host = "127.0.0.1"
-port = {port}
-""")
+    cfg.write_text(agent_cloud_toml(
+        tmp, port, device=DEVICE, data_dir="var",
+        source=(f'type = "mqtt"\nhost = "127.0.0.1"\nport = {relay_port}\n'
+                f'topics = ["{prefix}/#"]\nqos = 1\nclient_id = "{client_id}"'),
+        retry="backoff_cap_s = 0.5", pipeline="drain_timeout_s = 15.0"))
     return cfg
-
-
-def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([PY, "-m", "pymigrate.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_for(pred: object, timeout: float) -> bool:
-    assert callable(pred)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _expected() -> dict[tuple[str, int], float]:

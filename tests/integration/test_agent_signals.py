@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.test_agent_kill9 import _committed_high_water, _config, _spawn, _wait_for
+from tests.integration.test_agent_kill9 import _committed_high_water, _config
+from tests.support.agent_cloud import spawn as _spawn
+from tests.support.agent_cloud import wait_for as _wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.test_agent_kill9 import _spawn, _wait_for
 from tests.support.agent_cloud import agent_cloud_toml
+from tests.support.agent_cloud import cloud_rows as _stored
+from tests.support.agent_cloud import spawn as _spawn
+from tests.support.agent_cloud import wait_for as _wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,19 +48,9 @@ def _config(tmp: Path, port: int) -> Path:
         tmp, port, device="ledger-dev", data_dir="var",
         source=f'type = "replay"\npath = "{csv}"\nspeed = 0',
         buffer="budget_bytes = 524288",  # 256 KiB (the minimum) holds barely a chunk
-        retry="breaker_open_base_s = 0.2\nbreaker_open_cap_s = 0.5",
+        retry="backoff_cap_s = 0.3\nbreaker_open_base_s = 0.2\nbreaker_open_cap_s = 0.5",
         pipeline="drain_timeout_s = 20.0"))
     return cfg
-
-
-def _stored(db: Path) -> int:
-    con = sqlite3.connect(db)
-    try:
-        return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        con.close()
 
 
 def _high_water(db: Path) -> int:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.test_agent_kill9 import _spawn, _wait_for
 from tests.support.agent_cloud import agent_cloud_toml
+from tests.support.agent_cloud import spawn as _spawn
+from tests.support.agent_cloud import wait_for as _wait_for
 
 pytestmark = pytest.mark.integration
 N = 1500  # rows per agent, 2 sensors each
